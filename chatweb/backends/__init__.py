@@ -1,0 +1,3 @@
+"""
+Session adapters that ship with chatweb.
+"""

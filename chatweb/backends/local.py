@@ -1,0 +1,198 @@
+"""
+The default backend: sessions and their messages in chatweb's own SQLite
+database, answered by an L{IResponder}.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from chatweb.database import SQLiteDatabase
+from chatweb.interfaces import IResponder, ISessionAdapter
+from chatweb.model import Delivery, Message, Session
+from chatweb.backends.responders import NoResponder
+
+SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS sessions (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}'
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        session TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        delivery INTEGER UNIQUE,
+        data TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, seq)",
+]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _listSessions(cursor: sqlite3.Cursor) -> list[str]:
+    cursor.execute("SELECT id FROM sessions ORDER BY id")
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _getSession(cursor: sqlite3.Cursor, sessionId: str) -> Session | None:
+    cursor.execute("SELECT meta FROM sessions WHERE id = ?", (sessionId,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    cursor.execute(
+        "SELECT data FROM messages WHERE session = ? ORDER BY seq", (sessionId,)
+    )
+    data = json.loads(row[0])
+    data["messages"] = [json.loads(r[0]) for r in cursor.fetchall()]
+    return Session.fromDict(data, id=sessionId)
+
+
+def _ensureSession(cursor: sqlite3.Cursor, sessionId: str, created: float) -> None:
+    cursor.execute(
+        "INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)",
+        (sessionId, created),
+    )
+
+
+def _recordDelivery(cursor: sqlite3.Cursor, delivery: Delivery, now: float) -> bool:
+    """
+    Add the delivered message to its session, unless this delivery id is
+    already there (a redelivery after a crash).  True if it was added.
+    """
+    _ensureSession(cursor, delivery.session, now)
+    message = Message(role="user", content=delivery.content, created=delivery.received)
+    cursor.execute(
+        "INSERT OR IGNORE INTO messages (session, delivery, data) VALUES (?, ?, ?)",
+        (delivery.session, delivery.id, _dumps(message.asDict())),
+    )
+    return cursor.rowcount == 1
+
+
+def _appendMessages(
+    cursor: sqlite3.Cursor, sessionId: str, messages: list[Message]
+) -> None:
+    cursor.executemany(
+        "INSERT INTO messages (session, data) VALUES (?, ?)",
+        [(sessionId, _dumps(m.asDict())) for m in messages],
+    )
+
+
+def _createSession(
+    cursor: sqlite3.Cursor, base: str, created: float, meta: dict[str, Any]
+) -> str:
+    candidate, n = base, 1
+    while True:
+        cursor.execute(
+            "INSERT OR IGNORE INTO sessions (id, created, meta) VALUES (?, ?, ?)",
+            (candidate, created, _dumps(meta)),
+        )
+        if cursor.rowcount == 1:
+            return candidate
+        n += 1
+        candidate = f"{base}-{n}"
+
+
+def sessionIdFor(when: float) -> str:
+    """
+    chat.nvim's form of a server-made session id: the local time,
+    YYYY-MM-DD-HH-MM-SS.
+    """
+    return time.strftime("%Y-%m-%d-%H-%M-%S", time.localtime(when))
+
+
+@implementer(ISessionAdapter)
+class LocalBackend:
+    """
+    Sessions kept in the data directory's SQLite database.
+
+    A session is busy while it records a message and its responder
+    answers; the queue never hands it two messages at once.
+    """
+
+    def __init__(
+        self,
+        database: SQLiteDatabase,
+        clock: IReactorTime,
+        responder: IResponder | None = None,
+    ) -> None:
+        self._db = database
+        self._clock = clock
+        self.responder = responder if responder is not None else NoResponder()
+        self._busy: set[str] = set()
+        self._idleWaiters: dict[str, list[Deferred[None]]] = {}
+
+    # -- reading
+
+    def listSessions(self) -> Deferred[list[str]]:
+        return self._db.read(_listSessions)
+
+    def getSession(self, sessionId: str) -> Deferred[Session | None]:
+        return self._db.read(_getSession, sessionId)
+
+    # -- busy and idle
+
+    def isBusy(self, sessionId: str) -> bool:
+        return sessionId in self._busy
+
+    def whenIdle(self, sessionId: str) -> Deferred[None]:
+        if sessionId not in self._busy:
+            return succeed(None)
+
+        def cancel(d: Deferred[None]) -> None:
+            waiters = self._idleWaiters.get(sessionId, [])
+            if d in waiters:
+                waiters.remove(d)
+
+        waiter: Deferred[None] = Deferred(cancel)
+        self._idleWaiters.setdefault(sessionId, []).append(waiter)
+        return waiter
+
+    def _becameIdle(self, sessionId: str) -> None:
+        self._busy.discard(sessionId)
+        for waiter in self._idleWaiters.pop(sessionId, []):
+            waiter.callback(None)
+
+    # -- writing
+
+    def deliver(self, delivery: Delivery) -> Deferred[None]:
+        self._busy.add(delivery.session)
+        d = Deferred.fromCoroutine(self._process(delivery))
+
+        def idle(result: object) -> object:
+            self._becameIdle(delivery.session)
+            return result
+
+        return d.addBoth(idle)
+
+    async def _process(self, delivery: Delivery) -> None:
+        added = await self._db.write(_recordDelivery, delivery, self._clock.seconds())
+        if not added:
+            return
+        session = await self.getSession(delivery.session)
+        if session is None or not session.messages:
+            return
+        replies = await self.responder.respond(session, session.messages[-1])
+        if replies:
+            await self._db.write(_appendMessages, delivery.session, list(replies))
+
+    def createSession(self, **metadata: Any) -> Deferred[str]:
+        """
+        Create an empty session with a server-made id (see L{sessionIdFor})
+        and the given chat.nvim metadata (provider, model, cwd, ...).
+        """
+        now = self._clock.seconds()
+        return self._db.write(_createSession, sessionIdFor(now), now, metadata)

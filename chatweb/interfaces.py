@@ -1,0 +1,118 @@
+"""
+The seams of chatweb: what it needs from a chat backend (L{ISessionAdapter}),
+from durable storage of the queue (L{IJournal}), and from whatever answers in
+a session of the default backend (L{IResponder}).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ISessionAdapter(Interface):
+    """
+    The chat backend that owns the sessions.
+
+    The queue delivers through it, and the API reads sessions through it.
+    Every method that may wait returns a L{Deferred}; none may block.
+    """
+
+    def listSessions():
+        """
+        @return: a L{Deferred} firing with the ids (C{list} of C{str}) of the
+            sessions that exist.
+        """
+
+    def getSession(sessionId):
+        """
+        @return: a L{Deferred} firing with the L{chatweb.model.Session}, or
+            with L{None} if there is no such session.
+        """
+
+    def isBusy(sessionId):
+        """
+        Is the session working on something now (answering a message, a
+        user typing in it)?  Answer from memory: this is called for every
+        delivery.
+
+        @return: C{bool}
+        """
+
+    def whenIdle(sessionId):
+        """
+        @return: a L{Deferred} that fires (with anything) when the session
+            next becomes idle.  The queue may cancel it when it stops
+            waiting; cancelling must not disturb the session.
+        """
+
+    def deliver(delivery):
+        """
+        Start processing a message in its session, creating the session if
+        it does not exist.
+
+        @param delivery: a L{chatweb.model.Delivery}.  The same
+            C{delivery.id} may be delivered again after a crash; record it
+            to ignore repeats.
+        @return: a L{Deferred} that fires when the session is done with the
+            message.  An errback means the delivery failed and the queue
+            retries it.  Cancelling the Deferred stops the work.
+        """
+
+
+class IJournal(Interface):
+    """
+    Durable storage of the queue: messages are written here before the
+    client hears 204, and stay until delivered (or failed for good).
+    """
+
+    def append(session, content, received):
+        """
+        Store a message durably.
+
+        @return: a L{Deferred} firing with its L{chatweb.model.QueuedMessage}
+            once it is on disk; messages appended one after another get
+            increasing ids.
+        """
+
+    def pending():
+        """
+        @return: a L{Deferred} firing with every pending
+            L{chatweb.model.QueuedMessage}, in id order.
+        """
+
+    def markDelivered(messageId):
+        """
+        @return: a L{Deferred} firing once the message is recorded as
+            delivered.
+        """
+
+    def recordFailure(messageId, error, final):
+        """
+        Record a failed delivery attempt; C{final} marks the message failed
+        for good (a dead letter, kept and visible).
+
+        @return: a L{Deferred} firing with the updated
+            L{chatweb.model.QueuedMessage}.
+        """
+
+    def messages(session):
+        """
+        @return: a L{Deferred} firing with the session's pending and failed
+            messages, in id order.
+        """
+
+
+class IResponder(Interface):
+    """
+    What answers a user message in a session of the default backend.
+    """
+
+    name = Attribute("A short name for logs and options: none, echo, ...")
+
+    def respond(session, message):
+        """
+        @param session: the L{chatweb.model.Session}, the new message last.
+        @param message: the new user L{chatweb.model.Message}.
+        @return: a L{Deferred} firing with a list of messages to add to the
+            session (possibly empty).  Cancelling it stops the answer.
+        """

@@ -1,0 +1,423 @@
+"""
+The message queue: per-session FIFO delivery to a session adapter.
+
+Its promises:
+  - L{MessageQueue.post} fires only once the message is in the journal;
+  - per session, messages are delivered strictly in the order received, one
+    at a time; sessions do not wait for each other;
+  - a message is delivered as soon as its session is idle: at once, when the
+    adapter reports idle, or at the latest on the next sweep;
+  - a failed delivery is retried with bounded, jittered exponential backoff,
+    and after C{maxAttempts} the message is kept as failed (a dead letter).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+import attrs
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatweb.interfaces import IJournal, ISessionAdapter
+from chatweb.model import FAILED, QueuedMessage
+
+_log = Logger()
+
+
+@attrs.frozen
+class RetryPolicy:
+    """
+    How failed deliveries are retried: the n-th retry waits
+    C{min(maxDelay, initialDelay * factor ** (n - 1))}, give or take
+    C{jitter} of it, and a message that failed C{maxAttempts} times is kept
+    as failed.
+    """
+
+    maxAttempts: int = 10
+    initialDelay: float = 1.0
+    factor: float = 2.0
+    maxDelay: float = 300.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        base = min(self.maxDelay, self.initialDelay * self.factor ** (attempts - 1))
+        return max(0.0, base * (1 + self.jitter * (2 * rng.random() - 1)))
+
+
+@attrs.define
+class _SessionQueue:
+    messages: deque[QueuedMessage] = attrs.field(factory=deque)
+    delivering: QueuedMessage | None = None
+    inFlight: Deferred[Any] | None = None
+    idleWait: Deferred[Any] | None = None
+    woken: bool = False
+    retryCall: IDelayedCall | None = None
+
+
+def describeFailure(failure: Failure) -> str:
+    """
+    A one-line account of why a delivery failed, for the journal.
+    """
+    message = failure.getErrorMessage()
+    name = failure.type.__name__ if failure.type else "Error"
+    return f"{name}: {message}" if message else name
+
+
+class MessageQueue:
+    """
+    Per-session FIFO queues in front of an L{ISessionAdapter}, kept in an
+    L{IJournal}.
+    """
+
+    def __init__(
+        self,
+        journal: IJournal,
+        adapter: ISessionAdapter,
+        clock: IReactorTime,
+        interval: float = 5.0,
+        retry: RetryPolicy = RetryPolicy(),
+        deliveryTimeout: float | None = 600.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._journal = journal
+        self._adapter = adapter
+        self._clock = clock
+        self._retry = retry
+        self._deliveryTimeout = deliveryTimeout
+        self._rng = rng or random.Random()
+        self._queues: dict[str, _SessionQueue] = {}
+        self._loaded = False
+        self._running = False
+        self._kicking: set[str] = set()
+        self._kickAgain: set[str] = set()
+        self._drained: list[Deferred[None]] = []
+        self._emptyWaiters: list[Deferred[None]] = []
+        self._sweep = LoopingCall(self.sweep)
+        self._sweep.clock = clock
+        self.interval = interval
+
+    # -- lifecycle
+
+    def start(self) -> Deferred[None]:
+        """
+        Load what the journal still holds and begin delivering it; start
+        the sweep.
+        """
+        self._running = True
+        self._sweep.start(self.interval, now=False).addErrback(
+            lambda f: _log.failure("The queue sweep stopped", f)
+        )
+        return self._journal.pending().addCallback(self._loadPending)
+
+    def _loadPending(self, pending: list[QueuedMessage]) -> None:
+        # Messages posted while the journal was being read may be in both.
+        bySession: dict[str, dict[int, QueuedMessage]] = {}
+        for message in pending:
+            bySession.setdefault(message.session, {})[message.id] = message
+        for session, queue in self._queues.items():
+            for message in queue.messages:
+                bySession.setdefault(session, {})[message.id] = message
+        for session, messages in bySession.items():
+            queue = self._queues.setdefault(session, _SessionQueue())
+            queue.messages = deque(messages[i] for i in sorted(messages))
+        self._loaded = True
+        if pending:
+            _log.info(
+                "Resuming delivery of {count} pending message(s)", count=len(pending)
+            )
+        for session in list(self._queues):
+            self._kick(session)
+        self._maybeEmpty()
+
+    def stop(self, timeout: float = 10.0) -> Deferred[None]:
+        """
+        Stop delivering; wait up to C{timeout} seconds for deliveries under
+        way, then cancel them.  What is not delivered stays in the journal.
+        """
+        self._running = False
+        if self._sweep.running:
+            self._sweep.stop()
+        for queue in self._queues.values():
+            if queue.retryCall is not None and queue.retryCall.active():
+                queue.retryCall.cancel()
+            queue.retryCall = None
+            if queue.idleWait is not None:
+                wait, queue.idleWait = queue.idleWait, None
+                wait.cancel()
+        if not self._delivering():
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        giveUp = self._clock.callLater(timeout, self._cancelInFlight)
+        drained.addBoth(lambda r: (giveUp.active() and giveUp.cancel(), r)[1])
+        return drained
+
+    def _delivering(self) -> bool:
+        return any(q.delivering is not None for q in self._queues.values())
+
+    def _cancelInFlight(self) -> None:
+        for queue in self._queues.values():
+            if queue.inFlight is not None:
+                queue.inFlight.cancel()
+
+    def _maybeDrained(self) -> None:
+        if not self._running and not self._delivering():
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    # -- posting
+
+    def post(self, session: str, content: str) -> Deferred[QueuedMessage]:
+        """
+        Store a message in the journal and queue it for delivery.
+
+        @return: a Deferred that fires with the L{QueuedMessage} once it is
+            on disk.
+        """
+        return self._journal.append(session, content, self._clock.seconds()).addCallback(
+            self._enqueue
+        )
+
+    def _enqueue(self, message: QueuedMessage) -> QueuedMessage:
+        queue = self._queues.setdefault(message.session, _SessionQueue())
+        queue.messages.append(message)
+        self._kick(message.session)
+        return message
+
+    # -- reading
+
+    def sessionsWithPending(self) -> set[str]:
+        """
+        The sessions that have messages waiting for delivery.
+        """
+        return {s for s, q in self._queues.items() if q.messages}
+
+    def whenDelivered(self) -> Deferred[None]:
+        """
+        A Deferred that fires once no message is pending or being delivered
+        (messages that failed for good do not count).  For tests and
+        orderly shutdowns; it waits as long as a session stays busy.
+        """
+        waiter: Deferred[None] = Deferred()
+        self._emptyWaiters.append(waiter)
+        self._maybeEmpty()
+        return waiter
+
+    def _maybeEmpty(self) -> None:
+        if not self._emptyWaiters or not self._loaded:
+            return
+        if any(q.messages or q.delivering for q in self._queues.values()):
+            return
+        waiters, self._emptyWaiters = self._emptyWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def pendingFor(self, session: str) -> list[QueuedMessage]:
+        """
+        The messages of C{session} waiting for delivery, the next one first.
+        """
+        queue = self._queues.get(session)
+        return list(queue.messages) if queue else []
+
+    # -- delivery
+
+    def sweep(self) -> None:
+        """
+        Try every session that still has pending messages.  A session whose
+        adapter raises is logged and skipped; it never stops the sweep.
+        """
+        for session in list(self._queues):
+            try:
+                self._kick(session)
+            except Exception:
+                _log.failure("Sweep of session {session!r} failed", session=session)
+
+    def _kick(self, session: str) -> None:
+        # Deliveries that complete synchronously come back here; loop rather
+        # than recurse so a long queue cannot exhaust the stack.
+        if session in self._kicking:
+            self._kickAgain.add(session)
+            return
+        self._kicking.add(session)
+        try:
+            while True:
+                self._kickAgain.discard(session)
+                self._step(session)
+                if session not in self._kickAgain:
+                    break
+        finally:
+            self._kicking.discard(session)
+
+    def _step(self, session: str) -> None:
+        queue = self._queues.get(session)
+        if queue is None or not self._running or not self._loaded:
+            return
+        if queue.delivering is not None or queue.retryCall is not None:
+            return
+        if not queue.messages:
+            if queue.idleWait is None:
+                del self._queues[session]
+            return
+        woken, queue.woken = queue.woken, False
+        if self._adapter.isBusy(session):
+            # Woken by the idle Deferred yet still busy: the adapter's two
+            # answers disagree; leave it to the sweep rather than spin.
+            if not woken:
+                self._waitForIdle(session, queue)
+            return
+        if queue.idleWait is not None:
+            wait, queue.idleWait = queue.idleWait, None
+            wait.cancel()
+        self._deliver(session, queue, queue.messages[0])
+
+    def _waitForIdle(self, session: str, queue: _SessionQueue) -> None:
+        if queue.idleWait is not None:
+            return
+        wait = maybeDeferred(self._adapter.whenIdle, session)
+        queue.idleWait = wait
+
+        def idle(_: object) -> None:
+            if queue.idleWait is wait:
+                queue.idleWait = None
+                queue.woken = True
+                self._kick(session)
+
+        def failed(failure: Failure) -> None:
+            if queue.idleWait is wait:
+                queue.idleWait = None
+            if not failure.check(CancelledError):
+                _log.failure(
+                    "Waiting for session {session!r} to be idle failed",
+                    failure,
+                    session=session,
+                )
+
+        wait.addCallbacks(idle, failed)
+
+    def _deliver(
+        self, session: str, queue: _SessionQueue, message: QueuedMessage
+    ) -> None:
+        queue.delivering = message
+        d = maybeDeferred(self._adapter.deliver, message.delivery())
+        if self._deliveryTimeout is not None:
+            d.addTimeout(self._deliveryTimeout, self._clock)
+        # Set before the callbacks are added: they clear it, even at once.
+        queue.inFlight = d
+        d.addCallbacks(
+            self._delivered,
+            self._failed,
+            callbackArgs=(session, queue, message),
+            errbackArgs=(session, queue, message),
+        )
+        d.addErrback(
+            lambda f: _log.failure("Delivery bookkeeping failed", f)
+        )
+
+    def _delivered(
+        self, _: object, session: str, queue: _SessionQueue, message: QueuedMessage
+    ) -> Deferred[None]:
+        queue.inFlight = None
+
+        def recordFailed(failure: Failure) -> None:
+            # The adapter has the message; at worst it sees it again after
+            # a restart, with the same id.
+            _log.failure(
+                "Could not record delivery of message {id}", failure, id=message.id
+            )
+
+        def done(_: object) -> None:
+            if queue.messages and queue.messages[0].id == message.id:
+                queue.messages.popleft()
+            self._settled(session, queue)
+
+        return (
+            self._journal.markDelivered(message.id)
+            .addErrback(recordFailed)
+            .addCallback(done)
+        )
+
+    def _failed(
+        self,
+        failure: Failure,
+        session: str,
+        queue: _SessionQueue,
+        message: QueuedMessage,
+    ) -> Deferred[None] | None:
+        queue.inFlight = None
+        if not self._running and failure.check(CancelledError):
+            # Cancelled because chatweb is stopping: not the message's
+            # fault; it stays pending for the next start.
+            self._settled(session, queue)
+            return None
+        error = describeFailure(failure)
+        attempts = message.attempts + 1
+        final = attempts >= self._retry.maxAttempts
+        updated = attrs.evolve(
+            message,
+            attempts=attempts,
+            lastError=error,
+            state=FAILED if final else message.state,
+        )
+        if final:
+            _log.error(
+                "Message {id} to session {session!r} failed {attempts} times"
+                " and is kept as failed: {error}",
+                id=message.id,
+                session=session,
+                attempts=attempts,
+                error=error,
+            )
+        else:
+            _log.warn(
+                "Delivery of message {id} to session {session!r} failed"
+                " (attempt {attempts}): {error}",
+                id=message.id,
+                session=session,
+                attempts=attempts,
+                error=error,
+            )
+
+        def recordFailed(f: Failure) -> None:
+            _log.failure("Could not record failure of message {id}", f, id=message.id)
+
+        def recorded(_: object) -> None:
+            if queue.messages and queue.messages[0].id == message.id:
+                if final:
+                    queue.messages.popleft()
+                else:
+                    queue.messages[0] = updated
+            if not final and self._running:
+                queue.retryCall = self._clock.callLater(
+                    self._retry.delay(attempts, self._rng), self._retryNow, session
+                )
+            self._settled(session, queue)
+
+        return (
+            self._journal.recordFailure(message.id, error, final)
+            .addErrback(recordFailed)
+            .addCallback(recorded)
+        )
+
+    def _settled(self, session: str, queue: _SessionQueue) -> None:
+        queue.delivering = None
+        self._maybeDrained()
+        self._kick(session)
+        self._maybeEmpty()
+
+    def _retryNow(self, session: str) -> None:
+        queue = self._queues.get(session)
+        if queue is not None:
+            queue.retryCall = None
+            self._kick(session)

@@ -1,0 +1,131 @@
+"""
+ChatWebService: the parts wired together, as one Twisted service.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+
+from chatweb.api import ChatWebAPI
+from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
+from chatweb.backends.local import LocalBackend
+from chatweb.backends.responders import makeResponder
+from chatweb.database import SQLiteDatabase
+from chatweb.interfaces import IResponder, ISessionAdapter
+from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.journal import SQLiteJournal
+from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.site import DEFAULT_MAX_BODY, ChatWebSite
+
+DATABASE_NAME = "chatweb.sqlite3"
+DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1"
+
+_log = Logger()
+
+
+class ChatWebService(MultiService):
+    """
+    chatweb as a service: the journal and sessions in C{dataDir}, the queue
+    delivering to C{adapter} (by default the local backend), and the API
+    listening on C{endpoint}.
+
+    Pass C{endpoint=None} to listen yourself: put L{resource} in your own
+    L{Site} (or under a path of it) and add this service to your
+    application so that the queue runs.
+
+    @ivar resource: the API's L{IResource}.
+    @ivar queue: the L{MessageQueue}.
+    @ivar adapter: the L{ISessionAdapter} in use.
+    @ivar site: the L{ChatWebSite} serving C{resource}.
+    """
+
+    def __init__(
+        self,
+        apiKeys: Sequence[str],
+        dataDir: str,
+        endpoint: str | None = DEFAULT_ENDPOINT,
+        adapter: ISessionAdapter | None = None,
+        responder: IResponder | str = "none",
+        interval: float = 5.0,
+        retry: RetryPolicy = RetryPolicy(),
+        deliveryTimeout: float | None = 600.0,
+        maxBodySize: int = DEFAULT_MAX_BODY,
+        accessLog: bool = False,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self._reactor = reactor
+        self.dataDir = dataDir
+        self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
+        self.journal = SQLiteJournal(self.database)
+        if adapter is None:
+            if isinstance(responder, str):
+                responder = makeResponder(responder, reactor)
+            adapter = LocalBackend(self.database, reactor, responder)
+        self.adapter = adapter
+        self.queue = MessageQueue(
+            self.journal,
+            adapter,
+            reactor,
+            interval=interval,
+            retry=retry,
+            deliveryTimeout=deliveryTimeout,
+        )
+        self.api = ChatWebAPI(self.queue, adapter, apiKeys, maxBodySize=maxBodySize)
+        self.resource: IResource = self.api.resource()
+        self.site = ChatWebSite(self.resource, maxBodySize=maxBodySize, accessLog=accessLog)
+        self.listening: Deferred[Any] | None = None
+        if endpoint is not None:
+            self._listener = StreamServerEndpointService(
+                serverFromString(reactor, endpoint), self.site
+            )
+            self._listener._raiseSynchronously = True
+            self._listener.setServiceParent(self)
+        else:
+            self._listener = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        def started(_: object) -> None:
+            self.ready.callback(None)
+
+        def failed(failure: Any) -> None:
+            _log.failure("chatweb could not open its database", failure)
+            self.ready.errback(failure)
+
+        self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
+            lambda _: self.queue.start()
+        ).addCallbacks(started, failed)
+        super().startService()
+        if self._listener is not None:
+            self.listening = self._listener._waitingForPort
+            if self.listening is not None:
+                self.listening.addCallback(self._announce)
+
+    def _announce(self, port: Any) -> Any:
+        address = port.getHost()
+        where = getattr(address, "port", None)
+        host = getattr(address, "host", None) or getattr(address, "name", "")
+        if where is not None:
+            _log.info("chatweb listening on {host}:{port}", host=host, port=where)
+        else:
+            _log.info("chatweb listening on {where}", where=host)
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService() or succeed(None)
+        stopped.addCallback(lambda _: self.queue.stop())
+        stopped.addCallback(lambda _: self.database.close())
+        return stopped

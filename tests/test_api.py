@@ -1,0 +1,262 @@
+"""
+The seed's HTTP contract, route by route, over an in-memory queue and
+adapter (treq's StubTreq drives the real resource).
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from chatweb.api import ChatWebAPI, BadRequest, parseMessage
+from chatweb.queue import MessageQueue
+from chatweb.testing import MemoryAdapter, MemoryJournal
+
+KEY = "test-key"
+AUTH = {"X-API-Key": KEY}
+
+
+class APITestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1700000000)
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = MessageQueue(self.journal, self.adapter, self.clock)
+        self.successResultOf(self.queue.start())
+        self.api = ChatWebAPI(self.queue, self.adapter, [KEY])
+        self.treq = StubTreq(self.api.resource())
+
+    def request(self, method: str, url: str, headers=AUTH, **kwargs):  # type: ignore[no-untyped-def]
+        response = self.successResultOf(
+            self.treq.request(method, "http://127.0.0.1" + url, headers=headers, **kwargs)
+        )
+        body = self.successResultOf(response.content())
+        return response, body
+
+    def post(self, payload, headers=AUTH):  # type: ignore[no-untyped-def]
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", "/", headers=headers, data=data)
+
+    def assertError(self, response, body, code: int, *words: str) -> dict:  # type: ignore[no-untyped-def]
+        self.assertEqual(response.code, code, body)
+        self.assertEqual(
+            response.headers.getRawHeaders("content-type"), ["application/json"]
+        )
+        error = json.loads(body)
+        self.assertEqual(list(error), ["error"])
+        for word in words:
+            self.assertIn(word, error["error"])
+        return error
+
+
+class PostTests(APITestCase):
+    def test_postQueuesAndAnswers204(self) -> None:
+        response, body = self.post({"session": "ci", "content": "Build completed successfully!"})
+        self.assertEqual((response.code, body), (204, b""))
+        self.assertEqual(self.adapter.contents("ci"), ["Build completed successfully!"])
+
+    def test_extraFieldsIgnored(self) -> None:
+        response, _ = self.post({"session": "ci", "content": "x", "priority": 9})
+        self.assertEqual(response.code, 204)
+
+    def test_headerNameIsCaseInsensitive(self) -> None:
+        response, _ = self.post({"session": "ci", "content": "x"}, headers={"x-api-KEY": KEY})
+        self.assertEqual(response.code, 204)
+
+    def test_missingOrWrongKey(self) -> None:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": KEY + "x"}):
+            response, body = self.post({"session": "ci", "content": "x"}, headers=headers)
+            self.assertError(response, body, 401, "X-API-Key")
+        self.assertEqual(self.journal.rows, {})
+
+    def test_twoKeyHeadersRefused(self) -> None:
+        response, body = self.post(
+            {"session": "ci", "content": "x"}, headers={"X-API-Key": [KEY, "other"]}
+        )
+        self.assertError(response, body, 401)
+
+    def test_invalidBodies(self) -> None:
+        cases = [
+            (b"", "empty"),
+            (b"{", "not valid JSON"),
+            (b"\xff\xfe", "UTF-8"),
+            (b"[1, 2]", "JSON object, not array"),
+            (b'"text"', "JSON object, not string"),
+            (b"null", "not null"),
+            (b'{"content": "x"}', "missing field 'session'"),
+            (b'{"session": "ci"}', "missing field 'content'"),
+            (b'{"session": 5, "content": "x"}', "'session' must be a string, not number"),
+            (b'{"session": "ci", "content": null}', "'content' must be a string, not null"),
+            (b'{"session": "ci", "content": ["x"]}', "not array"),
+            (b'{"session": "", "content": "x"}', "must not be empty"),
+            (b'{"session": "a\\nb", "content": "x"}', "control characters"),
+            (b'{"session": "a\\u0000", "content": "x"}', "control characters"),
+            (b'{"session": "ci", "content": "\\ud800"}', "not valid Unicode"),
+            (json.dumps({"session": "s" * 257, "content": "x"}).encode(), "at most 256"),
+            (b"[" * 100000, "not valid JSON"),
+            (b'{"session": "ci", "content": "x", "n": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        ]
+        for body, words in cases:
+            response, answer = self.post(body)
+            self.assertError(response, answer, 400, words)
+        self.assertEqual(self.journal.rows, {})
+
+    def test_oversizeBodyRefusedEvenOutsideChatWebSite(self) -> None:
+        """
+        Mounted in a Site that does not limit bodies, the route still
+        refuses one over the limit.
+        """
+        api = ChatWebAPI(self.queue, self.adapter, [KEY], maxBodySize=100)
+        treq = StubTreq(api.resource())
+        body = json.dumps({"session": "ci", "content": "x" * 100}).encode()
+        response = self.successResultOf(treq.post("http://127.0.0.1/", data=body, headers=AUTH))
+        self.assertError(response, self.successResultOf(response.content()), 413, "100 bytes")
+        self.assertEqual(self.journal.rows, {})
+
+    def test_sessionOf256CharactersAccepted(self) -> None:
+        response, _ = self.post({"session": "s" * 256, "content": "x"})
+        self.assertEqual(response.code, 204)
+
+    def test_unicodeKeptExactly(self) -> None:
+        content = "héllo 世界 🎉 \u2028 \x00 <script>"
+        response, _ = self.post({"session": "セッション", "content": content})
+        self.assertEqual(response.code, 204)
+        self.assertEqual(self.adapter.contents("セッション"), [content])
+
+    def test_utf8BomAccepted(self) -> None:
+        response, _ = self.post(b'\xef\xbb\xbf{"session": "ci", "content": "x"}')
+        self.assertEqual(response.code, 204)
+
+    def test_storageFailureIs503NotLost(self) -> None:
+        self.journal.failAppends = True
+        response, body = self.post({"session": "ci", "content": "x"})
+        self.assertError(response, body, 503, "could not be stored")
+        self.flushLoggedErrors(OSError)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+            lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+            max_leaves=20,
+        )
+    )
+    def test_anyJSONValueIsA204OrA400(self, value: object) -> None:
+        try:
+            body = json.dumps(value).encode()
+        except ValueError:
+            return
+        for payload in (body, json.dumps({"session": value, "content": value}).encode()):
+            try:
+                expected = 204 if parseMessage(payload) else 400
+            except BadRequest:
+                expected = 400
+            response, answer = self.post(payload)
+            self.assertEqual(response.code, expected, answer)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=200))
+    def test_anyBytesIsA204OrA400(self, payload: bytes) -> None:
+        response, _ = self.post(payload)
+        self.assertIn(response.code, (204, 400))
+
+
+class ReadTests(APITestCase):
+    def test_listSessions(self) -> None:
+        response, body = self.request("GET", "/sessions")
+        self.assertEqual((response.code, json.loads(body)), (200, []))
+        for session in ("zeta", "alpha", "ci", "alpha"):
+            self.post({"session": session, "content": "x"})
+        response, body = self.request("GET", "/sessions")
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(json.loads(body), ["alpha", "ci", "zeta"])
+
+    def test_listIncludesSessionsStillQueued(self) -> None:
+        """
+        A session whose first message is accepted but not yet delivered is
+        listed and previewed all the same.
+        """
+        self.adapter.setBusy("later")
+        self.post({"session": "later", "content": "waiting <b>here</b>"})
+        _, body = self.request("GET", "/sessions")
+        self.assertEqual(json.loads(body), ["later"])
+        response, page = self.request("GET", "/session?id=later")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"waiting &lt;b&gt;here&lt;/b&gt;", page)
+        self.assertIn(b"queued", page)
+
+    def test_sessionsNeedKey(self) -> None:
+        response, body = self.request("GET", "/sessions", headers={})
+        self.assertError(response, body, 401)
+        response, body = self.request("GET", "/session?id=ci", headers={})
+        self.assertError(response, body, 401)
+
+    def test_previewShowsMessagesEscaped(self) -> None:
+        self.post({"session": "ci", "content": "<script>alert(1)</script>"})
+        self.post({"session": "ci", "content": "second \" ' & done"})
+        response, page = self.request("GET", "/session?id=ci")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"]
+        )
+        self.assertNotIn(b"<script>", page)
+        self.assertIn(b"&lt;script&gt;alert(1)&lt;/script&gt;", page)
+        self.assertLess(page.index(b"&lt;script&gt;"), page.index(b"second"))
+        self.assertIn(b"2023-11-14 22:13:20 UTC", page)
+        for header in ("content-security-policy", "x-content-type-options",
+                       "referrer-policy", "cache-control"):
+            self.assertTrue(response.headers.hasHeader(header), header)
+
+    def test_previewSessionIdEscaped(self) -> None:
+        sessionId = '"><img src=x onerror=alert(1)>'
+        self.post({"session": sessionId, "content": "x"})
+        response, page = self.request("GET", "/session?id=%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+        self.assertEqual(response.code, 200)
+        self.assertNotIn(b"<img", page)
+        self.assertIn(b"&#34;&gt;&lt;img", page)
+
+    def test_previewErrors(self) -> None:
+        response, body = self.request("GET", "/session")
+        self.assertError(response, body, 400, "'id'")
+        response, body = self.request("GET", "/session?id=")
+        self.assertError(response, body, 400, "'id'")
+        response, body = self.request("GET", "/session?id=nope")
+        self.assertError(response, body, 404, "nope")
+        response, body = self.request("GET", "/session?id=%ff")
+        self.assertError(response, body, 400, "UTF-8")
+
+
+class NotFoundTests(APITestCase):
+    def test_otherPathsAndMethods(self) -> None:
+        cases = [
+            ("GET", "/"),
+            ("PUT", "/"),
+            ("DELETE", "/"),
+            ("POST", "/sessions"),
+            ("DELETE", "/sessions"),
+            ("HEAD", "/sessions"),
+            ("OPTIONS", "/sessions"),
+            ("PATCH", "/session?id=ci"),
+            ("POST", "/session"),
+            ("GET", "/sessions/"),
+            ("GET", "/nope"),
+            ("GET", "/session/ci"),
+            ("GET", "/%ff"),
+        ]
+        for method, path in cases:
+            response, body = self.request(method, path)
+            if method == "HEAD":
+                self.assertEqual(response.code, 404, path)
+                continue
+            expected = 400 if "%ff" in path else 404
+            self.assertError(response, body, expected)
+
+    def test_unauthenticatedUnknownPathIs401(self) -> None:
+        response, body = self.request("GET", "/nope", headers={})
+        self.assertError(response, body, 401)

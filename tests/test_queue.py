@@ -1,0 +1,305 @@
+"""
+The queue's promises, driven by a Clock: FIFO per session, one delivery in
+flight per session, immediate delivery when idle and on the idle Deferred,
+the sweep, retries and dead letters.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from chatweb.model import FAILED
+from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.testing import MemoryAdapter, MemoryJournal
+
+
+class QueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = self.makeQueue()
+
+    def makeQueue(self, **kwargs: object) -> MessageQueue:
+        kwargs.setdefault("rng", random.Random(1))
+        return MessageQueue(self.journal, self.adapter, self.clock, **kwargs)
+
+    def start(self) -> None:
+        self.successResultOf(self.queue.start())
+
+    def post(self, session: str, content: str) -> None:
+        self.successResultOf(self.queue.post(session, content))
+
+    def test_postStoresBeforeAnswering(self) -> None:
+        """
+        post() fires only with the message stored in the journal.
+        """
+        self.start()
+        message = self.successResultOf(self.queue.post("ci", "hello"))
+        self.assertEqual(self.journal.rows[message.id].content, "hello")
+
+    def test_storageFailureFailsThePost(self) -> None:
+        self.start()
+        self.journal.failAppends = True
+        self.failureResultOf(self.queue.post("ci", "hello"), OSError)
+        self.assertEqual(self.adapter.delivered, [])
+
+    def test_deliveredAtOnceWhenIdle(self) -> None:
+        self.start()
+        self.post("ci", "one")
+        self.assertEqual(self.adapter.contents("ci"), ["one"])
+        self.assertEqual(self.queue.pendingFor("ci"), [])
+
+    def test_fifoPerSessionOneInFlight(self) -> None:
+        """
+        While a delivery is under way, later messages of its session wait;
+        they go in order, one at a time.
+        """
+        self.adapter.autoComplete = False
+        self.start()
+        for n in range(3):
+            self.post("ci", f"m{n}")
+        self.assertEqual([d.content for d, _ in self.adapter.waiting], ["m0"])
+        self.adapter.complete()
+        self.assertEqual([d.content for d, _ in self.adapter.waiting], ["m1"])
+        self.adapter.complete()
+        self.adapter.complete()
+        self.assertEqual(self.adapter.contents("ci"), ["m0", "m1", "m2"])
+        self.assertEqual(self.adapter.waiting, [])
+
+    def test_busySessionHoldsItsMessagesWhileOthersFlow(self) -> None:
+        self.start()
+        self.adapter.setBusy("busy")
+        self.post("busy", "held")
+        self.post("free", "goes")
+        self.assertEqual(self.adapter.contents("free"), ["goes"])
+        self.assertEqual(self.adapter.contents("busy"), [])
+        self.assertEqual([m.content for m in self.queue.pendingFor("busy")], ["held"])
+
+    def test_deliveredWhenAdapterReportsIdle(self) -> None:
+        """
+        The idle Deferred triggers delivery at once: no waiting for a sweep.
+        """
+        self.start()
+        self.adapter.setBusy("ci")
+        self.post("ci", "a")
+        self.post("ci", "b")
+        self.assertEqual(self.adapter.delivered, [])
+        self.adapter.setBusy("ci", False)
+        self.assertEqual(self.adapter.contents("ci"), ["a", "b"])
+        self.assertEqual(self.clock.seconds(), 0)
+
+    def test_sweepDeliversWhatIdleNeverAnnounced(self) -> None:
+        """
+        An adapter that becomes idle without firing its Deferred is caught
+        by the sweep, at the configured interval.
+        """
+        self.queue = self.makeQueue(interval=5.0)
+        self.start()
+        self.adapter.setBusy("ci")
+        self.post("ci", "late")
+        self.adapter._busy.discard("ci")  # idle, but nobody is told
+        self.clock.advance(4.9)
+        self.assertEqual(self.adapter.delivered, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.adapter.contents("ci"), ["late"])
+
+    def test_idleThatIsNotIdleDoesNotSpin(self) -> None:
+        """
+        An adapter whose whenIdle() fires at once while isBusy() still says
+        busy does not trap the queue in a loop; the sweep delivers later.
+        """
+        self.start()
+        self.adapter.setBusy("ci")
+        self.adapter.whenIdle = lambda session: succeed(None)  # type: ignore[method-assign]
+        self.post("ci", "x")
+        self.assertEqual(self.adapter.delivered, [])
+        self.adapter._busy.discard("ci")
+        self.clock.advance(5)
+        self.assertEqual(self.adapter.contents("ci"), ["x"])
+
+    def test_sweepSurvivesAFailingSession(self) -> None:
+        """
+        A session whose adapter raises does not stop the sweep, nor the
+        delivery to other sessions.
+        """
+        self.start()
+        self.adapter.setBusy("bad")
+        self.adapter.setBusy("good")
+        self.post("bad", "x")
+        self.post("good", "y")
+        self.adapter._busy.clear()
+        original = self.adapter.isBusy
+
+        def isBusy(session: str) -> bool:
+            if session == "bad":
+                raise RuntimeError("adapter bug")
+            return original(session)
+
+        self.adapter.isBusy = isBusy  # type: ignore[method-assign]
+        self.clock.advance(5)
+        self.assertEqual(self.adapter.contents("good"), ["y"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.adapter.isBusy = original  # type: ignore[method-assign]
+        self.clock.advance(5)
+        self.assertEqual(self.adapter.contents("bad"), ["x"])
+
+    def test_pendingDeliveredOnStart(self) -> None:
+        """
+        What the journal holds from before is delivered on start, in order.
+        """
+        for n in range(3):
+            self.journal.append("ci", f"old{n}", 0)
+        self.journal.append("other", "x", 0)
+        self.start()
+        self.assertEqual(self.adapter.contents("ci"), ["old0", "old1", "old2"])
+        self.assertEqual(self.adapter.contents("other"), ["x"])
+
+    def test_postedBeforeLoadKeepsOrder(self) -> None:
+        """
+        A message posted while the journal is still being read goes after
+        the older pending ones.
+        """
+        self.journal.append("ci", "old", 0)
+        loading: Deferred = Deferred()
+        self.journal.pending = lambda: loading  # type: ignore[method-assign]
+        self.queue.start()
+        self.post("ci", "new")
+        self.assertEqual(self.adapter.delivered, [])
+        loading.callback(
+            [m for m in self.journal.rows.values() if m.content == "old"]
+            + [m for m in self.journal.rows.values() if m.content == "new"]
+        )
+        self.assertEqual(self.adapter.contents("ci"), ["old", "new"])
+
+    def test_retriedWithBackoffThenDelivered(self) -> None:
+        self.adapter.failures = 3
+        self.queue = self.makeQueue(
+            retry=RetryPolicy(maxAttempts=5, initialDelay=1, factor=2, jitter=0),
+            interval=1000,
+        )
+        self.start()
+        self.post("ci", "a")
+        self.post("ci", "b")
+        self.assertEqual(len(self.adapter.delivered), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.adapter.delivered), 2)
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.adapter.delivered), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.adapter.delivered), 3)
+        self.clock.advance(4)
+        self.assertEqual(self.adapter.contents("ci"), ["a", "b"])
+        self.assertEqual(self.journal.rows[1].attempts, 3)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_otherSessionsNotHeldByFailures(self) -> None:
+        self.start()
+        self.adapter.failures = 1
+        self.post("failing", "a")
+        self.post("fine", "b")
+        self.assertEqual(self.adapter.contents("fine"), ["b"])
+        self.assertEqual(self.adapter.contents("failing"), [])
+
+    def test_deadLetterKeptAndQueueMovesOn(self) -> None:
+        self.queue = self.makeQueue(retry=RetryPolicy(maxAttempts=2, jitter=0))
+        self.start()
+        self.adapter.failures = 2
+        self.post("ci", "doomed")
+        self.post("ci", "next")
+        self.clock.advance(1)
+        self.assertEqual(self.adapter.contents("ci"), ["next"])
+        failed = self.successResultOf(self.journal.messages("ci"))
+        self.assertEqual([(m.content, m.state, m.attempts) for m in failed], [("doomed", FAILED, 2)])
+        self.assertIn("delivery of 1 failed", failed[0].lastError)
+
+    def test_deliveryTimeoutCountsAsFailure(self) -> None:
+        self.adapter.autoComplete = False
+        self.queue = self.makeQueue(
+            deliveryTimeout=30, retry=RetryPolicy(initialDelay=1, jitter=0)
+        )
+        self.start()
+        self.post("ci", "slow")
+        self.clock.advance(30)
+        self.assertEqual(len(self.adapter.cancelled), 1)
+        self.assertEqual(self.journal.rows[1].attempts, 1)
+        self.assertIn("TimeoutError", self.journal.rows[1].lastError)
+        self.clock.advance(1)
+        self.adapter.complete()
+        self.assertEqual(self.adapter.contents("ci"), ["slow"])
+
+    def test_stopWaitsForInFlightThenLeavesRestPending(self) -> None:
+        self.adapter.autoComplete = False
+        self.start()
+        self.post("ci", "a")
+        self.post("ci", "b")
+        stopped = self.queue.stop(timeout=10)
+        self.assertNoResult(stopped)
+        self.adapter.complete()
+        self.successResultOf(stopped)
+        self.assertEqual(self.adapter.contents("ci"), ["a"])
+        pending = self.successResultOf(self.journal.pending())
+        self.assertEqual([m.content for m in pending], ["b"])
+
+    def test_stopCancelsAfterTimeoutWithoutCountingAFailure(self) -> None:
+        self.adapter.autoComplete = False
+        self.start()
+        self.post("ci", "a")
+        stopped = self.queue.stop(timeout=10)
+        self.clock.advance(10)
+        self.successResultOf(stopped)
+        self.assertEqual(self.journal.rows[1].attempts, 0)
+        self.assertEqual(len(self.successResultOf(self.journal.pending())), 1)
+
+    def test_longSynchronousQueueDoesNotRecurse(self) -> None:
+        """
+        Thousands of messages delivered synchronously do not exhaust the
+        stack.
+        """
+        self.adapter.setBusy("ci")
+        self.start()
+        for n in range(3000):
+            self.post("ci", str(n))
+        self.adapter.setBusy("ci", False)
+        self.assertEqual(len(self.adapter.contents("ci")), 3000)
+
+    def test_retryPolicyBoundedAndJittered(self) -> None:
+        policy = RetryPolicy(initialDelay=1, factor=2, maxDelay=60, jitter=0.2)
+        rng = random.Random(7)
+        delays = [policy.delay(n, rng) for n in range(1, 12)]
+        self.assertTrue(all(0.8 * min(60, 2 ** (n - 1)) <= d <= 1.2 * min(60, 2 ** (n - 1))
+                            for n, d in zip(range(1, 12), delays)))
+        self.assertLessEqual(max(delays), 72)
+        self.assertNotEqual(delays[0], delays[1] / 2)
+
+    def test_failingJournalAppendDoesNotStopOthers(self) -> None:
+        self.start()
+        self.journal.failAppends = True
+        self.failureResultOf(self.queue.post("a", "x"))
+        self.journal.failAppends = False
+        self.post("a", "y")
+        self.assertEqual(self.adapter.contents("a"), ["y"])
+
+    def test_adapterDeliverRaisingSynchronously(self) -> None:
+        """
+        An adapter whose deliver() raises is treated as a failed delivery.
+        """
+        self.start()
+        calls = []
+
+        def deliver(delivery):  # type: ignore[no-untyped-def]
+            calls.append(delivery)
+            if len(calls) == 1:
+                raise ValueError("boom")
+            return fail(ValueError("boom again")) if len(calls) == 2 else original(delivery)
+
+        original = self.adapter.deliver
+        self.adapter.deliver = deliver  # type: ignore[method-assign]
+        self.post("ci", "x")
+        self.clock.advance(1.5)
+        self.clock.advance(3)
+        self.assertEqual(self.adapter.contents("ci"), ["x"])

@@ -1,0 +1,200 @@
+"""
+The SQLite database, the journal and the default backend, on real files.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
+from chatweb.backends.local import LocalBackend, sessionIdFor
+from chatweb.backends.responders import EchoResponder
+from chatweb.database import SQLiteDatabase
+from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.journal import SQLiteJournal
+from chatweb.model import DELIVERED, FAILED, Delivery
+
+
+class StorageTestCase(TestCase):
+    def setUp(self) -> Deferred:
+        self.path = os.path.join(self.mktemp() + ".sqlite3")
+        self.db = self.openDatabase()
+        return self.db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+
+    def openDatabase(self) -> SQLiteDatabase:
+        db = SQLiteDatabase(self.path, reactor)
+        self.addCleanup(db.close)
+        return db
+
+    def reopen(self) -> Deferred:
+        closing = self.db.close()
+        self.db = self.openDatabase()
+        return closing.addCallback(
+            lambda _: self.db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+        )
+
+
+class DatabaseTests(StorageTestCase):
+    @inlineCallbacks
+    def test_writesArriveTogetherCommitTogether(self):
+        """
+        Writes asked for while a commit is under way are grouped into the
+        next transaction; each caller still gets its own result.
+        """
+        import chatweb.database
+
+        batches = []
+        original = chatweb.database._runBatch
+
+        def countingRunBatch(connection, batch):
+            batches.append(len(batch))
+            return original(connection, batch)
+
+        self.patch(chatweb.database, "_runBatch", countingRunBatch)
+
+        def insert(cursor, n):
+            cursor.execute("INSERT INTO sessions (id, created) VALUES (?, 0)", (str(n),))
+            return n
+
+        results = yield gatherResults([self.db.write(insert, n) for n in range(50)])
+        self.assertEqual(results, list(range(50)))
+        ids = yield self.db.read(lambda c: [r[0] for r in c.execute("SELECT id FROM sessions")])
+        self.assertEqual(sorted(ids, key=int), [str(n) for n in range(50)])
+        # The first write goes alone; the 49 asked for meanwhile go together.
+        self.assertEqual(batches, [1, 49])
+
+    @inlineCallbacks
+    def test_failingWriteDoesNotUndoItsGroup(self):
+        def insert(cursor, n):
+            cursor.execute("INSERT INTO sessions (id, created) VALUES (?, 0)", (n,))
+
+        def broken(cursor):
+            cursor.execute("INSERT INTO sessions (id, created) VALUES ('bad', 0)")
+            raise ValueError("fails after writing")
+
+        first = self.db.write(insert, "a")
+        failing = self.db.write(broken)
+        last = self.db.write(insert, "b")
+        yield first
+        yield self.assertFailure(failing, ValueError)
+        yield last
+        ids = yield self.db.read(lambda c: sorted(r[0] for r in c.execute("SELECT id FROM sessions")))
+        self.assertEqual(ids, ["a", "b"])
+
+    @inlineCallbacks
+    def test_neverOnTheReactorThread(self):
+        threads = []
+        yield self.db.write(lambda c: threads.append(threading.current_thread()))
+        yield self.db.read(lambda c: threads.append(threading.current_thread()))
+        self.assertNotIn(threading.main_thread(), threads)
+
+    @inlineCallbacks
+    def test_walMode(self):
+        mode = yield self.db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        self.assertEqual(mode, "wal")
+
+
+class JournalTests(StorageTestCase):
+    @inlineCallbacks
+    def test_appendIsDurable(self):
+        """
+        An appended message is there for a new connection, and pending()
+        lists pending ones in order.
+        """
+        journal = SQLiteJournal(self.db)
+        first = yield journal.append("ci", "one", 1.0)
+        second = yield journal.append("ci", "two", 2.0)
+        self.assertLess(first.id, second.id)
+        with sqlite3.connect(self.path) as other:
+            rows = other.execute("SELECT content FROM queue ORDER BY id").fetchall()
+        self.assertEqual(rows, [("one",), ("two",)])
+        yield journal.markDelivered(first.id)
+        pending = yield journal.pending()
+        self.assertEqual([m.content for m in pending], ["two"])
+
+    @inlineCallbacks
+    def test_failuresAndDeadLetters(self):
+        journal = SQLiteJournal(self.db)
+        m = yield journal.append("ci", "x", 1.0)
+        once = yield journal.recordFailure(m.id, "RuntimeError: no", False)
+        self.assertEqual((once.attempts, once.state), (1, "pending"))
+        dead = yield journal.recordFailure(m.id, "RuntimeError: still no", True)
+        self.assertEqual((dead.attempts, dead.state, dead.lastError), (2, FAILED, "RuntimeError: still no"))
+        self.assertEqual((yield journal.pending()), [])
+        kept = yield journal.messages("ci")
+        self.assertEqual([k.content for k in kept], ["x"])
+
+    @inlineCallbacks
+    def test_survivesReopen(self):
+        journal = SQLiteJournal(self.db)
+        yield journal.append("ci", "kept", 1.0)
+        delivered = yield journal.append("ci", "done", 1.0)
+        yield journal.markDelivered(delivered.id)
+        yield self.reopen()
+        pending = yield SQLiteJournal(self.db).pending()
+        self.assertEqual([(m.session, m.content) for m in pending], [("ci", "kept")])
+        self.assertNotEqual(DELIVERED, pending[0].state)
+
+
+class LocalBackendTests(StorageTestCase):
+    @inlineCallbacks
+    def test_deliveryCreatesSessionAndRecordsMessage(self):
+        backend = LocalBackend(self.db, reactor)
+        self.assertEqual((yield backend.listSessions()), [])
+        yield backend.deliver(Delivery(1, "ci", "Build completed successfully!", 1700000000.0))
+        self.assertEqual((yield backend.listSessions()), ["ci"])
+        session = yield backend.getSession("ci")
+        self.assertEqual([(m.role, m.content, m.created) for m in session.messages],
+                         [("user", "Build completed successfully!", 1700000000.0)])
+        self.assertIsNone((yield backend.getSession("nope")))
+
+    @inlineCallbacks
+    def test_redeliveryIsIgnored(self):
+        """
+        The same delivery id twice (a crash between delivery and its record)
+        leaves one message.
+        """
+        backend = LocalBackend(self.db, reactor, EchoResponder(reactor))
+        yield backend.deliver(Delivery(7, "ci", "once", 1.0))
+        yield backend.deliver(Delivery(7, "ci", "once", 1.0))
+        session = yield backend.getSession("ci")
+        self.assertEqual([(m.role, m.content) for m in session.messages],
+                         [("user", "once"), ("assistant", "once")])
+
+    @inlineCallbacks
+    def test_busyWhileDeliveringThenIdle(self):
+        backend = LocalBackend(self.db, reactor)
+        self.assertTrue((yield backend.whenIdle("ci")) is None)
+        d = backend.deliver(Delivery(1, "ci", "x", 1.0))
+        self.assertTrue(backend.isBusy("ci"))
+        self.assertFalse(backend.isBusy("other"))
+        idle = backend.whenIdle("ci")
+        yield d
+        yield idle
+        self.assertFalse(backend.isBusy("ci"))
+
+    @inlineCallbacks
+    def test_unicodeAndOddContentRoundTrip(self):
+        backend = LocalBackend(self.db, reactor)
+        text = "日本語 \x00 nul, émoji 🎉, <b>tags</b>, \"quotes\""
+        yield backend.deliver(Delivery(1, "セッション", text, 1.0))
+        session = yield backend.getSession("セッション")
+        self.assertEqual(session.messages[0].content, text)
+
+    @inlineCallbacks
+    def test_createSessionUsesTimestampIds(self):
+        backend = LocalBackend(self.db, reactor)
+        first = yield backend.createSession(provider="deepseek", cwd="/tmp")
+        second = yield backend.createSession()
+        self.assertRegex(first, r"^\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d$")
+        self.assertNotEqual(first, second)
+        self.assertTrue(second.startswith(first[:13]))
+        session = yield backend.getSession(first)
+        self.assertEqual((session.provider, session.cwd), ("deepseek", "/tmp"))
+        self.assertEqual(sessionIdFor(0)[:4], "1970")

@@ -1,0 +1,142 @@
+"""
+End to end: the real C{twistd -n chatweb} as a child process, with treq.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import defaultdict
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from chatweb.service import DATABASE_NAME
+from chatweb.testing import ChatWebProcess
+
+KEY = "e2e-key"
+HEADERS = {"X-API-Key": KEY}
+
+
+def readSessions(dataDir: str) -> dict[str, list[str]]:
+    """
+    Every session's message contents, from the data directory's database.
+    """
+    path = os.path.join(dataDir, DATABASE_NAME)
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT session, data FROM messages ORDER BY seq").fetchall()
+    sessions: dict[str, list[str]] = defaultdict(list)
+    for session, data in rows:
+        sessions[session].append(json.loads(data)["content"])
+    return dict(sessions)
+
+
+def pendingCount(dataDir: str) -> int:
+    with sqlite3.connect(os.path.join(dataDir, DATABASE_NAME)) as db:
+        return db.execute("SELECT count(*) FROM queue WHERE state = 'pending'").fetchone()[0]
+
+
+class TwistdTests(TestCase):
+    timeout = 180
+
+    def setUp(self) -> None:
+        self.client = HTTPClient(
+            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        )
+
+    async def startProcess(self, dataDir: str, *args: str) -> ChatWebProcess:
+        process = ChatWebProcess(dataDir, KEY, args=args)
+        self.addCleanup(process.stop)
+        await process.start()
+        return process
+
+    async def waitUntilDelivered(self, dataDir: str) -> None:
+        for _ in range(300):
+            if await deferToThread(pendingCount, dataDir) == 0:
+                return
+            await deferLater(reactor, 0.1, lambda: None)
+        self.fail("messages still pending")
+
+    async def test_postListPreviewRestart(self) -> None:
+        dataDir = os.path.abspath(self.mktemp())
+        process = await self.startProcess(dataDir, "--responder", "echo")
+        response = await self.client.post(
+            process.url + "/",
+            json={"session": "ci", "content": "Build completed successfully!"},
+            headers=HEADERS,
+        )
+        self.assertEqual(response.code, 204)
+        response = await self.client.get(process.url + "/sessions", headers=HEADERS)
+        self.assertEqual(await response.json(), ["ci"])
+        response = await self.client.get(process.url + "/session?id=ci", headers=HEADERS)
+        self.assertEqual(response.code, 200)
+        self.assertIn("Build completed successfully!", await response.text())
+        # twistd stops cleanly on SIGTERM, then exits by that signal.
+        self.assertIn(await process.stop(), (0, -15))
+        self.assertIn("Server Shut Down", process.output)
+        self.assertNotIn(KEY, process.output)
+        self.assertNotIn("Traceback", process.output)
+
+        again = await self.startProcess(dataDir)
+        response = await self.client.get(again.url + "/sessions", headers=HEADERS)
+        self.assertEqual(await response.json(), ["ci"])
+        response = await self.client.get(again.url + "/session?id=ci", headers=HEADERS)
+        page = await response.text()
+        self.assertEqual(page.count("Build completed successfully!"), 2)
+
+    async def test_killNineLosesNoAcknowledgedMessage(self) -> None:
+        """
+        Clients post to several sessions; chatweb is killed with SIGKILL in
+        the middle.  After a restart every message that got a 204 is in its
+        session exactly once, in each client's posting order.
+        """
+        dataDir = os.path.abspath(self.mktemp())
+        process = await self.startProcess(dataDir)
+        acknowledged: list[tuple[str, str]] = []
+        sent: list[str] = []
+        sessions = [f"s{n}" for n in range(5)]
+        killed: Deferred[None] = Deferred()
+
+        async def client(c: int) -> None:
+            for seq in range(40):
+                session = sessions[(c + seq) % len(sessions)]
+                content = f"c{c}-{seq:03d}"
+                sent.append(content)
+                try:
+                    response = await self.client.post(
+                        process.url + "/",
+                        json={"session": session, "content": content},
+                        headers=HEADERS,
+                    )
+                    await response.content()
+                except Exception:
+                    return  # the server is gone
+                if response.code != 204:
+                    return
+                acknowledged.append((session, content))
+                if len(acknowledged) == 120 and not killed.called:
+                    await process.crash()
+                    killed.callback(None)
+
+        await gatherResults([Deferred.fromCoroutine(client(c)) for c in range(8)])
+        self.assertTrue(killed.called)
+        self.assertLess(len(acknowledged), len(sent))
+
+        await self.startProcess(dataDir)
+        await self.waitUntilDelivered(dataDir)
+        stored = await deferToThread(readSessions, dataDir)
+        everything = [c for contents in stored.values() for c in contents]
+        self.assertEqual(len(everything), len(set(everything)), "a message was delivered twice")
+        for session, content in acknowledged:
+            self.assertIn(content, stored.get(session, []))
+        for session, contents in stored.items():
+            for c in range(8):
+                mine = [x for x in contents if x.startswith(f"c{c}-")]
+                self.assertEqual(mine, sorted(mine), session)
+        self.assertLessEqual(set(everything), set(sent))
