@@ -23,6 +23,7 @@ run: $(STAMP)
 	@HOST='$(HOST)' PORT='$(PORT)' DATA_DIR='$(DATA_DIR)' RESPONDER='$(RESPONDER)' BIN='$(BIN)' sh scripts/run.sh
 
 test: $(STAMP)
+	@sh scripts/ensure-browser.sh
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

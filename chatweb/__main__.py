@@ -1,5 +1,6 @@
 """
-chatweb's helper commands: C{python -m chatweb ensure-key [--data-dir DIR]}.
+chatweb's helper commands: C{python -m chatweb ensure-key [--data-dir DIR]}
+and C{python -m chatweb import FILE... [--data-dir DIR] [--replace]}.
 
 (The service itself runs as C{twistd -n chatweb}.)
 """
@@ -21,7 +22,20 @@ def main(argv: list[str] | None = None) -> int:
         " exists, and print its path (never the key)",
     )
     ensure.add_argument("--data-dir", default=None)
+    load = commands.add_parser(
+        "import",
+        help="import chat.nvim session files (JSON) into the default backend",
+    )
+    load.add_argument("files", nargs="+", metavar="FILE")
+    load.add_argument("--data-dir", default=None)
+    load.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite sessions that already exist (default: skip them)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "import":
+        return _import(args.files, args.data_dir or defaultDataDir(), args.replace)
     if args.command == "ensure-key":
         try:
             path, created = ensureKeyFile(args.data_dir or defaultDataDir())
@@ -32,6 +46,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chatweb: created a new API key in {path}", file=sys.stderr)
         print(path)
     return 0
+
+
+def _import(files: list[str], dataDir: str, replace: bool) -> int:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    from chatweb.importer import runImport
+
+    status: list[int] = [1]
+
+    async def run(reactor: object) -> None:
+        try:
+            status[0] = await runImport(reactor, files, dataDir, replace)
+        except ConfigError as e:
+            print(f"chatweb: {e}", file=sys.stderr)
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return status[0]
 
 
 if __name__ == "__main__":

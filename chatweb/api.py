@@ -14,16 +14,19 @@ from urllib.parse import unquote_to_bytes
 from typing import Any, Sequence
 
 from klein import Klein
+from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
 from chatweb.interfaces import ISessionAdapter
-from chatweb.model import Session
-from chatweb.preview import SECURITY_HEADERS, renderSession
+from chatweb.limits import Limits, RateLimiter, retryAfter
+from chatweb.model import FAILED, PENDING, QueuedMessage, Session
+from chatweb.preview import SECURITY_HEADERS, renderSession, renderSessionInThread
 from chatweb.queue import MessageQueue
-from chatweb.site import DEFAULT_MAX_BODY
 
 MAX_SESSION_ID = 256
 
@@ -114,6 +117,28 @@ def parseMessage(body: bytes) -> tuple[str, str]:
     return session, content
 
 
+MAX_IDEMPOTENCY_KEY = 255
+#: Sessions longer than this render on a thread, not the reactor.
+RENDER_INLINE_LIMIT = 200
+
+
+def _idempotencyKey(request: IRequest) -> str | None:
+    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    if not values:
+        return None
+    if len(values) != 1:
+        raise BadRequest("send at most one Idempotency-Key header")
+    value = values[0]
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY or not all(
+        0x21 <= b <= 0x7E for b in value
+    ):
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+            " characters without spaces"
+        )
+    return value.decode("ascii")
+
+
 def _error(request: IRequest, code: int, message: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
@@ -141,14 +166,24 @@ class _Guard(Resource):
         self._routes = routes
 
     def render(self, request: IRequest) -> Any:
-        if not self._api._authorized(request):
+        key = self._api._authorized(request)
+        if key is None:
             return _error(request, 401, "missing or invalid X-API-Key header")
+        wait = self._api._rateLimiter.take(key)
+        if wait:
+            request.setHeader(b"Retry-After", retryAfter(wait))
+            return _error(request, 429, "too many requests for this API key; slow down")
         try:
             unquote_to_bytes(request.path).decode("utf-8")
             (request.getHeader(b"host") or b"").decode("utf-8")
         except UnicodeError:
             return _error(request, 400, "the request's path or Host is not valid UTF-8")
-        return self._routes.render(request)
+        try:
+            return self._routes.render(request)
+        except HTTPException as e:
+            # werkzeug refuses some requests (a malformed Host, say) before
+            # any route or error handler sees them.
+            return _error(request, 400, f"bad request: {e.description or e.name}")
 
 
 class ChatWebAPI:
@@ -164,14 +199,18 @@ class ChatWebAPI:
         queue: MessageQueue,
         adapter: ISessionAdapter,
         apiKeys: Sequence[str],
-        maxBodySize: int = DEFAULT_MAX_BODY,
+        limits: Limits = Limits(),
+        clock: IReactorTime | None = None,
     ) -> None:
         if not apiKeys or not all(apiKeys):
             raise ValueError("at least one non-empty API key is needed")
+        if clock is None:
+            from twisted.internet import reactor as clock
         self._queue = queue
         self._adapter = adapter
         self._keys = [key.encode("utf-8") for key in apiKeys]
-        self._maxBodySize = maxBodySize
+        self._limits = limits
+        self._rateLimiter = RateLimiter(limits.rateLimit, limits.rateBurst, clock)
 
     def resource(self) -> IResource:
         """
@@ -181,13 +220,16 @@ class ChatWebAPI:
 
     # -- guards
 
-    def _authorized(self, request: IRequest) -> bool:
+    def _authorized(self, request: IRequest) -> bytes | None:
+        """
+        The API key the request carries, if it is one of ours.
+        """
         given = request.requestHeaders.getRawHeaders(b"x-api-key")
         if not given or len(given) != 1:
-            return False
+            return None
         # Compare with every key, in constant time for each.
         matches = [hmac.compare_digest(given[0], key) for key in self._keys]
-        return any(matches)
+        return self._keys[matches.index(True)] if any(matches) else None
 
     def _refuse(self, request: IRequest, method: bytes) -> bytes | None:
         """
@@ -207,27 +249,123 @@ class ChatWebAPI:
             return refused
         # ChatWebSite refuses large bodies before they are read; this covers
         # a Site of the embedding program's own.
-        body = request.content.read(self._maxBodySize + 1)
-        if len(body) > self._maxBodySize:
+        limit = self._limits.maxBodySize
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
             return _error(
-                request,
-                413,
-                f"request body is larger than the limit of {self._maxBodySize} bytes",
+                request, 413, f"request body is larger than the limit of {limit} bytes"
             )
         try:
+            idempotencyKey = _idempotencyKey(request)
             session, content = parseMessage(body)
         except BadRequest as e:
             return _error(request, 400, str(e))
+        if len(content) > self._limits.maxContentLength:
+            return _error(
+                request,
+                413,
+                f"field 'content' is longer than {self._limits.maxContentLength}"
+                " characters",
+            )
 
         def queued(_: object) -> bytes:
             request.setResponseCode(204)
             return b""
 
         def failed(failure: Any) -> bytes:
+            if failure.check(QueueFull):
+                full = failure.value
+                request.setHeader(b"Retry-After", retryAfter(full.retryAfter))
+                if full.scope == "session":
+                    return _error(
+                        request,
+                        429,
+                        f"session {session!r} already has {full.limit} messages"
+                        " waiting; retry later",
+                    )
+                return _error(
+                    request, 503, f"{full.limit} messages are waiting; retry later"
+                )
+            if failure.check(IdempotencyConflict):
+                return _error(
+                    request,
+                    422,
+                    "this Idempotency-Key was already used for another session",
+                )
             _log.failure("Could not store a message", failure)
             return _error(request, 503, "the message could not be stored; retry later")
 
-        return self._queue.post(session, content).addCallbacks(queued, failed)
+        return self._queue.post(session, content, idempotencyKey).addCallbacks(
+            queued, failed
+        )
+
+    @app.route("/queue", methods=["GET"])
+    def listQueue(self, request: IRequest) -> Any:
+        refused = self._refuse(request, b"GET")
+        if refused is not None:
+            return refused
+        values = request.args.get(b"session") or [b""]
+        try:
+            session = validateSessionId(values[0].decode("utf-8"), "session")
+        except UnicodeDecodeError:
+            return _error(request, 400, "query parameter 'session' is not valid UTF-8")
+        except BadRequest as e:
+            return _error(request, 400, str(e).replace("field", "query parameter"))
+
+        def listed(messages: list[QueuedMessage]) -> bytes:
+            delivering = self._queue.deliveringNow(session)
+            return _json(
+                request,
+                {
+                    "session": session,
+                    "pending": [
+                        dict(m.asDict(), delivering=m.id == delivering)
+                        for m in messages
+                        if m.state == PENDING
+                    ],
+                    "failed": [m.asDict() for m in messages if m.state == FAILED],
+                },
+            )
+
+        return self._queue.journal.messages(session).addCallbacks(
+            listed, lambda f: self._unavailable(request, f)
+        )
+
+    @app.route("/queue/<int:messageId>/retry", methods=["POST"])
+    def retryMessage(self, request: IRequest, messageId: int) -> Any:
+        refused = self._refuse(request, b"POST")
+        if refused is not None:
+            return refused
+        return self._queue.retry(messageId).addCallbacks(
+            lambda message: _json(request, message.asDict()),
+            lambda f: self._queueError(request, f, messageId, "retried (only failed ones can be)"),
+        )
+
+    @app.route("/queue/<int:messageId>", methods=["DELETE"])
+    def discardMessage(self, request: IRequest, messageId: int) -> Any:
+        refused = self._refuse(request, b"DELETE")
+        if refused is not None:
+            return refused
+
+        def discarded(_: object) -> bytes:
+            request.setResponseCode(204)
+            return b""
+
+        return self._queue.discard(messageId).addCallbacks(
+            discarded,
+            lambda f: self._queueError(request, f, messageId, "discarded"),
+        )
+
+    def _queueError(self, request: IRequest, failure: Any, messageId: int, what: str) -> bytes:
+        if failure.check(UnknownMessage):
+            return _error(request, 404, f"no queued message {messageId}")
+        if failure.check(WrongState):
+            return _error(
+                request,
+                409,
+                f"message {messageId} is {failure.value.state} and cannot be {what}",
+            )
+        return self._unavailable(request, failure)
 
     @app.route("/sessions", methods=["GET"])
     def listSessions(self, request: IRequest) -> Any:
@@ -235,12 +373,16 @@ class ChatWebAPI:
         if refused is not None:
             return refused
 
-        def listed(ids: list[str]) -> bytes:
-            return _json(request, sorted(set(ids) | self._queue.sessionsWithPending()))
+        def listed(results: list[Any]) -> bytes:
+            ids, failed = results
+            return _json(
+                request, sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
+            )
 
-        return self._adapter.listSessions().addCallbacks(
-            listed, lambda f: self._unavailable(request, f)
-        )
+        return gatherResults(
+            [self._adapter.listSessions(), self._queue.journal.failedSessions()],
+            consumeErrors=True,
+        ).addCallbacks(listed, lambda f: self._unavailable(request, f))
 
     @app.route("/session", methods=["GET"])
     def previewSession(self, request: IRequest) -> Any:
@@ -255,20 +397,32 @@ class ChatWebAPI:
         if not sessionId:
             return _error(request, 400, "missing query parameter 'id'")
 
-        def render(session: Any) -> bytes:
-            queued = self._queue.pendingFor(sessionId)
+        def render(results: list[Any]) -> Any:
+            session, undelivered = results
             if session is None:
-                if not queued:
+                if not undelivered:
                     return _error(request, 404, f"no session {sessionId!r}")
                 session = Session(id=sessionId)
-            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-            for name, value in SECURITY_HEADERS.items():
-                request.setHeader(name, value)
-            return renderSession(session, queued).encode("utf-8")
+            # Pages of long sessions render off the reactor thread.
+            if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
+                page = renderSessionInThread(session, undelivered)
+            else:
+                page = succeed(renderSession(session, undelivered))
+            return page.addCallback(lambda html: self._html(request, html))
 
-        return self._adapter.getSession(sessionId).addCallbacks(
-            render, lambda f: self._unavailable(request, f)
-        )
+        return gatherResults(
+            [
+                self._adapter.getSession(sessionId),
+                self._queue.journal.messages(sessionId),
+            ],
+            consumeErrors=True,
+        ).addCallbacks(render, lambda f: self._unavailable(request, f))
+
+    def _html(self, request: IRequest, html: str) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return html.encode("utf-8")
 
     def _unavailable(self, request: IRequest, failure: Any) -> bytes:
         _log.failure("The session backend failed", failure)

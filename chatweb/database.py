@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.enterprise.adbapi import ConnectionPool
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -137,7 +137,7 @@ class SQLiteDatabase:
         thread.  The Deferred fires with its result once committed.
         """
         if self._closed:
-            raise RuntimeError("the database is closed")
+            return fail(RuntimeError("the database is closed"))
         result: Deferred[T] = Deferred()
         self._waiting.append((operation, args, result))
         self._flush()

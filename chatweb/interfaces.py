@@ -65,13 +65,47 @@ class IJournal(Interface):
     client hears 204, and stay until delivered (or failed for good).
     """
 
-    def append(session, content, received):
+    def append(session, content, received, idempotencyKey=None):
         """
         Store a message durably.
+
+        With an C{idempotencyKey} seen in the last 24 hours for the same
+        session, store nothing and answer with the message stored then
+        (its C{duplicate} set); seen for another session, fail with
+        L{chatweb.errors.IdempotencyConflict}.
 
         @return: a L{Deferred} firing with its L{chatweb.model.QueuedMessage}
             once it is on disk; messages appended one after another get
             increasing ids.
+        """
+
+    def failedSessions():
+        """
+        @return: a L{Deferred} firing with the ids of the sessions that hold
+            failed messages (dead letters).
+        """
+
+    def get(messageId):
+        """
+        @return: a L{Deferred} firing with the L{chatweb.model.QueuedMessage}
+            of that id, or L{None}.
+        """
+
+    def requeue(messageId):
+        """
+        Make a failed message pending again, its attempts reset.
+
+        @return: a L{Deferred} firing with the updated message; failing with
+            L{chatweb.errors.UnknownMessage} or L{chatweb.errors.WrongState}.
+        """
+
+    def discard(messageId):
+        """
+        Drop a pending or failed message on purpose (kept, marked
+        discarded).
+
+        @return: a L{Deferred} firing with the updated message; failing with
+            L{chatweb.errors.UnknownMessage} or L{chatweb.errors.WrongState}.
         """
 
     def pending():
@@ -108,6 +142,9 @@ class IResponder(Interface):
     """
 
     name = Attribute("A short name for logs and options: none, echo, ...")
+    answers = Attribute(
+        "False if it never answers: the backend then skips reading the session."
+    )
 
     def respond(session, message):
         """

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import sqlite3
 
+import attrs
+
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from chatweb.database import SQLiteDatabase
+from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
-from chatweb.model import DELIVERED, FAILED, PENDING, QueuedMessage
+from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING, QueuedMessage
 
 SCHEMA = [
     """
@@ -28,7 +31,19 @@ SCHEMA = [
     """,
     "CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id)",
     "CREATE INDEX IF NOT EXISTS queue_by_session ON queue (session, id)",
+    """
+    CREATE TABLE IF NOT EXISTS idempotency (
+        key TEXT PRIMARY KEY,
+        session TEXT NOT NULL,
+        message INTEGER NOT NULL,
+        created REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created)",
 ]
+
+#: How long an Idempotency-Key is remembered.
+IDEMPOTENCY_WINDOW = 24 * 60 * 60
 
 _COLUMNS = "id, session, content, received, state, attempts, last_error"
 
@@ -37,15 +52,48 @@ def _row(row: tuple) -> QueuedMessage:
     return QueuedMessage(*row)
 
 
+def _get(cursor: sqlite3.Cursor, messageId: int) -> QueuedMessage | None:
+    cursor.execute(f"SELECT {_COLUMNS} FROM queue WHERE id = ?", (messageId,))
+    row = cursor.fetchone()
+    return _row(row) if row else None
+
+
 def _append(
-    cursor: sqlite3.Cursor, session: str, content: str, received: float
+    cursor: sqlite3.Cursor,
+    session: str,
+    content: str,
+    received: float,
+    idempotencyKey: str | None,
 ) -> QueuedMessage:
+    if idempotencyKey is not None:
+        cursor.execute(
+            "DELETE FROM idempotency WHERE created < ?",
+            (received - IDEMPOTENCY_WINDOW,),
+        )
+        cursor.execute(
+            "SELECT session, message FROM idempotency WHERE key = ?",
+            (idempotencyKey,),
+        )
+        seen = cursor.fetchone()
+        if seen is not None:
+            if seen[0] != session:
+                raise IdempotencyConflict(idempotencyKey)
+            earlier = _get(cursor, seen[1])
+            if earlier is not None:
+                return attrs.evolve(earlier, duplicate=True)
     cursor.execute(
         "INSERT INTO queue (session, content, received) VALUES (?, ?, ?)",
         (session, content, received),
     )
-    assert cursor.lastrowid is not None
-    return QueuedMessage(cursor.lastrowid, session, content, received)
+    messageId = cursor.lastrowid
+    assert messageId is not None
+    if idempotencyKey is not None:
+        cursor.execute(
+            "INSERT OR REPLACE INTO idempotency (key, session, message, created)"
+            " VALUES (?, ?, ?, ?)",
+            (idempotencyKey, session, messageId, received),
+        )
+    return QueuedMessage(messageId, session, content, received)
 
 
 def _pending(cursor: sqlite3.Cursor) -> list[QueuedMessage]:
@@ -57,10 +105,16 @@ def _pending(cursor: sqlite3.Cursor) -> list[QueuedMessage]:
 
 def _undelivered(cursor: sqlite3.Cursor, session: str) -> list[QueuedMessage]:
     cursor.execute(
-        f"SELECT {_COLUMNS} FROM queue WHERE session = ? AND state != ? ORDER BY id",
-        (session, DELIVERED),
+        f"SELECT {_COLUMNS} FROM queue WHERE session = ? AND state IN (?, ?)"
+        " ORDER BY id",
+        (session, PENDING, FAILED),
     )
     return [_row(r) for r in cursor.fetchall()]
+
+
+def _failedSessions(cursor: sqlite3.Cursor) -> list[str]:
+    cursor.execute("SELECT DISTINCT session FROM queue WHERE state = ?", (FAILED,))
+    return [row[0] for row in cursor.fetchall()]
 
 
 def _markDelivered(cursor: sqlite3.Cursor, messageId: int) -> None:
@@ -81,6 +135,22 @@ def _recordFailure(
     return _row(cursor.fetchone())
 
 
+def _changeState(
+    cursor: sqlite3.Cursor, messageId: int, allowed: tuple[str, ...], state: str
+) -> QueuedMessage:
+    message = _get(cursor, messageId)
+    if message is None:
+        raise UnknownMessage(messageId)
+    if message.state not in allowed:
+        raise WrongState(message.state)
+    attempts = 0 if state == PENDING else message.attempts
+    cursor.execute(
+        "UPDATE queue SET state = ?, attempts = ? WHERE id = ?",
+        (state, attempts, messageId),
+    )
+    return attrs.evolve(message, state=state, attempts=attempts)
+
+
 @implementer(IJournal)
 class SQLiteJournal:
     """
@@ -90,8 +160,26 @@ class SQLiteJournal:
     def __init__(self, database: SQLiteDatabase) -> None:
         self._db = database
 
-    def append(self, session: str, content: str, received: float) -> Deferred:
-        return self._db.write(_append, session, content, received)
+    def append(
+        self,
+        session: str,
+        content: str,
+        received: float,
+        idempotencyKey: str | None = None,
+    ) -> Deferred:
+        return self._db.write(_append, session, content, received, idempotencyKey)
+
+    def failedSessions(self) -> Deferred:
+        return self._db.read(_failedSessions)
+
+    def get(self, messageId: int) -> Deferred:
+        return self._db.read(_get, messageId)
+
+    def requeue(self, messageId: int) -> Deferred:
+        return self._db.write(_changeState, messageId, (FAILED,), PENDING)
+
+    def discard(self, messageId: int) -> Deferred:
+        return self._db.write(_changeState, messageId, (PENDING, FAILED), DISCARDED)
 
     def pending(self) -> Deferred:
         return self._db.read(_pending)

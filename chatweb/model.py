@@ -267,6 +267,7 @@ class Delivery:
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
+DISCARDED = "discarded"
 
 
 @attrs.frozen
@@ -283,6 +284,23 @@ class QueuedMessage:
     state: str = PENDING
     attempts: int = 0
     lastError: str | None = None
+    #: True when the journal answered with a message stored earlier under
+    #: the same idempotency key.
+    duplicate: bool = attrs.field(default=False, eq=False)
+
+    def asDict(self) -> dict[str, Any]:
+        """
+        The message as the API shows it.
+        """
+        return {
+            "id": self.id,
+            "session": self.session,
+            "content": self.content,
+            "received": self.received,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_error": self.lastError,
+        }
 
     def delivery(self) -> Delivery:
         return Delivery(self.id, self.session, self.content, self.received)

@@ -22,6 +22,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     maybeDeferred,
+    fail,
     succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,6 +30,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.model import FAILED, QueuedMessage
 
@@ -51,7 +53,8 @@ class RetryPolicy:
     jitter: float = 0.2
 
     def delay(self, attempts: int, rng: random.Random) -> float:
-        base = min(self.maxDelay, self.initialDelay * self.factor ** (attempts - 1))
+        exponent = min(max(attempts - 1, 0), 64)
+        base = min(self.maxDelay, self.initialDelay * self.factor**exponent)
         return max(0.0, base * (1 + self.jitter * (2 * rng.random() - 1)))
 
 
@@ -89,6 +92,8 @@ class MessageQueue:
         retry: RetryPolicy = RetryPolicy(),
         deliveryTimeout: float | None = 600.0,
         rng: random.Random | None = None,
+        maxPendingPerSession: int | None = None,
+        maxPendingTotal: int | None = None,
     ) -> None:
         self._journal = journal
         self._adapter = adapter
@@ -97,6 +102,10 @@ class MessageQueue:
         self._deliveryTimeout = deliveryTimeout
         self._rng = rng or random.Random()
         self._queues: dict[str, _SessionQueue] = {}
+        self._maxPerSession = maxPendingPerSession
+        self._maxTotal = maxPendingTotal
+        self._reserved: dict[str, int] = {}
+        self._reservedTotal = 0
         self._loaded = False
         self._running = False
         self._kicking: set[str] = set()
@@ -179,22 +188,102 @@ class MessageQueue:
 
     # -- posting
 
-    def post(self, session: str, content: str) -> Deferred[QueuedMessage]:
+    def post(
+        self, session: str, content: str, idempotencyKey: str | None = None
+    ) -> Deferred[QueuedMessage]:
         """
         Store a message in the journal and queue it for delivery.
 
         @return: a Deferred that fires with the L{QueuedMessage} once it is
-            on disk.
+            on disk; it fails with L{QueueFull} when a pending-message limit
+            is reached (nothing is stored then).
         """
-        return self._journal.append(session, content, self._clock.seconds()).addCallback(
-            self._enqueue
+        queue = self._queues.get(session)
+        waiting = (len(queue.messages) if queue else 0) + self._reserved.get(session, 0)
+        if self._maxPerSession is not None and waiting >= self._maxPerSession:
+            return fail(QueueFull("session", self._maxPerSession, self.interval))
+        if self._maxTotal is not None and self.pendingCount() >= self._maxTotal:
+            return fail(QueueFull("total", self._maxTotal, self.interval))
+        self._reserved[session] = self._reserved.get(session, 0) + 1
+        self._reservedTotal += 1
+
+        def release(result: object) -> object:
+            self._reservedTotal -= 1
+            left = self._reserved[session] - 1
+            if left:
+                self._reserved[session] = left
+            else:
+                del self._reserved[session]
+            return result
+
+        return (
+            self._journal.append(session, content, self._clock.seconds(), idempotencyKey)
+            .addBoth(release)
+            .addCallback(self._enqueue)
         )
 
+    def pendingCount(self) -> int:
+        """
+        Messages accepted and not yet delivered (nor failed for good).
+        """
+        return self._reservedTotal + sum(len(q.messages) for q in self._queues.values())
+
     def _enqueue(self, message: QueuedMessage) -> QueuedMessage:
+        if message.duplicate:
+            return message
         queue = self._queues.setdefault(message.session, _SessionQueue())
         queue.messages.append(message)
-        self._kick(message.session)
+        # The message is on disk: whatever delivery does now, the post
+        # succeeded (the sweep tries again).
+        try:
+            self._kick(message.session)
+        except Exception:
+            _log.failure("Delivery to session {session!r} failed to start", session=message.session)
         return message
+
+    # -- dead letters and second thoughts
+
+    def retry(self, messageId: int) -> Deferred[QueuedMessage]:
+        """
+        Queue a failed message again, in its place by id, its attempts
+        reset.
+        """
+
+        def requeued(message: QueuedMessage) -> QueuedMessage:
+            queue = self._queues.setdefault(message.session, _SessionQueue())
+            messages = [m for m in queue.messages if m.id != message.id]
+            start = 1 if queue.delivering is not None and messages else 0
+            position = start
+            while position < len(messages) and messages[position].id < message.id:
+                position += 1
+            messages.insert(position, message)
+            queue.messages = deque(messages)
+            self._kick(message.session)
+            return message
+
+        return self._journal.requeue(messageId).addCallback(requeued)
+
+    def discard(self, messageId: int) -> Deferred[QueuedMessage]:
+        """
+        Drop a pending or failed message for good (the journal keeps it,
+        marked discarded).  A message being delivered cannot be discarded.
+        """
+        for session, queue in self._queues.items():
+            if queue.delivering is not None and queue.delivering.id == messageId:
+                return fail(WrongState("delivering"))
+            for message in queue.messages:
+                if message.id == messageId:
+                    queue.messages.remove(message)
+                    if queue.retryCall is not None and queue.retryCall.active():
+                        queue.retryCall.cancel()
+                    queue.retryCall = None
+                    self._kick(session)
+                    break
+        return self._journal.discard(messageId).addBoth(self._discarded)
+
+    def _discarded(self, result: Any) -> Any:
+        self._maybeEmpty()
+        return result
 
     # -- reading
 
@@ -223,6 +312,17 @@ class MessageQueue:
         waiters, self._emptyWaiters = self._emptyWaiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    @property
+    def journal(self) -> IJournal:
+        return self._journal
+
+    def deliveringNow(self, session: str) -> int | None:
+        """
+        The id of the message being delivered to C{session}, if any.
+        """
+        queue = self._queues.get(session)
+        return queue.delivering.id if queue and queue.delivering else None
 
     def pendingFor(self, session: str) -> list[QueuedMessage]:
         """
@@ -338,12 +438,14 @@ class MessageQueue:
             )
 
         def done(_: object) -> None:
-            if queue.messages and queue.messages[0].id == message.id:
-                queue.messages.popleft()
-            self._settled(session, queue)
+            try:
+                if queue.messages and queue.messages[0].id == message.id:
+                    queue.messages.popleft()
+            finally:
+                self._settled(session, queue)
 
         return (
-            self._journal.markDelivered(message.id)
+            maybeDeferred(self._journal.markDelivered, message.id)
             .addErrback(recordFailed)
             .addCallback(done)
         )
@@ -393,19 +495,21 @@ class MessageQueue:
             _log.failure("Could not record failure of message {id}", f, id=message.id)
 
         def recorded(_: object) -> None:
-            if queue.messages and queue.messages[0].id == message.id:
-                if final:
-                    queue.messages.popleft()
-                else:
-                    queue.messages[0] = updated
-            if not final and self._running:
-                queue.retryCall = self._clock.callLater(
-                    self._retry.delay(attempts, self._rng), self._retryNow, session
-                )
-            self._settled(session, queue)
+            try:
+                if queue.messages and queue.messages[0].id == message.id:
+                    if final:
+                        queue.messages.popleft()
+                    else:
+                        queue.messages[0] = updated
+                if not final and self._running:
+                    queue.retryCall = self._clock.callLater(
+                        self._retry.delay(attempts, self._rng), self._retryNow, session
+                    )
+            finally:
+                self._settled(session, queue)
 
         return (
-            self._journal.recordFailure(message.id, error, final)
+            maybeDeferred(self._journal.recordFailure, message.id, error, final)
             .addErrback(recordFailed)
             .addCallback(recorded)
         )
@@ -413,8 +517,10 @@ class MessageQueue:
     def _settled(self, session: str, queue: _SessionQueue) -> None:
         queue.delivering = None
         self._maybeDrained()
-        self._kick(session)
-        self._maybeEmpty()
+        try:
+            self._kick(session)
+        finally:
+            self._maybeEmpty()
 
     def _retryNow(self, session: str) -> None:
         queue = self._queues.get(session)

@@ -5,6 +5,7 @@ ChatWebService: the parts wired together, as one Twisted service.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
@@ -23,7 +24,8 @@ from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.journal import SQLiteJournal
 from chatweb.queue import MessageQueue, RetryPolicy
-from chatweb.site import DEFAULT_MAX_BODY, ChatWebSite
+from chatweb.limits import Limits
+from chatweb.site import ChatWebSite
 
 DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1"
@@ -57,8 +59,10 @@ class ChatWebService(MultiService):
         interval: float = 5.0,
         retry: RetryPolicy = RetryPolicy(),
         deliveryTimeout: float | None = 600.0,
-        maxBodySize: int = DEFAULT_MAX_BODY,
+        limits: Limits = Limits(),
         accessLog: bool = False,
+        shutdownTimeout: float = 10.0,
+        exitOnFailure: bool = False,
         reactor: Any = None,
     ) -> None:
         super().__init__()
@@ -82,10 +86,23 @@ class ChatWebService(MultiService):
             interval=interval,
             retry=retry,
             deliveryTimeout=deliveryTimeout,
+            maxPendingPerSession=limits.maxPendingPerSession,
+            maxPendingTotal=limits.maxPendingTotal,
         )
-        self.api = ChatWebAPI(self.queue, adapter, apiKeys, maxBodySize=maxBodySize)
+        self.limits = limits
+        self.shutdownTimeout = shutdownTimeout
+        self.exitOnFailure = exitOnFailure
+        self.api = ChatWebAPI(self.queue, adapter, apiKeys, limits=limits, clock=reactor)
         self.resource: IResource = self.api.resource()
-        self.site = ChatWebSite(self.resource, maxBodySize=maxBodySize, accessLog=accessLog)
+        self.site = ChatWebSite(
+            self.resource,
+            maxBodySize=limits.maxBodySize,
+            maxHeaderSize=limits.maxHeaderSize,
+            requestTimeout=limits.requestTimeout,
+            idleTimeout=limits.idleTimeout,
+            accessLog=accessLog,
+            reactor=reactor,
+        )
         self.listening: Deferred[Any] | None = None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(
@@ -102,17 +119,34 @@ class ChatWebService(MultiService):
             self.ready.callback(None)
 
         def failed(failure: Any) -> None:
-            _log.failure("chatweb could not open its database", failure)
+            message = f"cannot start on the database in {self.dataDir}: {failure.getErrorMessage()}"
+            if self.exitOnFailure:
+                self._fatal(message)
+            else:
+                _log.failure("chatweb " + message, failure)
             self.ready.errback(failure)
 
         self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
             lambda _: self.queue.start()
         ).addCallbacks(started, failed)
-        super().startService()
+        try:
+            super().startService()
+        except Exception as e:
+            if not self.exitOnFailure:
+                raise
+            raise SystemExit(f"chatweb: cannot listen: {e}")
         if self._listener is not None:
             self.listening = self._listener._waitingForPort
             if self.listening is not None:
                 self.listening.addCallback(self._announce)
+
+    def _fatal(self, message: str) -> None:
+        """
+        Under twistd: say what is wrong in one line and exit non-zero.
+        """
+        print(f"chatweb: {message}", file=sys.stderr, flush=True)
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.stop()
 
     def _announce(self, port: Any) -> Any:
         address = port.getHost()
@@ -126,6 +160,6 @@ class ChatWebService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService() or succeed(None)
-        stopped.addCallback(lambda _: self.queue.stop())
+        stopped.addCallback(lambda _: self.queue.stop(self.shutdownTimeout))
         stopped.addCallback(lambda _: self.database.close())
         return stopped

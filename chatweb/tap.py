@@ -5,12 +5,14 @@ The twistd plugin's options and service maker: C{twistd -n chatweb ...}.
 from __future__ import annotations
 
 
+import math
 from typing import Any
 
 from twisted.python import usage
 
 from chatweb.backends.responders import RESPONDERS
 from chatweb.config import ConfigError, defaultDataDir, ensureDataDir, resolveKey
+from chatweb.limits import Limits
 
 
 def _exit(message: str) -> None:
@@ -20,17 +22,7 @@ def _exit(message: str) -> None:
     raise SystemExit(f"chatweb: {message}")
 
 
-def _positive(name: str, kind: type) -> Any:
-    def coerce(value: str) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            raise ValueError(f"--{name} must be a number, not {value!r}")
-        if number <= 0:
-            raise ValueError(f"--{name} must be greater than 0, not {value!r}")
-        return number
-
-    return coerce
+_DEFAULTS = Limits()
 
 
 class Options(usage.Options):
@@ -53,6 +45,29 @@ class Options(usage.Options):
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
+        ["max-attempts", None, 10, "Failed deliveries of a message before it is"
+         " kept as failed (a dead letter).", None],
+        ["delivery-timeout", None, 600.0, "Seconds a delivery may take before it"
+         " counts as failed (0: no limit).", None],
+        ["shutdown-timeout", None, 10.0, "Seconds to let deliveries under way"
+         " finish when stopping.", None],
+        ["max-body", None, _DEFAULTS.maxBodySize, "Largest request body, in bytes.", None],
+        ["max-content", None, _DEFAULTS.maxContentLength, "Longest message"
+         " content, in characters.", None],
+        ["max-header-size", None, _DEFAULTS.maxHeaderSize, "Largest request line"
+         " plus headers, in bytes.", None],
+        ["request-timeout", None, _DEFAULTS.requestTimeout, "Seconds for a request"
+         " to arrive whole once begun.", None],
+        ["idle-timeout", None, _DEFAULTS.idleTimeout, "Seconds an idle"
+         " connection stays open.", None],
+        ["max-pending-per-session", None, _DEFAULTS.maxPendingPerSession,
+         "Messages that may wait in one session (then 429).", None],
+        ["max-pending", None, _DEFAULTS.maxPendingTotal, "Messages that may wait"
+         " in all sessions (then 503).", None],
+        ["rate-limit", None, _DEFAULTS.rateLimit, "Requests per second per API"
+         " key (then 429); 0: off.", None],
+        ["rate-burst", None, _DEFAULTS.rateBurst, "Requests a key may make at"
+         " once before --rate-limit applies.", None],
     ]
     optFlags = [
         ["access-log", None, "Log every request (method, path, status; never"
@@ -77,11 +92,66 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
-    def opt_interval(self, value: str) -> None:
+    def _number(self, name: str, value: str, kind: type, minimum: float) -> None:
         try:
-            self["interval"] = _positive("interval", float)(value)
-        except ValueError as e:
-            raise usage.UsageError(str(e))
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number, not {value!r}")
+        if not math.isfinite(number) or number < minimum:
+            raise usage.UsageError(f"--{name} must be at least {minimum:g}, not {value!r}")
+        self[name] = number
+
+    def opt_interval(self, value: str) -> None:
+        self._number("interval", value, float, 0.1)
+
+    def opt_max_attempts(self, value: str) -> None:
+        self._number("max-attempts", value, int, 1)
+
+    def opt_delivery_timeout(self, value: str) -> None:
+        self._number("delivery-timeout", value, float, 0)
+
+    def opt_shutdown_timeout(self, value: str) -> None:
+        self._number("shutdown-timeout", value, float, 0)
+
+    def opt_max_body(self, value: str) -> None:
+        self._number("max-body", value, int, 64)
+
+    def opt_max_content(self, value: str) -> None:
+        self._number("max-content", value, int, 1)
+
+    def opt_max_header_size(self, value: str) -> None:
+        self._number("max-header-size", value, int, 1024)
+
+    def opt_request_timeout(self, value: str) -> None:
+        self._number("request-timeout", value, float, 0.1)
+
+    def opt_idle_timeout(self, value: str) -> None:
+        self._number("idle-timeout", value, float, 0.1)
+
+    def opt_max_pending_per_session(self, value: str) -> None:
+        self._number("max-pending-per-session", value, int, 1)
+
+    def opt_max_pending(self, value: str) -> None:
+        self._number("max-pending", value, int, 1)
+
+    def opt_rate_limit(self, value: str) -> None:
+        self._number("rate-limit", value, float, 0)
+
+    def opt_rate_burst(self, value: str) -> None:
+        self._number("rate-burst", value, int, 1)
+
+    def limits(self) -> Limits:
+        return Limits(
+            maxBodySize=self["max-body"],
+            maxHeaderSize=self["max-header-size"],
+            requestTimeout=self["request-timeout"],
+            idleTimeout=self["idle-timeout"],
+            maxContentLength=self["max-content"],
+            maxPendingPerSession=self["max-pending-per-session"],
+            maxPendingTotal=self["max-pending"],
+            rateLimit=self["rate-limit"],
+            rateBurst=self["rate-burst"],
+        )
 
     def opt_responder(self, value: str) -> None:
         if value not in RESPONDERS:
@@ -116,6 +186,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    from chatweb.queue import RetryPolicy
     from chatweb.service import ChatWebService
 
     try:
@@ -133,6 +204,11 @@ def makeService(options: Options) -> Any:
         responder=options["responder"],
         interval=options["interval"],
         accessLog=bool(options["access-log"]),
+        limits=options.limits(),
+        retry=RetryPolicy(maxAttempts=options["max-attempts"]),
+        deliveryTimeout=options["delivery-timeout"] or None,
+        shutdownTimeout=options["shutdown-timeout"],
+        exitOnFailure=True,
     )
 
 

@@ -26,8 +26,18 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.model import DELIVERED, FAILED, PENDING, Delivery, Message, QueuedMessage, Session
+from chatweb.model import (
+    DELIVERED,
+    DISCARDED,
+    FAILED,
+    PENDING,
+    Delivery,
+    Message,
+    QueuedMessage,
+    Session,
+)
 
 
 @implementer(ISessionAdapter)
@@ -157,15 +167,51 @@ class MemoryJournal:
     def __init__(self) -> None:
         self.rows: dict[int, QueuedMessage] = {}
         self.failAppends = False
+        self._keys: dict[str, tuple[str, int]] = {}
         self._next = 1
 
-    def append(self, session: str, content: str, received: float) -> Deferred[Any]:
+    def append(
+        self,
+        session: str,
+        content: str,
+        received: float,
+        idempotencyKey: str | None = None,
+    ) -> Deferred[Any]:
         if self.failAppends:
             return fail(OSError("disk full"))
+        if idempotencyKey is not None and idempotencyKey in self._keys:
+            keySession, messageId = self._keys[idempotencyKey]
+            if keySession != session:
+                return fail(IdempotencyConflict(idempotencyKey))
+            return succeed(attrs.evolve(self.rows[messageId], duplicate=True))
         message = QueuedMessage(self._next, session, content, received)
         self.rows[message.id] = message
+        if idempotencyKey is not None:
+            self._keys[idempotencyKey] = (session, message.id)
         self._next += 1
         return succeed(message)
+
+    def failedSessions(self) -> Deferred[list[str]]:
+        return succeed(sorted({m.session for m in self.rows.values() if m.state == FAILED}))
+
+    def get(self, messageId: int) -> Deferred[QueuedMessage | None]:
+        return succeed(self.rows.get(messageId))
+
+    def _change(self, messageId: int, allowed: tuple[str, ...], state: str) -> Deferred[Any]:
+        row = self.rows.get(messageId)
+        if row is None:
+            return fail(UnknownMessage(messageId))
+        if row.state not in allowed:
+            return fail(WrongState(row.state))
+        row = attrs.evolve(row, state=state, attempts=0 if state == PENDING else row.attempts)
+        self.rows[messageId] = row
+        return succeed(row)
+
+    def requeue(self, messageId: int) -> Deferred[Any]:
+        return self._change(messageId, (FAILED,), PENDING)
+
+    def discard(self, messageId: int) -> Deferred[Any]:
+        return self._change(messageId, (PENDING, FAILED), DISCARDED)
 
     def pending(self) -> Deferred[list[QueuedMessage]]:
         return succeed([m for _, m in sorted(self.rows.items()) if m.state == PENDING])
@@ -190,7 +236,7 @@ class MemoryJournal:
             [
                 m
                 for _, m in sorted(self.rows.items())
-                if m.session == session and m.state != DELIVERED
+                if m.session == session and m.state in (PENDING, FAILED)
             ]
         )
 

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from chatweb.api import ChatWebAPI, BadRequest, parseMessage
+from chatweb.limits import Limits
 from chatweb.queue import MessageQueue
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
@@ -29,7 +30,7 @@ class APITestCase(SynchronousTestCase):
         self.adapter = MemoryAdapter()
         self.queue = MessageQueue(self.journal, self.adapter, self.clock)
         self.successResultOf(self.queue.start())
-        self.api = ChatWebAPI(self.queue, self.adapter, [KEY])
+        self.api = ChatWebAPI(self.queue, self.adapter, [KEY], clock=self.clock)
         self.treq = StubTreq(self.api.resource())
 
     def request(self, method: str, url: str, headers=AUTH, **kwargs):  # type: ignore[no-untyped-def]
@@ -112,7 +113,7 @@ class PostTests(APITestCase):
         Mounted in a Site that does not limit bodies, the route still
         refuses one over the limit.
         """
-        api = ChatWebAPI(self.queue, self.adapter, [KEY], maxBodySize=100)
+        api = ChatWebAPI(self.queue, self.adapter, [KEY], Limits(maxBodySize=100), self.clock)
         treq = StubTreq(api.resource())
         body = json.dumps({"session": "ci", "content": "x" * 100}).encode()
         response = self.successResultOf(treq.post("http://127.0.0.1/", data=body, headers=AUTH))
@@ -260,3 +261,112 @@ class NotFoundTests(APITestCase):
     def test_unauthenticatedUnknownPathIs401(self) -> None:
         response, body = self.request("GET", "/nope", headers={})
         self.assertError(response, body, 401)
+
+
+class ReliabilityAPITests(APITestCase):
+    def test_idempotencyKey(self) -> None:
+        headers = dict(AUTH, **{"Idempotency-Key": "job-42"})
+        for _ in range(3):
+            response, _ = self.post({"session": "ci", "content": "deploy"}, headers=headers)
+            self.assertEqual(response.code, 204)
+        self.assertEqual(self.adapter.contents("ci"), ["deploy"])
+        response, body = self.post({"session": "other", "content": "x"}, headers=headers)
+        self.assertError(response, body, 422, "another session")
+        for bad in ("", "has space", "x" * 256):
+            response, body = self.post(
+                {"session": "ci", "content": "x"}, headers=dict(AUTH, **{"Idempotency-Key": bad})
+            )
+            self.assertError(response, body, 400, "Idempotency-Key")
+
+    def test_contentTooLong(self) -> None:
+        api = ChatWebAPI(self.queue, self.adapter, [KEY], Limits(maxContentLength=10), self.clock)
+        treq = StubTreq(api.resource())
+        body = json.dumps({"session": "ci", "content": "x" * 11}).encode()
+        response = self.successResultOf(treq.post("http://127.0.0.1/", data=body, headers=AUTH))
+        self.assertError(response, self.successResultOf(response.content()), 413, "10 characters")
+
+    def test_queueFullAnswers429Then503WithRetryAfter(self) -> None:
+        self.queue = MessageQueue(self.journal, self.adapter, self.clock,
+                                  maxPendingPerSession=1, maxPendingTotal=2)
+        self.successResultOf(self.queue.start())
+        self.treq = StubTreq(ChatWebAPI(self.queue, self.adapter, [KEY], clock=self.clock).resource())
+        self.adapter.setBusy("a")
+        self.adapter.setBusy("b")
+        self.assertEqual(self.post({"session": "a", "content": "1"})[0].code, 204)
+        response, body = self.post({"session": "a", "content": "2"})
+        self.assertError(response, body, 429, "waiting")
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["5"])
+        self.assertEqual(self.post({"session": "b", "content": "1"})[0].code, 204)
+        response, body = self.post({"session": "c", "content": "1"})
+        self.assertError(response, body, 503, "waiting")
+        self.assertTrue(response.headers.hasHeader("retry-after"))
+
+    def test_rateLimitPerKey(self) -> None:
+        api = ChatWebAPI(self.queue, self.adapter, [KEY, "other"],
+                         Limits(rateLimit=1, rateBurst=2), self.clock)
+        self.treq = StubTreq(api.resource())
+        codes = [self.request("GET", "/sessions")[0].code for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 429])
+        response, body = self.request("GET", "/sessions")
+        self.assertError(response, body, 429, "slow down")
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(self.request("GET", "/sessions", headers={"X-API-Key": "other"})[0].code, 200)
+        self.clock.advance(1)
+        self.assertEqual(self.request("GET", "/sessions")[0].code, 200)
+
+    def test_queueEndpoints(self) -> None:
+        self.adapter.failures = 10
+        self.post({"session": "ci", "content": "doomed"})
+        for _ in range(100):
+            self.clock.advance(60)
+        self.adapter.setBusy("ci")
+        self.post({"session": "ci", "content": "waiting"})
+        response, body = self.request("GET", "/queue?session=ci")
+        self.assertEqual(response.code, 200)
+        listing = json.loads(body)
+        self.assertEqual([m["content"] for m in listing["pending"]], ["waiting"])
+        self.assertEqual([(m["content"], m["attempts"]) for m in listing["failed"]], [("doomed", 10)])
+        self.assertIn("failed", listing["failed"][0]["last_error"])
+        failedId = listing["failed"][0]["id"]
+        waitingId = listing["pending"][0]["id"]
+
+        response, body = self.request("DELETE", f"/queue/{waitingId}")
+        self.assertEqual(response.code, 204)
+        response, body = self.request("DELETE", f"/queue/{waitingId}")
+        self.assertError(response, body, 409, "discarded")
+        self.adapter.setBusy("ci", False)
+        response, body = self.request("POST", f"/queue/{failedId}/retry")
+        self.assertEqual((response.code, json.loads(body)["state"]), (200, "pending"))
+        self.assertEqual(self.adapter.contents("ci"), ["doomed"])
+        response, body = self.request("POST", f"/queue/{failedId}/retry")
+        self.assertError(response, body, 409, "delivered")
+        response, body = self.request("POST", "/queue/999/retry")
+        self.assertError(response, body, 404, "999")
+        response, body = self.request("GET", "/queue")
+        self.assertError(response, body, 400, "'session'")
+        response, body = self.request("GET", "/queue/1")
+        self.assertError(response, body, 404)
+
+    def test_deadLettersListedAndShown(self) -> None:
+        """
+        A session whose only message failed for good is still listed, and
+        its page shows the message as failed, with the error.
+        """
+        self.adapter.failures = 10
+        self.post({"session": "lost", "content": "never <delivered>"})
+        for _ in range(100):
+            self.clock.advance(60)
+        _, body = self.request("GET", "/sessions")
+        self.assertEqual(json.loads(body), ["lost"])
+        response, page = self.request("GET", "/session?id=lost")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"never &lt;delivered&gt;", page)
+        self.assertIn(b"failed", page)
+        self.assertIn(b"delivery of 1 failed", page)
+
+    def test_malformedHostIs400(self) -> None:
+        for host in ("a" * 70 + ".com", ".."):
+            response, body = self.request("GET", "/sessions", headers=dict(AUTH, Host=host))
+            self.assertIn(response.code, (200, 400), body)
+            if response.code == 400:
+                self.assertError(response, body, 400, "bad request")

@@ -12,6 +12,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from chatweb.limits import Limits
 from chatweb.testing import startChatWeb
 
 
@@ -104,7 +105,7 @@ class ServiceTests(TestCase):
         """
         A Content-Length over the limit gets a 413 before the body is sent.
         """
-        chatweb = await startChatWeb(self, maxBodySize=1000)
+        chatweb = await startChatWeb(self, limits=Limits(maxBodySize=1000))
         port = int(chatweb.url.rsplit(":", 1)[1])
         request = (
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: test-api-key\r\n"
@@ -115,7 +116,7 @@ class ServiceTests(TestCase):
         self.assertIn(b"1000 bytes", answer.split(b"\r\n\r\n", 1)[1])
 
     async def test_oversizeChunkedBodyRefused(self) -> None:
-        chatweb = await startChatWeb(self, maxBodySize=1000)
+        chatweb = await startChatWeb(self, limits=Limits(maxBodySize=1000))
         port = int(chatweb.url.rsplit(":", 1)[1])
         chunk = b"x" * 600
         request = (
@@ -129,7 +130,7 @@ class ServiceTests(TestCase):
         self.assertEqual(await chatweb.service.journal.pending(), [])
 
     async def test_bodyAtTheLimitAccepted(self) -> None:
-        chatweb = await startChatWeb(self, maxBodySize=1000)
+        chatweb = await startChatWeb(self, limits=Limits(maxBodySize=1000))
         payload = json.dumps({"session": "ci", "content": ""}).encode()
         payload = payload[:-2] + b"x" * (1000 - len(payload)) + b'"}'
         self.assertEqual(len(payload), 1000)

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
 from chatweb.model import FAILED
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.testing import MemoryAdapter, MemoryJournal
@@ -303,3 +304,140 @@ class QueueTests(SynchronousTestCase):
         self.clock.advance(1.5)
         self.clock.advance(3)
         self.assertEqual(self.adapter.contents("ci"), ["x"])
+
+
+class FailingBackendTests(SynchronousTestCase):
+    """
+    The checks of a failing backend: messages retried in order, or kept as
+    visible dead letters, never dropped.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = MessageQueue(
+            self.journal,
+            self.adapter,
+            self.clock,
+            retry=RetryPolicy(maxAttempts=5, initialDelay=1, maxDelay=8),
+            rng=random.Random(3),
+        )
+        self.successResultOf(self.queue.start())
+
+    def run_until_quiet(self) -> None:
+        for _ in range(200):
+            self.clock.advance(1)
+
+    def test_firstThreeDeliveriesOfEveryMessageFail(self) -> None:
+        tries: dict[int, int] = {}
+        original = self.adapter.deliver
+
+        def flaky(delivery):  # type: ignore[no-untyped-def]
+            tries[delivery.id] = tries.get(delivery.id, 0) + 1
+            if tries[delivery.id] <= 3:
+                return fail(RuntimeError("not yet"))
+            return original(delivery)
+
+        self.adapter.deliver = flaky  # type: ignore[method-assign]
+        for n in range(10):
+            self.successResultOf(self.queue.post(f"s{n % 3}", f"m{n}"))
+        self.run_until_quiet()
+        for s in range(3):
+            self.assertEqual(
+                self.adapter.contents(f"s{s}"), [f"m{n}" for n in range(10) if n % 3 == s]
+            )
+        self.assertEqual(set(tries.values()), {4})
+        self.assertEqual(self.successResultOf(self.journal.pending()), [])
+
+    def test_alwaysFailingEndsAsVisibleDeadLetters(self) -> None:
+        self.adapter.deliver = lambda d: fail(RuntimeError("backend down"))  # type: ignore[method-assign]
+        for n in range(4):
+            self.successResultOf(self.queue.post("ci", f"m{n}"))
+        self.run_until_quiet()
+        failed = self.successResultOf(self.journal.messages("ci"))
+        self.assertEqual([(m.content, m.state, m.attempts) for m in failed],
+                         [(f"m{n}", FAILED, 5) for n in range(4)])
+        self.assertTrue(all("backend down" in m.lastError for m in failed))
+        self.successResultOf(self.queue.whenDelivered())
+
+    def test_retryAndDiscardDeadLetters(self) -> None:
+        self.adapter.failures = 5
+        self.successResultOf(self.queue.post("ci", "dead"))
+        self.run_until_quiet()
+        self.assertEqual(self.journal.rows[1].state, FAILED)
+        self.successResultOf(self.queue.post("ci", "next"))
+        retried = self.successResultOf(self.queue.retry(1))
+        self.assertEqual((retried.state, retried.attempts), ("pending", 0))
+        self.assertEqual(self.adapter.contents("ci"), ["next", "dead"])
+        self.failureResultOf(self.queue.retry(1), WrongState)
+        self.failureResultOf(self.queue.retry(99), UnknownMessage)
+        self.adapter.setBusy("ci")
+        self.successResultOf(self.queue.post("ci", "unwanted"))
+        self.successResultOf(self.queue.discard(3))
+        self.adapter.setBusy("ci", False)
+        self.assertEqual(self.adapter.contents("ci"), ["next", "dead"])
+        self.failureResultOf(self.queue.discard(3), WrongState)
+
+    def test_discardWhileDeliveringRefused(self) -> None:
+        self.adapter.autoComplete = False
+        self.successResultOf(self.queue.post("ci", "busy"))
+        self.failureResultOf(self.queue.discard(1), WrongState)
+
+    def test_pendingLimits(self) -> None:
+        queue = MessageQueue(self.journal, self.adapter, self.clock,
+                             maxPendingPerSession=2, maxPendingTotal=3)
+        self.successResultOf(queue.start())
+        self.adapter.setBusy("a")
+        self.adapter.setBusy("b")
+        self.successResultOf(queue.post("a", "1"))
+        self.successResultOf(queue.post("a", "2"))
+        full = self.failureResultOf(queue.post("a", "3"), QueueFull).value
+        self.assertEqual((full.scope, full.limit), ("session", 2))
+        self.successResultOf(queue.post("b", "1"))
+        full = self.failureResultOf(queue.post("b", "2"), QueueFull).value
+        self.assertEqual(full.scope, "total")
+        self.assertEqual(len(self.journal.rows), 3)
+        self.adapter.setBusy("a", False)
+        self.successResultOf(queue.post("a", "3"))
+
+    def test_idempotentRepeatNotQueuedTwice(self) -> None:
+        first = self.successResultOf(self.queue.post("ci", "once", "key-1"))
+        again = self.successResultOf(self.queue.post("ci", "once", "key-1"))
+        self.assertEqual(first.id, again.id)
+        self.assertTrue(again.duplicate)
+        self.assertEqual(self.adapter.contents("ci"), ["once"])
+        self.failureResultOf(self.queue.post("other", "x", "key-1"), IdempotencyConflict)
+
+    def test_bookkeepingErrorDoesNotStallTheSession(self) -> None:
+        """
+        An exception while recording an outcome still frees the session.
+        """
+        original = self.journal.markDelivered
+        calls = []
+
+        def broken(messageId):  # type: ignore[no-untyped-def]
+            calls.append(messageId)
+            if len(calls) == 1:
+                raise RuntimeError("bookkeeping bug")
+            return original(messageId)
+
+        self.journal.markDelivered = broken  # type: ignore[method-assign]
+        self.successResultOf(self.queue.post("ci", "a"))
+        self.successResultOf(self.queue.post("ci", "b"))
+        self.assertEqual(self.adapter.contents("ci"), ["a", "b"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_adapterRaisingOnPostStillAcknowledges(self) -> None:
+        """
+        Stored is stored: an adapter that raises when asked whether it is
+        busy does not turn a stored message into a failed post.
+        """
+        self.adapter.isBusy = lambda s: 1 / 0  # type: ignore[method-assign]
+        message = self.successResultOf(self.queue.post("ci", "kept"))
+        self.assertEqual(self.journal.rows[message.id].content, "kept")
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_hugeAttemptCountsDoNotOverflow(self) -> None:
+        policy = RetryPolicy(maxAttempts=100000, maxDelay=60, jitter=0)
+        self.assertEqual(policy.delay(5000, random.Random()), 60)

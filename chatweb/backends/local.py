@@ -32,10 +32,12 @@ SCHEMA = [
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         session TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
         delivery INTEGER UNIQUE,
+        reply_to INTEGER,
         data TEXT NOT NULL
     )
     """,
     "CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, seq)",
+    "CREATE INDEX IF NOT EXISTS messages_by_reply ON messages (reply_to)",
 ]
 
 
@@ -89,6 +91,47 @@ def _appendMessages(
         "INSERT INTO messages (session, data) VALUES (?, ?)",
         [(sessionId, _dumps(m.asDict())) for m in messages],
     )
+
+
+def _appendReplies(
+    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, messages: list[Message]
+) -> None:
+    cursor.executemany(
+        "INSERT INTO messages (session, reply_to, data) VALUES (?, ?, ?)",
+        [(sessionId, deliveryId, _dumps(m.asDict())) for m in messages],
+    )
+
+
+def _answered(cursor: sqlite3.Cursor, deliveryId: int) -> bool:
+    cursor.execute("SELECT 1 FROM messages WHERE reply_to = ? LIMIT 1", (deliveryId,))
+    return cursor.fetchone() is not None
+
+
+def _importSession(
+    cursor: sqlite3.Cursor, session: Session, replace: bool, now: float
+) -> bool:
+    """
+    Store C{session} whole (metadata and messages) under its own id.  An
+    existing session of that id is left alone unless C{replace}: then its
+    metadata and messages become the imported ones.  True if written.
+    """
+    meta = session.metadata()
+    del meta["id"]
+    cursor.execute("SELECT 1 FROM sessions WHERE id = ?", (session.id,))
+    if cursor.fetchone() is not None:
+        if not replace:
+            return False
+        cursor.execute("DELETE FROM messages WHERE session = ?", (session.id,))
+        cursor.execute(
+            "UPDATE sessions SET meta = ? WHERE id = ?", (_dumps(meta), session.id)
+        )
+    else:
+        cursor.execute(
+            "INSERT INTO sessions (id, created, meta) VALUES (?, ?, ?)",
+            (session.id, now, _dumps(meta)),
+        )
+    _appendMessages(cursor, session.id, list(session.messages))
+    return True
 
 
 def _createSession(
@@ -180,14 +223,19 @@ class LocalBackend:
 
     async def _process(self, delivery: Delivery) -> None:
         added = await self._db.write(_recordDelivery, delivery, self._clock.seconds())
-        if not added:
+        if not getattr(self.responder, "answers", True):
+            return
+        # A redelivery after a crash: answer only if no answer was stored.
+        if not added and await self._db.read(_answered, delivery.id):
             return
         session = await self.getSession(delivery.session)
         if session is None or not session.messages:
             return
         replies = await self.responder.respond(session, session.messages[-1])
         if replies:
-            await self._db.write(_appendMessages, delivery.session, list(replies))
+            await self._db.write(
+                _appendReplies, delivery.session, delivery.id, list(replies)
+            )
 
     def createSession(self, **metadata: Any) -> Deferred[str]:
         """
@@ -196,3 +244,11 @@ class LocalBackend:
         """
         now = self._clock.seconds()
         return self._db.write(_createSession, sessionIdFor(now), now, metadata)
+
+    def importSession(self, session: Session, replace: bool = False) -> Deferred[bool]:
+        """
+        Store a whole session (one read from a chat.nvim file, say) in one
+        transaction.  Fires with False, writing nothing, when a session of
+        that id exists and C{replace} is false.
+        """
+        return self._db.write(_importSession, session, replace, self._clock.seconds())

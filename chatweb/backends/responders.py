@@ -19,6 +19,7 @@ class NoResponder:
     """
 
     name = "none"
+    answers = False
 
     def respond(self, session: Session, message: Message) -> Deferred[list[Message]]:
         return succeed([])
@@ -32,6 +33,7 @@ class EchoResponder:
     """
 
     name = "echo"
+    answers = True
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock

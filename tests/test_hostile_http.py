@@ -1,0 +1,185 @@
+"""
+Malformed and hostile HTTP over a raw socket: every one gets a 4xx (in JSON
+where chatweb writes it) or a clean close, never a hang or a 500, and the
+server keeps answering.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from chatweb.limits import Limits
+from chatweb.testing import startChatWeb
+
+KEY = b"test-api-key"
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """
+    Send C{data}, read until the server closes; return what came back and
+    how long the server took to close.
+    """
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError:
+            pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def jsonError(answer: bytes) -> str:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), head
+    return json.loads(body)["error"]
+
+
+def post(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY + b"\r\n" + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+
+
+class HostileHTTPTests(TestCase):
+    async def startServer(self, **kwargs: object) -> int:
+        self.chatweb = await startChatWeb(self, **kwargs)
+        return int(self.chatweb.url.rsplit(":", 1)[1])
+
+    async def stillAnswers(self) -> None:
+        response = await self.chatweb.get("/sessions")
+        self.assertEqual(response.code, 200)
+        await response.content()
+
+    async def test_malformedRequestsGet400(self) -> None:
+        port = await self.startServer()
+        cases = [
+            b"GARBAGE\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ]
+        for request in cases:
+            answer, _ = await deferToThread(exchange, port, request)
+            self.assertEqual(status(answer), 400, (request, answer))
+            self.assertIn("malformed", jsonError(answer))
+        await self.stillAnswers()
+
+    async def test_headersAndURLTooLarge(self) -> None:
+        port = await self.startServer()
+        longURL = b"GET /sessions?" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"
+        manyHeaders = b"GET /sessions HTTP/1.1\r\n" + b"".join(
+            b"X-H-%d: %s\r\n" % (n, b"v" * 100) for n in range(200)
+        ) + b"\r\n"
+        for request in (longURL, manyHeaders):
+            answer, _ = await deferToThread(exchange, port, request)
+            self.assertEqual(status(answer), 431, answer[:200])
+            self.assertIn("exceed", jsonError(answer))
+        await self.stillAnswers()
+
+    async def test_chunkedAndPipelinedRequestsWork(self) -> None:
+        port = await self.startServer()
+        body = json.dumps({"session": "ci", "content": "chunked"}).encode()
+        chunked = (
+            b"POST / HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        pipelined = (
+            post(json.dumps({"session": "ci", "content": "one"}).encode())
+            + post(json.dumps({"session": "ci", "content": "two"}).encode())
+            + b"GET /sessions HTTP/1.1\r\nX-API-Key: " + KEY + b"\r\nConnection: close\r\n\r\n"
+        )
+        answer, _ = await deferToThread(exchange, port, chunked + pipelined)
+        self.assertEqual(answer.count(b"HTTP/1.1 204 "), 3, answer)
+        self.assertIn(b'["ci"]', answer)
+        await self.chatweb.service.queue.whenDelivered()
+        session = await self.chatweb.service.adapter.getSession("ci")
+        self.assertEqual([m.content for m in session.messages], ["chunked", "one", "two"])
+
+    async def test_headAndOptionsAre404(self) -> None:
+        port = await self.startServer()
+        for request in (
+            b"HEAD /sessions HTTP/1.1\r\nX-API-Key: " + KEY + b"\r\nConnection: close\r\n\r\n",
+            b"OPTIONS / HTTP/1.1\r\nX-API-Key: " + KEY + b"\r\nConnection: close\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nX-API-Key: " + KEY + b"\r\nConnection: close\r\n\r\n",
+        ):
+            answer, _ = await deferToThread(exchange, port, request)
+            self.assertEqual(status(answer), 404, answer)
+
+    async def test_shortBodyTimesOut(self) -> None:
+        """
+        A Content-Length larger than what is sent gets a 408 once the
+        request deadline passes; nothing is stored.
+        """
+        port = await self.startServer(limits=Limits(requestTimeout=0.5))
+        request = post(b'{"session": "ci", "content": "x"}')
+        request = request.replace(b"Content-Length: 33", b"Content-Length: 50")
+        answer, took = await deferToThread(exchange, port, request)
+        self.assertEqual(status(answer), 408, answer)
+        self.assertIn("did not arrive", jsonError(answer))
+        self.assertEqual(await self.chatweb.service.journal.pending(), [])
+
+    async def test_slowClientsDoNotHoldTheServer(self) -> None:
+        """
+        50 clients holding half-sent requests: a normal request is answered
+        meanwhile, and the slow ones are cut off at the deadline.
+        """
+        port = await self.startServer(limits=Limits(requestTimeout=1.0))
+        slow = []
+        for n in range(50):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: ")
+            slow.append(s)
+        self.addCleanup(lambda: [s.close() for s in slow])
+        response = await self.chatweb.post("ci", "through")
+        self.assertEqual(response.code, 204)
+
+        def readAll(s: socket.socket) -> bytes:
+            s.settimeout(10)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+
+        answers = await gatherResults([deferToThread(readAll, s) for s in slow[:5]])
+        for answer in answers:
+            self.assertEqual(status(answer), 408)
+
+    async def test_floodOfOversizeRequestsIsRefused(self) -> None:
+        port = await self.startServer(limits=Limits(maxBodySize=1024))
+        request = post(b"x" * 4096)
+
+        async def one() -> None:
+            answer, _ = await deferToThread(exchange, port, request)
+            self.assertEqual(status(answer), 413)
+
+        for _ in range(10):
+            await gatherResults([Deferred.fromCoroutine(one()) for _ in range(10)])
+        await self.stillAnswers()

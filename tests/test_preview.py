@@ -1,0 +1,499 @@
+"""
+The session page and the index, as HTML: every feature of the page is there
+for the fixture sessions, and nothing from a session is ever live markup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from chatweb.importer import readSessionFile
+from chatweb.model import FAILED, Message, QueuedMessage, Session
+from chatweb.preview import (
+    PYGMENTS_CSS,
+    SECURITY_HEADERS,
+    renderIndex,
+    renderSession,
+    renderSessionInThread,
+)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def fixture(name: str) -> Session:
+    return readSessionFile(os.path.join(FIXTURES, name))
+
+
+class Element:
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: Element | None):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Element | str] = []
+
+    @property
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self):
+        yield self
+        for child in self.children:
+            if isinstance(child, Element):
+                yield from child.iter()
+
+    def find(self, tag: str | None = None, cls: str | None = None) -> list[Element]:
+        return [
+            e for e in self.iter()
+            if e is not self and (tag is None or e.tag == tag) and (cls is None or cls in e.classes)
+        ]
+
+    def ancestors(self):
+        node = self.parent
+        while node is not None:
+            yield node
+            node = node.parent
+
+
+VOID = {"meta", "br", "hr", "img", "input", "link"}
+
+
+class Tree(HTMLParser):
+    """
+    The page as the browser's parser sees it (tags, attributes, text).
+    """
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.root = self.current = Element("#document", {}, None)
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, dict(attrs), self.current)
+        self.current.children.append(element)
+        if tag not in VOID:
+            self.current = element
+
+    def handle_endtag(self, tag: str) -> None:
+        node: Element | None = self.current
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self.current = node.parent
+
+    def handle_data(self, data: str) -> None:
+        self.current.children.append(data)
+
+
+def parse(page: str) -> Element:
+    return Tree(page).root
+
+
+#: Every element the page is made of: the template's, and what Markdown
+#: makes.  Anything else was injected from a session.
+PAGE_TAGS = {
+    "html", "head", "meta", "title", "style", "body", "main", "header", "p", "h1",
+    "ul", "li", "b", "dl", "dt", "dd", "pre", "article", "div", "span", "time",
+    "details", "summary", "code", "a",
+}
+MARKDOWN_TAGS = {
+    "strong", "em", "table", "thead", "tbody", "tr", "th", "td", "ol", "blockquote",
+    "hr", "br", "h2", "h3", "h4", "h5", "h6", "s",
+}
+PAGE_ATTRIBUTES = {"lang", "charset", "name", "content", "class", "id", "href",
+                   "rel", "datetime", "style"}
+
+
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
+
+
+def schemeOf(href: str) -> str | None:
+    """
+    The scheme a browser sees in C{href}: it drops tabs and newlines and
+    leading spaces and control characters first.
+    """
+    cleaned = re.sub(r"[\t\n\r]", "", href).lstrip(_C0_AND_SPACE)
+    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*):", cleaned)
+    return match.group(1).lower() if match else None
+
+
+def messagesOf(tree: Element) -> list[Element]:
+    return tree.find("article", "message")
+
+
+class HostileContentTests(SynchronousTestCase):
+    """
+    Script tags, attribute breakouts, script links and markup in every field
+    of a session: all shown as text, none of it live.
+    """
+
+    def setUp(self) -> None:
+        self.session = fixture("hostile.json")
+        self.page = renderSession(self.session)
+        self.tree = parse(self.page)
+
+    def test_noElementFromTheSession(self) -> None:
+        tags = {e.tag for e in self.tree.iter()} - {"#document"}
+        self.assertEqual(tags - PAGE_TAGS - MARKDOWN_TAGS, set())
+        self.assertNotIn("<script", self.page.lower())
+        self.assertEqual(len(self.tree.find("style")), 1)
+        self.assertEqual([e.parent.tag for e in self.tree.find("style")], ["head"])
+
+    def test_noEventHandlersOrUnknownAttributes(self) -> None:
+        for element in self.tree.iter():
+            for name in element.attrs:
+                self.assertFalse(name.startswith("on"), (element.tag, element.attrs))
+                self.assertIn(name, PAGE_ATTRIBUTES, (element.tag, element.attrs))
+        for element in self.tree.iter():
+            self.assertNotIn("style", element.attrs)
+
+    def test_noScriptLinks(self) -> None:
+        hrefs = [e.attrs["href"] for e in self.tree.find("a")]
+        for href in hrefs:
+            self.assertTrue(href.startswith("#") or schemeOf(href) in ("http", "https"), href)
+        # The one safe link of the message stays a link, and cannot break out.
+        self.assertIn('https://example.com/%22onmouseover=%22alert(1)', hrefs)
+
+    def test_hostileTextShownAsText(self) -> None:
+        """
+        What the session holds is what the reader sees, character for
+        character: escaped, not dropped.
+        """
+        text = self.tree.text()
+        for shown in [
+            self.session.id,
+            self.session.model,
+            self.session.cwd,
+            self.session.prompt,
+            "<script>alert('content')</script>",
+            "<img src=x onerror=alert(2)>",
+            "[click me](javascript:alert('link'))",
+            "<a href=\"javascript:alert(3)\">raw anchor</a>",
+            "</code></pre><script>alert('fence')</script>",
+            "<script>alert('toolerror')</script>",
+            "<iframe srcdoc=\"<script>alert('error')</script>\"></iframe>",
+            "not json <script>alert('raw')</script>",
+            "<img src=x onerror=alert('fn')>",
+        ]:
+            self.assertIn(shown, text)
+        title = self.tree.find("title")[0].text()
+        self.assertIn(self.session.title, title)
+
+    def test_roleCannotBreakOut(self) -> None:
+        first = messagesOf(self.tree)[0]
+        self.assertIn("other", first.classes)
+        badge = first.find("span", "badge")[0]
+        self.assertEqual(badge.text(), 'user" onclick="alert(1)')
+
+    def test_reasoningStaysClosed(self) -> None:
+        [details] = self.tree.find("details")
+        self.assertNotIn("open", details.attrs)
+        self.assertIn("<details open>", details.text())
+
+
+class SessionPageTests(SynchronousTestCase):
+    """
+    The features of the page, on a realistic session with tool calls.
+    """
+
+    def setUp(self) -> None:
+        self.session = fixture("tools-and-reasoning.json")
+        self.tree = parse(renderSession(self.session))
+        self.messages = messagesOf(self.tree)
+
+    def metadata(self) -> dict[str, Element]:
+        dl = self.tree.find("dl", "meta")[0]
+        terms = dl.find("dt")
+        values = dl.find("dd")
+        return {t.text(): v for t, v in zip(terms, values)}
+
+    def test_metadata(self) -> None:
+        meta = self.metadata()
+        self.assertEqual(meta["ID"].text(), "2024-05-20-14-03-11")
+        self.assertEqual(meta["Provider"].text(), "deepseek")
+        self.assertEqual(meta["Model"].text(), "deepseek-reasoner")
+        self.assertEqual(meta["Directory"].text(), "/home/dev/src/inventory-service")
+        [prompt] = meta["System prompt"].find("pre", "prompt")
+        self.assertEqual(prompt.text(), self.session.prompt)
+        self.assertEqual(
+            self.tree.find("h1")[0].text(), "Fix the pagination bug in api/items.py"
+        )
+
+    def test_everyMessageHasRoleBadgeAndTime(self) -> None:
+        self.assertEqual(len(self.messages), len(self.session.messages))
+        for article, message in zip(self.messages, self.session.messages):
+            [badge] = article.find("span", "badge")
+            self.assertEqual(badge.text(), message.role)
+            self.assertIn(message.role, badge.classes)
+            self.assertIn(message.role, article.classes)
+            [time] = article.find("time")
+            self.assertRegex(time.text(), r"^2024-05-20 14:\d\d:\d\d UTC$")
+        self.assertEqual(self.messages[0].find("time")[0].text(), "2024-05-20 14:03:11 UTC")
+
+    def test_toolCallArgumentsPrettyPrinted(self) -> None:
+        [call] = self.messages[1].find("div", "tool-call")
+        self.assertEqual(call.find("span", "name")[0].text(), "read_file")
+        self.assertIn("call_01HZX3K9", call.text())
+        arguments = call.find("pre")[0].text()
+        self.assertEqual(
+            json.loads(arguments),
+            {"path": "api/items.py", "line_start": 1, "line_to": 80},
+        )
+        self.assertIn('\n  "path": "api/items.py",\n', arguments)
+
+    def test_toolCallArgumentsNotJSONShownRaw(self) -> None:
+        [call] = self.messages[3].find("div", "tool-call")
+        self.assertEqual(call.find("pre")[0].text(), "pattern=decode( path=api/ --regex")
+
+    def test_toolResultLinksToItsCall(self) -> None:
+        result = self.messages[2]
+        self.assertIn("tool", result.classes)
+        self.assertIn("read_file", result.find("span", "tool-name")[0].text())
+        [link] = [a for a in result.find("a") if a.text() == "call_01HZX3K9"]
+        target = link.attrs["href"][1:]
+        [call] = [e for e in self.tree.iter() if e.attrs.get("id") == target]
+        self.assertIn(call, self.messages[1].find("div", "tool-call"))
+        self.assertIn("def list_items(db, cursor=None, limit=50):", result.text())
+
+    def test_toolErrorSetApart(self) -> None:
+        failed = self.messages[4]
+        [error] = failed.find("div", "tool-error")
+        self.assertIn("Tool error", error.text())
+        self.assertIn("search_text", error.text())
+        self.assertIn("expected JSON object", error.text())
+        # Only the failed tool result has one.
+        self.assertEqual(len(self.tree.find("div", "tool-error")), 1)
+
+    def test_reasoningCollapsedByDefault(self) -> None:
+        details = self.tree.find("details", "reasoning")
+        self.assertEqual(len(details), 2)
+        for d in details:
+            self.assertNotIn("open", d.attrs)
+            self.assertEqual(d.find("summary")[0].text(), "Thinking")
+        self.assertIn("Likely the cursor is computed", details[0].text())
+
+    def test_errorMessageHighlighted(self) -> None:
+        [error] = self.messages[7].find("div", "error")
+        self.assertIn("Operation timed out", error.text())
+        self.assertEqual(len(self.tree.find("div", "error")), 1)
+
+    def test_usagePerAssistantMessage(self) -> None:
+        usage = self.messages[1].find("div", "usage")[0].text()
+        self.assertIn("2,452 tokens", usage)
+        self.assertIn("prompt 2,310", usage)
+        self.assertIn("completion 142", usage)
+        # 1792 of 2310 prompt tokens came from the cache.
+        self.assertIn("cached 1,792 (77%)", usage)
+        for n in (0, 2, 4, 6, 7):
+            self.assertEqual(self.messages[n].find("div", "usage"), [])
+
+    def test_sessionTotalInHeader(self) -> None:
+        [total] = self.tree.find("li", "session-usage")
+        text = " ".join(total.text().split())
+        self.assertEqual(
+            text,
+            "9,131 tokens · prompt 8,023 · completion 1,108 · cached 6,912 (86%)",
+        )
+        self.assertIn(total, list(self.tree.find("header")[0].iter()))
+
+    def test_markdown(self) -> None:
+        answer = self.messages[5]
+        [table] = answer.find("table")
+        self.assertEqual([th.text() for th in table.find("th")], ["line", "problem", "effect"])
+        self.assertEqual(len(table.find("tr")), 3)
+        self.assertIn("table-wrap", table.parent.classes)
+        self.assertEqual(len(answer.find("ol")[0].find("li")), 5)
+        self.assertEqual([s.text() for s in answer.find("strong")][:1], ["two"])
+        self.assertEqual(len(answer.find("blockquote")), 1)
+        self.assertIn("pytest tests/test_items.py -q", [c.text() for c in answer.find("code")])
+
+    def test_fencedCodeHighlighted(self) -> None:
+        answer = self.messages[5]
+        [pre] = answer.find("pre", "highlight")
+        self.assertEqual(pre.parent.find("div", "code-lang")[0].text(), "python")
+        keywords = {s.text() for s in pre.find("span", "k")}
+        self.assertIn("def", keywords)
+        self.assertIn("if", keywords)
+        self.assertIn("batch[-1].id", pre.text())
+        # The long line is kept whole: it scrolls inside the block.
+        self.assertTrue(any(len(line) > 250 for line in pre.text().split("\n")))
+        style = self.tree.find("style")[0].text()
+        self.assertIn(".highlight .k {", style)
+        self.assertIn(PYGMENTS_CSS.splitlines()[-1], style)
+
+    def test_selfContained(self) -> None:
+        for element in self.tree.iter():
+            self.assertNotIn(element.tag, ("script", "link", "img", "iframe"))
+            self.assertNotIn("src", element.attrs)
+        style = self.tree.find("style")[0].text()
+        self.assertNotIn("@import", style)
+        self.assertNotIn("url(", style)
+        self.assertIn(b"default-src 'none'", SECURITY_HEADERS[b"Content-Security-Policy"])
+
+
+class MarkdownTests(SynchronousTestCase):
+    def render(self, content: str, role: str = "assistant") -> Element:
+        session = Session(id="s", messages=(Message(role=role, content=content, created=1.0),))
+        return messagesOf(parse(renderSession(session)))[0].find("div", "content")[0]
+
+    def test_rawHtmlIsText(self) -> None:
+        content = self.render("<b>bold?</b> <div>x</div>")
+        self.assertEqual(content.find("b"), [])
+        self.assertEqual(content.find("div"), [])
+        self.assertIn("<b>bold?</b>", content.text())
+
+    def test_unsafeLinkSchemesAreNotLinks(self) -> None:
+        for link in [
+            "[a](javascript:alert(1))",
+            "[a](JaVaScRiPt:alert(1))",
+            "[a](  javascript:alert(1))",
+            "[a](java&#x09;script:alert(1))",
+            "[a](vbscript:msgbox)",
+            "[a](data:text/html,<script>alert(1)</script>)",
+            "[a](file:///etc/passwd)",
+            "<javascript:alert(1)>",
+            "[a][r]\n\n[r]: javascript:alert(1)",
+            "![a](javascript:alert(1))",
+        ]:
+            content = self.render(link)
+            for a in content.find("a"):
+                self.assertIn(schemeOf(a.attrs["href"]), (None, "http", "https"), link)
+
+    def test_safeLinksAreLinks(self) -> None:
+        content = self.render("see [docs](https://example.com/a?b=1&c=2) and <https://example.org>")
+        links = content.find("a")
+        self.assertEqual(
+            [(a.attrs["href"], a.text()) for a in links],
+            [("https://example.com/a?b=1&c=2", "docs"), ("https://example.org", "https://example.org")],
+        )
+        for a in links:
+            self.assertIn("noopener", a.attrs["rel"])
+
+    def test_imagesAreNeverLoaded(self) -> None:
+        content = self.render("![a cat](https://example.com/cat.png)")
+        self.assertEqual(content.find("img"), [])
+        [a] = content.find("a")
+        self.assertEqual(a.attrs["href"], "https://example.com/cat.png")
+        self.assertIn("a cat", a.text())
+
+    def test_listsAndLineBreaks(self) -> None:
+        content = self.render("- one\n- two\n\n1. first\n2. second\n\nline one\nline two")
+        self.assertEqual([li.text() for li in content.find("ul")[0].find("li")], ["one", "two"])
+        self.assertEqual([li.text() for li in content.find("ol")[0].find("li")], ["first", "second"])
+        self.assertEqual(len(content.find("br")), 1)
+
+    def test_unknownLanguageIsPlainCode(self) -> None:
+        content = self.render("```no-such-language\na < b && c\n```")
+        [pre] = content.find("pre")
+        self.assertEqual(pre.text(), "a < b && c\n")
+        self.assertEqual(pre.find("span"), [])
+
+    def test_toolOutputIsNotMarkdown(self) -> None:
+        """
+        A tool's output is shown as it came: no Markdown emphasis, no
+        headings made of comment lines.
+        """
+        content = self.render("# not a heading\n*stars*", role="tool")
+        self.assertEqual(content.find("h1") + content.find("em"), [])
+        self.assertEqual(content.find("pre")[0].text(), "# not a heading\n*stars*")
+
+
+class OtherSessionTests(SynchronousTestCase):
+    def test_cjkText(self) -> None:
+        session = fixture("cjk-markdown.json")
+        tree = parse(renderSession(session))
+        text = tree.text()
+        self.assertIn("请比较一下 Python 和 Go 在并发方面的区别，用表格表示。", text)
+        self.assertIn("你是一个乐于助人的助手。", tree.find("pre", "prompt")[0].text())
+        [table] = tree.find("table")
+        self.assertEqual([th.text() for th in table.find("th")], ["方面", "Python", "Go"])
+        self.assertIn("// 每个任务结果翻倍", text)
+        # No cache hit: the cached share is not shown for that message.
+        first = messagesOf(tree)[1].find("div", "usage")[0].text()
+        self.assertNotIn("cached", first)
+        second = messagesOf(tree)[3].find("div", "usage")[0].text()
+        self.assertIn("cached 768 (92%)", second)
+
+    def test_oldFormSession(self) -> None:
+        session = fixture("2024-01-15-10-30-00.json")
+        tree = parse(renderSession(session))
+        self.assertEqual(tree.find("h1")[0].text(), "2024-01-15-10-30-00")
+        self.assertEqual(len(messagesOf(tree)), 3)
+        # No cached-token detail at all: no share shown.
+        self.assertNotIn("cached", tree.find("li", "session-usage")[0].text())
+        self.assertEqual(len(messagesOf(tree)[2].find("br")), 1)
+
+    def test_emptySession(self) -> None:
+        tree = parse(renderSession(Session(id="new")))
+        self.assertEqual(messagesOf(tree), [])
+        self.assertIn("No messages yet.", tree.text())
+        self.assertEqual(tree.find("li", "session-usage"), [])
+
+    def test_queuedShownLastAndMarked(self) -> None:
+        session = fixture("2024-01-15-10-30-00.json")
+        queued = [
+            QueuedMessage(1, session.id, "waiting *here*", 1705315000.0),
+            QueuedMessage(2, session.id, "given up", 1705315001.0, state=FAILED,
+                          attempts=10, lastError="backend unreachable"),
+        ]
+        tree = parse(renderSession(session, queued))
+        articles = messagesOf(tree)
+        self.assertEqual(len(articles), 5)
+        self.assertEqual([("queued" in a.classes) for a in articles],
+                         [False, False, False, True, True])
+        waiting, failed = articles[3], articles[4]
+        self.assertEqual(waiting.find("span", "tag")[0].text(), "queued")
+        self.assertEqual(waiting.find("em")[0].text(), "here")
+        self.assertEqual(failed.find("span", "tag")[0].text(), "failed")
+        self.assertIn("backend unreachable", failed.find("div", "error")[0].text())
+        self.assertIn("2 queued", tree.find("ul", "stats")[0].text())
+
+    def test_sessionUsageUsedWhenMessagesHaveNone(self) -> None:
+        session = Session(
+            id="s",
+            messages=(Message(role="user", content="hi"),),
+            usage={"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                   "prompt_tokens_details": {"cached_tokens": 50}},
+        )
+        tree = parse(renderSession(session))
+        text = " ".join(tree.find("li", "session-usage")[0].text().split())
+        self.assertEqual(text, "120 tokens · prompt 100 · completion 20 · cached 50 (50%)")
+
+
+class IndexTests(SynchronousTestCase):
+    def test_sessionsLinkToTheirPages(self) -> None:
+        ids = ["ci", 'b"><script>x</script>', "日本"]
+        links = {
+            "ci": "/session?id=ci&token=abc",
+            ids[1]: "/session?id=b%22%3E%3Cscript%3Ex%3C%2Fscript%3E",
+            "日本": "/session?id=%E6%97%A5%E6%9C%AC",
+        }
+        page = renderIndex(ids, links)
+        tree = parse(page)
+        self.assertNotIn("<script", page)
+        anchors = [(a.attrs["href"], a.text()) for a in tree.find("ul", "sessions")[0].find("a")]
+        self.assertEqual(anchors, [(links[i], i) for i in ids])
+
+    def test_unsafeOrMissingLinksAreNotLinks(self) -> None:
+        tree = parse(renderIndex(["a", "b", "c"], {"a": "javascript:alert(1)", "b": "/ok"}))
+        items = tree.find("ul", "sessions")[0].find("li")
+        self.assertEqual([li.text() for li in items], ["a", "b", "c"])
+        self.assertEqual([a.attrs["href"] for a in tree.find("a")], ["/ok"])
+
+    def test_empty(self) -> None:
+        tree = parse(renderIndex([], {}))
+        self.assertIn("No sessions yet.", tree.text())
+
+
+class ThreadTests(TestCase):
+    async def test_renderInThreadIsTheSamePage(self) -> None:
+        session = fixture("tools-and-reasoning.json")
+        queued = [QueuedMessage(1, session.id, "later", 1.0)]
+        page = await renderSessionInThread(session, queued)
+        self.assertEqual(page, renderSession(session, queued))
