@@ -1,19 +1,24 @@
 """
 The HTTP API: chat.nvim's routes over Klein.
 
-Every request must carry a valid X-API-Key; errors are JSON objects
-C{{"error": "..."}} that say what was wrong.  Only the routes below exist:
-any other method or path is a 404.
+Every request must carry a valid X-API-Key, except one: C{GET /session}
+with a share link's token.  Errors are JSON objects C{{"error": "..."}} that
+say what was wrong.  Only the routes below exist: any other method or path
+is a 404.
+
+HTML pages (C{GET /session}, and C{GET /sessions} asking for C{text/html})
+are only served to a Host that is allowed (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 from typing import Any, Sequence
 
 from klein import Klein
+from klein.interfaces import IKleinRequest
 from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -22,13 +27,26 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
+from chatweb.importer import exportSession
 from chatweb.interfaces import ISessionAdapter
 from chatweb.limits import Limits, RateLimiter, retryAfter
 from chatweb.model import FAILED, PENDING, QueuedMessage, Session
-from chatweb.preview import SECURITY_HEADERS, renderSession, renderSessionInThread
+from chatweb.preview import (
+    SECURITY_HEADERS,
+    renderIndex,
+    renderSession,
+    renderSessionInThread,
+)
 from chatweb.queue import MessageQueue
+from chatweb.share import DEFAULT_LIFETIME, MAX_LIFETIME, InvalidToken, ShareLinks
 
 MAX_SESSION_ID = 256
+#: Host names whose pages are always served: this machine's loopback.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: Seconds the share links on the HTML index of sessions stay valid.
+INDEX_LINK_LIFETIME = 15 * 60
+#: The rate-limit bucket of requests that come with a share token, no key.
+_SHARE_BUCKET = b"\0share-link"
 
 _log = Logger()
 
@@ -81,9 +99,9 @@ def validateSessionId(value: Any, field: str = "session") -> str:
     return value
 
 
-def parseMessage(body: bytes) -> tuple[str, str]:
+def parseObject(body: bytes) -> dict[str, Any]:
     """
-    Read C{{"session": str, "content": str}} from a request body.
+    Read a JSON object from a request body.
 
     @raise BadRequest: saying what is wrong with it.
     """
@@ -105,6 +123,16 @@ def parseMessage(body: bytes) -> tuple[str, str]:
         raise BadRequest(
             f"request body must be a JSON object, not {_jsonType(data)}"
         )
+    return data
+
+
+def parseMessage(body: bytes) -> tuple[str, str]:
+    """
+    Read C{{"session": str, "content": str}} from a request body.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    data = parseObject(body)
     for field in ("session", "content"):
         if field not in data:
             raise BadRequest(f"missing field '{field}' (a string)")
@@ -115,6 +143,101 @@ def parseMessage(body: bytes) -> tuple[str, str]:
     if not _isValidUnicode(content):
         raise BadRequest("field 'content' is not valid Unicode")
     return session, content
+
+
+def parseShareRequest(body: bytes) -> tuple[str, int]:
+    """
+    Read C{{"session": str, "expires_in": seconds}} (C{expires_in} optional)
+    from a request body.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    data = parseObject(body)
+    if "session" not in data:
+        raise BadRequest("missing field 'session' (a string)")
+    session = validateSessionId(data["session"])
+    lifetime = data.get("expires_in", DEFAULT_LIFETIME)
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool):
+        raise BadRequest(
+            "field 'expires_in' must be a whole number of seconds, not"
+            f" {_jsonType(lifetime) if not isinstance(lifetime, float) else 'a fraction'}"
+        )
+    if not 0 < lifetime <= MAX_LIFETIME:
+        raise BadRequest(
+            f"field 'expires_in' must be 1 to {MAX_LIFETIME} seconds (7 days)"
+        )
+    return session, lifetime
+
+
+def hostName(value: bytes) -> str | None:
+    """
+    The name in a Host header: lower case, without its port, IPv6 brackets
+    or a trailing dot; None if it is not a host name at all.
+    """
+    try:
+        text = value.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        name, rest = text[1:end], text[end + 1 :]
+    elif text.count(":") > 1:
+        # A bare IPv6 address: not valid in a Host header, but unambiguous.
+        name, rest = text, ""
+    else:
+        name, colon, port = text.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and (rest[1:].isdigit() or not rest[1:])):
+        return None
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or any(c in name for c in " \t/\\@[]"):
+        return None
+    return name
+
+
+def normalizeAllowedHost(name: str) -> str:
+    """
+    An allowed host name as L{hostName} gives them (C{[::1]} is C{::1}), or
+    C{*} for any host.
+
+    @raise ValueError: if C{name} is not a host name, or carries a port.
+    """
+    name = name.strip()
+    if name == "*":
+        return name
+    if (name.startswith("[") and not name.endswith("]")) or (
+        not name.startswith("[") and name.count(":") == 1
+    ):
+        raise ValueError(f"allowed host {name!r}: give the name without a port")
+    normal = hostName(name.encode("ascii", "replace"))
+    if normal is None or "?" in normal:
+        raise ValueError(f"allowed host {name!r} is not a host name")
+    return normal
+
+
+def _acceptsHTML(request: IRequest) -> bool:
+    """
+    Whether the Accept header names C{text/html} (with a quality above 0).
+    """
+    for value in request.requestHeaders.getRawHeaders(b"accept", []):
+        for item in value.split(b","):
+            mediaType, *parameters = item.split(b";")
+            if mediaType.strip().lower() != b"text/html":
+                continue
+            quality = 1.0
+            for parameter in parameters:
+                name, _, number = parameter.partition(b"=")
+                if name.strip().lower() == b"q":
+                    try:
+                        quality = float(number.strip())
+                    except ValueError:
+                        quality = 0.0
+            if quality > 0:
+                return True
+    return False
 
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -152,10 +275,26 @@ def _json(request: IRequest, value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode("utf-8")
 
 
+def _isShareRequest(request: IRequest) -> bool:
+    """
+    Whether C{request} is C{GET /session?...&token=...}, the path taken
+    relative to where the resource is mounted (Twisted has decoded its
+    percent escapes, as werkzeug does for routing: both see the same path).
+    """
+    return (
+        request.method == b"GET"
+        and request.postpath == [b"session"]
+        and bool(request.args.get(b"token"))
+    )
+
+
 class _Guard(Resource):
     """
     Answers, in JSON, the requests that cannot reach a route: a key that is
     missing or wrong (401) and a path that is not UTF-8 (400).
+
+    The one request that may come without a key is C{GET /session} with a
+    C{token} query parameter (a share link); that route checks the token.
     """
 
     isLeaf = True
@@ -168,7 +307,9 @@ class _Guard(Resource):
     def render(self, request: IRequest) -> Any:
         key = self._api._authorized(request)
         if key is None:
-            return _error(request, 401, "missing or invalid X-API-Key header")
+            if not _isShareRequest(request):
+                return _error(request, 401, "missing or invalid X-API-Key header")
+            key = _SHARE_BUCKET
         wait = self._api._rateLimiter.take(key)
         if wait:
             request.setHeader(b"Retry-After", retryAfter(wait))
@@ -201,11 +342,23 @@ class ChatWebAPI:
         apiKeys: Sequence[str],
         limits: Limits = Limits(),
         clock: IReactorTime | None = None,
+        shareSecret: bytes | None = None,
+        allowedHosts: Sequence[str] | None = None,
     ) -> None:
+        """
+        @param shareSecret: the server secret that signs share links (see
+            L{chatweb.config.ensureShareSecret}); None turns share links off.
+        @param allowedHosts: host names (no port) that pages are served to,
+            besides L{LOOPBACK_HOSTS}, which always are; C{"*"} allows any.
+        """
         if not apiKeys or not all(apiKeys):
             raise ValueError("at least one non-empty API key is needed")
         if clock is None:
             from twisted.internet import reactor as clock
+        self._shareLinks = ShareLinks(shareSecret, clock) if shareSecret is not None else None
+        self._allowedHosts = frozenset(LOOPBACK_HOSTS) | {
+            normalizeAllowedHost(name) for name in (allowedHosts or ())
+        }
         self._queue = queue
         self._adapter = adapter
         self._keys = [key.encode("utf-8") for key in apiKeys]
@@ -230,6 +383,76 @@ class ChatWebAPI:
         # Compare with every key, in constant time for each.
         matches = [hmac.compare_digest(given[0], key) for key in self._keys]
         return self._keys[matches.index(True)] if any(matches) else None
+
+    def _refuseHost(self, request: IRequest) -> bytes | None:
+        """
+        A 421 for a page request whose Host is not one of ours (a page that
+        a DNS-rebinding site could read), else None.
+        """
+        if "*" in self._allowedHosts:
+            return None
+        hosts = request.requestHeaders.getRawHeaders(b"host", [b""])
+        if all(hostName(host) in self._allowedHosts for host in hosts):
+            return None
+        shown = b", ".join(hosts).decode("utf-8", "replace")[:100]
+        return _error(
+            request,
+            421,
+            f"pages are not served to Host {shown!r} (a guard against DNS"
+            " rebinding); to allow a name, start chatweb with --allowed-host"
+            " NAME (allowedHosts=[NAME] when embedding)",
+        )
+
+    def _refuseToken(self, request: IRequest, sessionId: str) -> bytes | None:
+        """
+        A 401 unless the request carries one share token, valid for
+        C{sessionId}, else None.
+        """
+        if self._shareLinks is None:
+            return _error(
+                request,
+                401,
+                "share links are turned off on this server; send the X-API-Key header",
+            )
+        tokens = request.args.get(b"token") or []
+        if len(tokens) != 1:
+            return _error(request, 401, "send one share token, or the X-API-Key header")
+        try:
+            self._shareLinks.verify(sessionId, tokens[0].decode("ascii"))
+        except UnicodeDecodeError:
+            return _error(request, 401, "the share token is malformed")
+        except InvalidToken as e:
+            return _error(request, 401, str(e))
+        return None
+
+    def _sessionURL(self, request: IRequest, sessionId: str, token: str | None) -> str:
+        """
+        The path of C{sessionId}'s page (below where the API is mounted),
+        with a share token if one is given.
+        """
+        # Klein keeps the path the resource is mounted at as the mapper's
+        # script name ("" or "/" at the root).
+        scriptName = IKleinRequest(request).mapper.script_name
+        prefix = quote(scriptName.rstrip("/"), safe="/")
+        url = f"{prefix}/session?id={quote(sessionId, safe='')}"
+        return url if token is None else f"{url}&token={token}"
+
+    def _sessionExists(self, sessionId: str) -> Any:
+        """
+        A Deferred: the session from the adapter (an empty one if it only has
+        messages in the journal), or None if there is no such session.
+        """
+
+        def found(results: list[Any]) -> Session | None:
+            session, undelivered = results
+            if session is None and undelivered:
+                return Session(id=sessionId)
+            return session
+
+        return gatherResults(
+            [self._adapter.getSession(sessionId), self._queue.journal.messages(sessionId)],
+            consumeErrors=True,
+        ).addCallback(found)
 
     def _refuse(self, request: IRequest, method: bytes) -> bytes | None:
         """
@@ -373,22 +596,98 @@ class ChatWebAPI:
         if refused is not None:
             return refused
 
+        html = _acceptsHTML(request)
+        request.setHeader(b"Vary", b"Accept")
+        if html:
+            refused = self._refuseHost(request)
+            if refused is not None:
+                return refused
+
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
-            return _json(
-                request, sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
-            )
+            sessionIds = sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
+            if not html:
+                return _json(request, sessionIds)
+            return self._html(request, renderIndex(sessionIds, self._indexLinks(request, sessionIds)))
 
         return gatherResults(
             [self._adapter.listSessions(), self._queue.journal.failedSessions()],
             consumeErrors=True,
         ).addCallbacks(listed, lambda f: self._unavailable(request, f))
 
-    @app.route("/session", methods=["GET"])
-    def previewSession(self, request: IRequest) -> Any:
+    def _indexLinks(self, request: IRequest, sessionIds: list[str]) -> dict[str, str]:
+        """
+        The links of the HTML index: share links that live
+        L{INDEX_LINK_LIFETIME} seconds, so that a browser can follow them
+        without the key; plain links when share links are off.
+        """
+        links = {}
+        for sessionId in sessionIds:
+            token = None
+            if self._shareLinks is not None:
+                token, _ = self._shareLinks.issue(sessionId, INDEX_LINK_LIFETIME)
+            links[sessionId] = self._sessionURL(request, sessionId, token)
+        return links
+
+    @app.route("/session/share", methods=["POST"])
+    def shareSession(self, request: IRequest) -> Any:
+        refused = self._refuse(request, b"POST")
+        if refused is not None:
+            return refused
+        if self._shareLinks is None:
+            return _error(
+                request,
+                403,
+                "share links are turned off on this server (it was started"
+                " without a share secret)",
+            )
+        limit = self._limits.maxBodySize
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
+            return _error(
+                request, 413, f"request body is larger than the limit of {limit} bytes"
+            )
+        try:
+            sessionId, lifetime = parseShareRequest(body)
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+        shareLinks = self._shareLinks
+
+        def share(session: Session | None) -> bytes:
+            if session is None:
+                return _error(request, 404, f"no session {sessionId!r}")
+            token, expires = shareLinks.issue(sessionId, lifetime)
+            return _json(
+                request,
+                {"url": self._sessionURL(request, sessionId, token), "expires": expires},
+            )
+
+        return self._sessionExists(sessionId).addCallbacks(
+            share, lambda f: self._unavailable(request, f)
+        )
+
+    @app.route("/session/raw", methods=["GET"])
+    def exportRaw(self, request: IRequest) -> Any:
         refused = self._refuse(request, b"GET")
         if refused is not None:
             return refused
+        sessionId = self._sessionIdArgument(request)
+        if not isinstance(sessionId, str):
+            return sessionId
+
+        def export(session: Session | None) -> bytes:
+            if session is None:
+                return _error(request, 404, f"no session {sessionId!r}")
+            return _json(request, exportSession(session))
+
+        return self._sessionExists(sessionId).addCallbacks(
+            export, lambda f: self._unavailable(request, f)
+        )
+
+    def _sessionIdArgument(self, request: IRequest) -> str | bytes:
+        """
+        The query parameter C{id}, or a 400 error body.
+        """
         values = request.args.get(b"id") or [b""]
         try:
             sessionId = values[0].decode("utf-8")
@@ -396,6 +695,23 @@ class ChatWebAPI:
             return _error(request, 400, "query parameter 'id' is not valid UTF-8")
         if not sessionId:
             return _error(request, 400, "missing query parameter 'id'")
+        return sessionId
+
+    @app.route("/session", methods=["GET"])
+    def previewSession(self, request: IRequest) -> Any:
+        refused = self._refuse(request, b"GET")
+        if refused is None:
+            refused = self._refuseHost(request)
+        if refused is not None:
+            return refused
+        sessionId = self._sessionIdArgument(request)
+        if not isinstance(sessionId, str):
+            return sessionId
+        # Without a key, the Guard let the request in for its share token.
+        if self._authorized(request) is None:
+            refused = self._refuseToken(request, sessionId)
+            if refused is not None:
+                return refused
 
         def render(results: list[Any]) -> Any:
             session, undelivered = results

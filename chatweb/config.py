@@ -9,6 +9,8 @@ import secrets
 
 API_KEY_ENV = "CHATWEB_API_KEY"
 KEY_FILE_NAME = "api-key"
+SHARE_SECRET_FILE_NAME = "share-secret"
+SHARE_SECRET_SIZE = 32
 
 
 class ConfigError(Exception):
@@ -102,3 +104,76 @@ def ensureKeyFile(dataDir: str) -> tuple[str, bool]:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     return path, True
+
+
+def checkDatabase(path: str) -> None:
+    """
+    Open the SQLite database at C{path} (if it exists) and read its schema,
+    so a file that is not a database is refused at start, in one line.
+    Called once before the reactor runs.
+    """
+    import sqlite3
+
+    if not os.path.exists(path):
+        return
+    try:
+        connection = sqlite3.connect(path)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise ConfigError(f"cannot use database {path}: {e}")
+
+
+def ensureShareSecret(dataDir: str) -> bytes:
+    """
+    The server secret that signs share links: C{SHARE_SECRET_SIZE} random
+    bytes in the data directory's C{share-secret} file (mode 0600), made on
+    first use.  Deleting the file (and restarting) invalidates every share
+    link given out.
+
+    @raise ConfigError: if the file cannot be made or read, is too short, or
+        other users may read it.
+    """
+    ensureDataDir(dataDir)
+    path = os.path.join(dataDir, SHARE_SECRET_FILE_NAME)
+    if not os.path.exists(path):
+        # Written whole under a temporary name, then linked into place: a
+        # second process starting at the same time reads either nothing or
+        # the whole secret, and both end up with the same one.
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(SHARE_SECRET_SIZE))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        except OSError as e:
+            raise ConfigError(f"cannot create share secret file {path}: {e.strerror or e}")
+        finally:
+            try:
+                os.remove(temporary)
+            except OSError:
+                pass
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read share secret file {path}: {e.strerror or e}")
+    if mode & 0o077:
+        raise ConfigError(
+            f"share secret file {path} may be read by other users"
+            f" (mode {mode & 0o777:o}); run: chmod 600 {path}"
+        )
+    if len(secret) < SHARE_SECRET_SIZE:
+        raise ConfigError(
+            f"share secret file {path} holds {len(secret)} bytes, not"
+            f" {SHARE_SECRET_SIZE}; delete it to make a new one"
+        )
+    return secret

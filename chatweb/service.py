@@ -19,6 +19,7 @@ from chatweb.api import ChatWebAPI
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
+from chatweb.config import ensureShareSecret
 from chatweb.database import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
@@ -43,6 +44,10 @@ class ChatWebService(MultiService):
     L{Site} (or under a path of it) and add this service to your
     application so that the queue runs.
 
+    Pages for browsers are served only to the Host names in C{allowedHosts}
+    (loopback names always), against DNS rebinding; share links are signed
+    with a secret kept in C{dataDir}.
+
     @ivar resource: the API's L{IResource}.
     @ivar queue: the L{MessageQueue}.
     @ivar adapter: the L{ISessionAdapter} in use.
@@ -63,6 +68,8 @@ class ChatWebService(MultiService):
         accessLog: bool = False,
         shutdownTimeout: float = 10.0,
         exitOnFailure: bool = False,
+        allowedHosts: Sequence[str] = (),
+        shareLinks: bool = True,
         reactor: Any = None,
     ) -> None:
         super().__init__()
@@ -92,7 +99,15 @@ class ChatWebService(MultiService):
         self.limits = limits
         self.shutdownTimeout = shutdownTimeout
         self.exitOnFailure = exitOnFailure
-        self.api = ChatWebAPI(self.queue, adapter, apiKeys, limits=limits, clock=reactor)
+        self.api = ChatWebAPI(
+            self.queue,
+            adapter,
+            apiKeys,
+            limits=limits,
+            clock=reactor,
+            shareSecret=ensureShareSecret(dataDir) if shareLinks else None,
+            allowedHosts=allowedHosts,
+        )
         self.resource: IResource = self.api.resource()
         self.site = ChatWebSite(
             self.resource,
@@ -113,6 +128,15 @@ class ChatWebService(MultiService):
         else:
             self._listener = None
         self.ready: Deferred[None] = Deferred()
+
+    def privilegedStartService(self) -> None:
+        # twistd binds ports here, before dropping privileges.
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            if not self.exitOnFailure:
+                raise
+            raise SystemExit(f"chatweb: cannot listen: {e}")
 
     def startService(self) -> None:
         def started(_: object) -> None:

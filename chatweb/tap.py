@@ -6,12 +6,19 @@ from __future__ import annotations
 
 
 import math
+import os
 from typing import Any
 
 from twisted.python import usage
 
 from chatweb.backends.responders import RESPONDERS
-from chatweb.config import ConfigError, defaultDataDir, ensureDataDir, resolveKey
+from chatweb.config import (
+    ConfigError,
+    checkDatabase,
+    defaultDataDir,
+    ensureDataDir,
+    resolveKey,
+)
 from chatweb.limits import Limits
 
 
@@ -140,6 +147,18 @@ class Options(usage.Options):
     def opt_rate_burst(self, value: str) -> None:
         self._number("rate-burst", value, int, 1)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["allowed-hosts"] = []
+
+    def opt_allowed_host(self, value: str) -> None:
+        """
+        A Host name (no port) that HTML pages may be served to, besides the
+        loopback names: the name users type in the browser (repeatable; *
+        allows any).
+        """
+        self["allowed-hosts"].append(value)
+
     def limits(self) -> Limits:
         return Limits(
             maxBodySize=self["max-body"],
@@ -186,17 +205,37 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from chatweb.queue import RetryPolicy
-    from chatweb.service import ChatWebService
+    from chatweb.service import DATABASE_NAME
 
     try:
         ensureDataDir(options["data-dir"])
+        checkDatabase(os.path.join(options["data-dir"], DATABASE_NAME))
     except ConfigError as e:
         _exit(str(e))
     try:
         serverFromString(reactor, options["listen"])
     except Exception as e:
         _exit(f"bad --listen endpoint {options['listen']!r}: {e}")
+    from chatweb.api import normalizeAllowedHost
+
+    allowedHosts = list(options["allowed-hosts"])
+    for name in allowedHosts:
+        try:
+            normalizeAllowedHost(name)
+        except ValueError as e:
+            _exit(f"--allowed-host: {e}")
+    if options["host"] not in ("0.0.0.0", "::", ""):
+        allowedHosts.append(options["host"])
+    try:
+        return _makeService(options, allowedHosts)
+    except ConfigError as e:
+        _exit(str(e))
+
+
+def _makeService(options: Options, allowedHosts: list[str]) -> Any:
+    from chatweb.queue import RetryPolicy
+    from chatweb.service import ChatWebService
+
     return ChatWebService(
         apiKeys=[options["key"]],
         dataDir=options["data-dir"],
@@ -209,6 +248,7 @@ def makeService(options: Options) -> Any:
         deliveryTimeout=options["delivery-timeout"] or None,
         shutdownTimeout=options["shutdown-timeout"],
         exitOnFailure=True,
+        allowedHosts=allowedHosts,
     )
 
 

@@ -375,6 +375,8 @@ class ChatWebProcess:
         self.args = list(args)
         self.env = env
         self.url: str | None = None
+        #: The endpoint it listens on.
+        self.listen = "tcp:0:interface=127.0.0.1"
         self._protocol: _ProcessOutput | None = None
         self._process: Any = None
 
@@ -397,7 +399,7 @@ class ChatWebProcess:
             "--data-dir",
             self.dataDir,
             "--listen",
-            "tcp:0:interface=127.0.0.1",
+            self.listen,
             *self.args,
         ]
         self._protocol = _ProcessOutput()
@@ -433,6 +435,14 @@ class ChatWebProcess:
         if kill.active():
             kill.cancel()
         return code
+
+    async def exited(self) -> int:
+        """
+        Wait for the process to end by itself; its exit code (or minus the
+        signal that ended it).
+        """
+        assert self._protocol is not None
+        return await self._protocol.ended
 
     async def crash(self) -> int:
         """

@@ -141,5 +141,19 @@ class CommandLineTests(SynchronousTestCase):
         self.assertNotIn("Traceback", result.stderr)
 
     def test_keyNeverEchoed(self) -> None:
-        result = self.twistd("-n", "chatweb", "--api-key", "s3cret-value", "--port", "nope")
-        self.assertNotIn("s3cret-value", result.stdout + result.stderr)
+        """
+        Failing after the key was read, from either source, chatweb does
+        not repeat it.
+        """
+        blocker = self.mktemp()
+        open(blocker, "w").close()
+        for args, env in (
+            (["--api-key", "s3cret-value"], {}),
+            ([], {"CHATWEB_API_KEY": "s3cret-value"}),
+        ):
+            result = self.twistd(
+                "-n", "chatweb", *args, "--data-dir", blocker, env=env
+            )
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn("cannot use data directory", result.stderr)
+            self.assertNotIn("s3cret-value", result.stdout + result.stderr)

@@ -140,3 +140,40 @@ class TwistdTests(TestCase):
                 mine = [x for x in contents if x.startswith(f"c{c}-")]
                 self.assertEqual(mine, sorted(mine), session)
         self.assertLessEqual(set(everything), set(sent))
+
+
+class StartupFailureTests(TestCase):
+    """
+    What cannot work is said in one line, with a non-zero exit.
+    """
+
+    timeout = 120
+
+    async def test_corruptDatabaseExitsNonZero(self) -> None:
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        with open(os.path.join(dataDir, DATABASE_NAME), "wb") as f:
+            f.write(b"this is not a database" * 100)
+        process = ChatWebProcess(dataDir, KEY)
+        try:
+            await process.start(timeout=30)
+        except RuntimeError:
+            pass  # it may end before or after it begins to listen
+        self.assertNotEqual(await process.exited(), 0)
+        errors = [line for line in process.output.splitlines() if line.startswith("chatweb: ")]
+        self.assertEqual(len(errors), 1, process.output)
+        self.assertIn("database", errors[0])
+
+    async def test_portInUseIsOneLine(self) -> None:
+        from twisted.internet.protocol import Factory
+
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        dataDir = os.path.abspath(self.mktemp())
+        process = ChatWebProcess(dataDir, KEY)
+        process.listen = f"tcp:{port.getHost().port}:interface=127.0.0.1"
+        with self.assertRaises(RuntimeError):
+            await process.start(timeout=30)
+        self.assertNotEqual(await process.stop(), 0)
+        self.assertNotIn("Traceback", process.output)
+        self.assertIn("chatweb: cannot listen", process.output)
