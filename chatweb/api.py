@@ -45,6 +45,9 @@ MAX_SESSION_ID = 256
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Seconds the share links on the HTML index of sessions stay valid.
 INDEX_LINK_LIFETIME = 15 * 60
+#: What an index share link is signed for: no session id can be this (ids
+#: have no control characters), so an index token opens no session page.
+INDEX_SCOPE = "\0index"
 #: The rate-limit bucket of requests that come with a share token, no key.
 _SHARE_BUCKET = b"\0share-link"
 
@@ -145,7 +148,7 @@ def parseMessage(body: bytes) -> tuple[str, str]:
     return session, content
 
 
-def parseShareRequest(body: bytes) -> tuple[str, int]:
+def parseShareRequest(body: bytes, sessionRequired: bool = True) -> tuple[str, int]:
     """
     Read C{{"session": str, "expires_in": seconds}} (C{expires_in} optional)
     from a request body.
@@ -153,9 +156,11 @@ def parseShareRequest(body: bytes) -> tuple[str, int]:
     @raise BadRequest: saying what is wrong with it.
     """
     data = parseObject(body)
-    if "session" not in data:
-        raise BadRequest("missing field 'session' (a string)")
-    session = validateSessionId(data["session"])
+    session = ""
+    if sessionRequired:
+        if "session" not in data:
+            raise BadRequest("missing field 'session' (a string)")
+        session = validateSessionId(data["session"])
     lifetime = data.get("expires_in", DEFAULT_LIFETIME)
     if not isinstance(lifetime, int) or isinstance(lifetime, bool):
         raise BadRequest(
@@ -283,7 +288,7 @@ def _isShareRequest(request: IRequest) -> bool:
     """
     return (
         request.method == b"GET"
-        and request.postpath == [b"session"]
+        and request.postpath in ([b"session"], [b"sessions"])
         and bool(request.args.get(b"token"))
     )
 
@@ -293,8 +298,9 @@ class _Guard(Resource):
     Answers, in JSON, the requests that cannot reach a route: a key that is
     missing or wrong (401) and a path that is not UTF-8 (400).
 
-    The one request that may come without a key is C{GET /session} with a
-    C{token} query parameter (a share link); that route checks the token.
+    The requests that may come without a key are C{GET /session} and
+    C{GET /sessions} with a C{token} query parameter (share links); those
+    routes check the token.
     """
 
     isLeaf = True
@@ -355,6 +361,7 @@ class ChatWebAPI:
             raise ValueError("at least one non-empty API key is needed")
         if clock is None:
             from twisted.internet import reactor as clock
+        self._clock = clock
         self._shareLinks = ShareLinks(shareSecret, clock) if shareSecret is not None else None
         self._allowedHosts = frozenset(LOOPBACK_HOSTS) | {
             normalizeAllowedHost(name) for name in (allowedHosts or ())
@@ -408,6 +415,14 @@ class ChatWebAPI:
         A 401 unless the request carries one share token, valid for
         C{sessionId}, else None.
         """
+        verified = self._verifyToken(request, sessionId)
+        return verified if isinstance(verified, bytes) else None
+
+    def _verifyToken(self, request: IRequest, scope: str) -> int | bytes:
+        """
+        The expiry of the request's one share token, valid for C{scope} (a
+        session id, or L{INDEX_SCOPE}); else a 401 error body.
+        """
         if self._shareLinks is None:
             return _error(
                 request,
@@ -418,12 +433,11 @@ class ChatWebAPI:
         if len(tokens) != 1:
             return _error(request, 401, "send one share token, or the X-API-Key header")
         try:
-            self._shareLinks.verify(sessionId, tokens[0].decode("ascii"))
+            return self._shareLinks.verify(scope, tokens[0].decode("ascii"))
         except UnicodeDecodeError:
             return _error(request, 401, "the share token is malformed")
         except InvalidToken as e:
             return _error(request, 401, str(e))
-        return None
 
     def _sessionURL(self, request: IRequest, sessionId: str, token: str | None) -> str:
         """
@@ -596,36 +610,48 @@ class ChatWebAPI:
         if refused is not None:
             return refused
 
-        html = _acceptsHTML(request)
+        byToken = self._authorized(request) is None
+        html = byToken or _acceptsHTML(request)
         request.setHeader(b"Vary", b"Accept")
+        linkLifetime = INDEX_LINK_LIFETIME
         if html:
             refused = self._refuseHost(request)
             if refused is not None:
                 return refused
+        if byToken:
+            # Without a key, the Guard let the request in for its token.
+            expires = self._verifyToken(request, INDEX_SCOPE)
+            if isinstance(expires, bytes):
+                return expires
+            linkLifetime = max(1, min(linkLifetime, expires - int(self._clock.seconds())))
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
             sessionIds = sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
             if not html:
                 return _json(request, sessionIds)
-            return self._html(request, renderIndex(sessionIds, self._indexLinks(request, sessionIds)))
+            links = self._indexLinks(request, sessionIds, linkLifetime)
+            return self._html(request, renderIndex(sessionIds, links))
 
         return gatherResults(
             [self._adapter.listSessions(), self._queue.journal.failedSessions()],
             consumeErrors=True,
         ).addCallbacks(listed, lambda f: self._unavailable(request, f))
 
-    def _indexLinks(self, request: IRequest, sessionIds: list[str]) -> dict[str, str]:
+    def _indexLinks(
+        self, request: IRequest, sessionIds: list[str], lifetime: int
+    ) -> dict[str, str]:
         """
-        The links of the HTML index: share links that live
-        L{INDEX_LINK_LIFETIME} seconds, so that a browser can follow them
-        without the key; plain links when share links are off.
+        The links of the HTML index: share links that live C{lifetime}
+        seconds (at most L{INDEX_LINK_LIFETIME}, never past the index's own
+        link), so that a browser can follow them without the key; plain
+        links when share links are off.
         """
         links = {}
         for sessionId in sessionIds:
             token = None
             if self._shareLinks is not None:
-                token, _ = self._shareLinks.issue(sessionId, INDEX_LINK_LIFETIME)
+                token, _ = self._shareLinks.issue(sessionId, lifetime)
             links[sessionId] = self._sessionURL(request, sessionId, token)
         return links
 
@@ -665,6 +691,37 @@ class ChatWebAPI:
         return self._sessionExists(sessionId).addCallbacks(
             share, lambda f: self._unavailable(request, f)
         )
+
+    @app.route("/sessions/share", methods=["POST"])
+    def shareIndex(self, request: IRequest) -> Any:
+        """
+        A share link to the HTML index of all sessions, for a browser.
+        """
+        refused = self._refuse(request, b"POST")
+        if refused is not None:
+            return refused
+        if self._shareLinks is None:
+            return _error(
+                request,
+                403,
+                "share links are turned off on this server (it was started"
+                " without a share secret)",
+            )
+        limit = self._limits.maxBodySize
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
+            return _error(
+                request, 413, f"request body is larger than the limit of {limit} bytes"
+            )
+        try:
+            _, lifetime = parseShareRequest(
+                body if body.strip() else b"{}", sessionRequired=False
+            )
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+        token, expires = self._shareLinks.issue(INDEX_SCOPE, lifetime)
+        base = self._sessionURL(request, "x", None).split("session?", 1)[0]
+        return _json(request, {"url": f"{base}sessions?token={token}", "expires": expires})
 
     @app.route("/session/raw", methods=["GET"])
     def exportRaw(self, request: IRequest) -> Any:

@@ -445,12 +445,58 @@ class IndexTests(APITestCase):
         self.clock.advance(15 * 60)
         self.assertError(*self.request("GET", link, headers={}), 401, "expired")
 
-    def test_indexNeedsTheKey(self) -> None:
+    def test_indexNeedsKeyOrIndexToken(self) -> None:
+        response, body = self.request("GET", "/sessions", headers=HTML)
+        self.assertError(response, body, 401, "X-API-Key")
+        # A session's token does not open the index.
         url = self.link()
         response, body = self.request(
             "GET", "/sessions?" + url.split("?")[1], headers=HTML
         )
-        self.assertError(response, body, 401, "X-API-Key")
+        self.assertError(response, body, 401, "not valid")
+
+    def indexLink(self, **payload) -> str:  # type: ignore[no-untyped-def]
+        response, body = self.request(
+            "POST", "/sessions/share", data=json.dumps(payload).encode()
+        )
+        self.assertEqual(response.code, 200, body)
+        answer = json.loads(body)
+        self.assertTrue(answer["url"].startswith("/sessions?token="), answer)
+        return answer["url"]
+
+    def test_indexShareLinkOpensInABrowser(self) -> None:
+        """
+        A browser with only the index's share link sees the index, follows
+        its links to the pages, and loses both when the link expires.
+        """
+        url = self.indexLink(expires_in=600)
+        response, body = self.request("GET", url, headers={})
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(
+            response.headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"]
+        )
+        (link,) = self.hrefs(body)
+        self.assertPage(*self.request("GET", link, headers={}))
+        # The page links live no longer than the index link.
+        self.clock.advance(600)
+        self.assertError(*self.request("GET", link, headers={}), 401, "expired")
+        self.assertError(*self.request("GET", url, headers={}), 401, "expired")
+
+    def test_indexTokenOpensNoSessionPage(self) -> None:
+        url = self.indexLink()
+        token = url.split("token=")[1]
+        response, body = self.request("GET", f"/session?id=ci&token={token}", headers={})
+        self.assertError(response, body, 401, "not valid")
+
+    def test_indexShareNeedsKeyAndValidLifetime(self) -> None:
+        response, body = self.request("POST", "/sessions/share", headers={}, data=b"{}")
+        self.assertError(response, body, 401)
+        response, body = self.request(
+            "POST", "/sessions/share", data=b'{"expires_in": 99999999}'
+        )
+        self.assertError(response, body, 400, "expires_in")
+        response, body = self.request("POST", "/sessions/share", data=b"")
+        self.assertEqual(response.code, 200, body)
 
 
 class HostCheckTests(APITestCase):
