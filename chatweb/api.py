@@ -12,6 +12,7 @@ are only served to a Host that is allowed (DNS rebinding).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from urllib.parse import quote, unquote_to_bytes
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
-from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.defer import DeferredSemaphore, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -248,6 +249,10 @@ def _acceptsHTML(request: IRequest) -> bool:
 MAX_IDEMPOTENCY_KEY = 255
 #: Sessions longer than this render on a thread, not the reactor.
 RENDER_INLINE_LIMIT = 200
+#: ... and so are sessions with more text than this, in characters.
+RENDER_INLINE_CHARACTERS = 20_000
+#: Message ids are SQLite integers.
+MAX_MESSAGE_ID = 2**63 - 1
 
 
 def _idempotencyKey(request: IRequest) -> str | None:
@@ -278,6 +283,20 @@ def _json(request: IRequest, value: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _heavy(session: Session, undelivered: Sequence[QueuedMessage]) -> bool:
+    """
+    Whether rendering the page takes long enough to belong off the reactor
+    thread.
+    """
+    if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
+        return True
+    characters = sum(
+        len(m.content or "") + len(m.reasoning_content or "") + len(str(m.tool_calls or ""))
+        for m in session.messages
+    ) + sum(len(m.content) for m in undelivered)
+    return characters > RENDER_INLINE_CHARACTERS
 
 
 def _isShareRequest(request: IRequest) -> bool:
@@ -315,7 +334,15 @@ class _Guard(Resource):
         if key is None:
             if not _isShareRequest(request):
                 return _error(request, 401, "missing or invalid X-API-Key header")
-            key = _SHARE_BUCKET
+            # Check the token before it costs anything; each valid one has a
+            # rate-limit bucket of its own.
+            scope = self._api._shareScope(request)
+            if isinstance(scope, bytes):
+                return scope
+            verified = self._api._verifyToken(request, scope)
+            if isinstance(verified, bytes):
+                return verified
+            key = _SHARE_BUCKET + hashlib.sha256(request.args[b"token"][0]).digest()
         wait = self._api._rateLimiter.take(key)
         if wait:
             request.setHeader(b"Retry-After", retryAfter(wait))
@@ -362,6 +389,7 @@ class ChatWebAPI:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
+        self._renders = DeferredSemaphore(2)
         self._shareLinks = ShareLinks(shareSecret, clock) if shareSecret is not None else None
         self._allowedHosts = frozenset(LOOPBACK_HOSTS) | {
             normalizeAllowedHost(name) for name in (allowedHosts or ())
@@ -380,11 +408,21 @@ class ChatWebAPI:
 
     # -- guards
 
+    def headersAuthorized(self, headers: Any) -> bool:
+        """
+        Whether request headers carry one of our keys (for the site, which
+        refuses bodies without one before reading them).
+        """
+        return self._keyIn(headers) is not None
+
     def _authorized(self, request: IRequest) -> bytes | None:
         """
         The API key the request carries, if it is one of ours.
         """
-        given = request.requestHeaders.getRawHeaders(b"x-api-key")
+        return self._keyIn(request.requestHeaders)
+
+    def _keyIn(self, headers: Any) -> bytes | None:
+        given = headers.getRawHeaders(b"x-api-key")
         if not given or len(given) != 1:
             return None
         # Compare with every key, in constant time for each.
@@ -417,6 +455,15 @@ class ChatWebAPI:
         """
         verified = self._verifyToken(request, sessionId)
         return verified if isinstance(verified, bytes) else None
+
+    def _shareScope(self, request: IRequest) -> str | bytes:
+        """
+        What the token of a key-less request must be valid for: the index,
+        or the session named by C{id}; else an error body.
+        """
+        if request.postpath == [b"sessions"]:
+            return INDEX_SCOPE
+        return self._sessionIdArgument(request)
 
     def _verifyToken(self, request: IRequest, scope: str) -> int | bytes:
         """
@@ -527,11 +574,16 @@ class ChatWebAPI:
                 return _error(
                     request,
                     422,
-                    "this Idempotency-Key was already used for another session",
+                    "this Idempotency-Key was already used for another session"
+                    " or other content",
                 )
             _log.failure("Could not store a message", failure)
             return _error(request, 503, "the message could not be stored; retry later")
 
+        if idempotencyKey is not None:
+            # Each API key has its own idempotency keys.
+            apiKey = self._authorized(request) or b""
+            idempotencyKey = hashlib.sha256(apiKey).hexdigest()[:16] + ":" + idempotencyKey
         return self._queue.post(session, content, idempotencyKey).addCallbacks(
             queued, failed
         )
@@ -573,6 +625,8 @@ class ChatWebAPI:
         refused = self._refuse(request, b"POST")
         if refused is not None:
             return refused
+        if messageId > MAX_MESSAGE_ID:
+            return _error(request, 404, f"no queued message {messageId}")
         return self._queue.retry(messageId).addCallbacks(
             lambda message: _json(request, message.asDict()),
             lambda f: self._queueError(request, f, messageId, "retried (only failed ones can be)"),
@@ -583,6 +637,8 @@ class ChatWebAPI:
         refused = self._refuse(request, b"DELETE")
         if refused is not None:
             return refused
+        if messageId > MAX_MESSAGE_ID:
+            return _error(request, 404, f"no queued message {messageId}")
 
         def discarded(_: object) -> bytes:
             request.setResponseCode(204)
@@ -777,8 +833,9 @@ class ChatWebAPI:
                     return _error(request, 404, f"no session {sessionId!r}")
                 session = Session(id=sessionId)
             # Pages of long sessions render off the reactor thread.
-            if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
-                page = renderSessionInThread(session, undelivered)
+            if _heavy(session, undelivered):
+                # One render at a time off the thread: CPU is the limit.
+                page = self._renders.run(renderSessionInThread, session, undelivered)
             else:
                 page = succeed(renderSession(session, undelivered))
             return page.addCallback(lambda html: self._html(request, html))

@@ -63,17 +63,28 @@ def readSessionFile(path: str) -> Session:
     except OSError as e:
         raise SessionFileError(f"{path}: {e.strerror or e}")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), parse_constant=_refuseConstant)
     except UnicodeDecodeError:
         raise SessionFileError(f"{path}: not UTF-8 text")
     except ValueError as e:
         raise SessionFileError(f"{path}: not valid JSON ({e})")
+    except RecursionError:
+        raise SessionFileError(f"{path}: nested too deeply")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SessionFileError(f"{path}: holds text that is not valid Unicode")
     name = os.path.basename(path)
     fallbackId = name[: -len(".json")] if name.endswith(".json") else name
     try:
         return sessionFromJSON(data, fallbackId)
     except SessionFileError as e:
         raise SessionFileError(f"{path}: {e}")
+
+
+def _refuseConstant(name: str) -> Any:
+    # NaN and Infinity are not JSON: an export would not be JSON either.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def exportSession(session: Session) -> dict[str, Any]:
@@ -119,7 +130,12 @@ async def importFiles(
             failures += 1
             print(f"chatweb: cannot import {e}", file=err)
             continue
-        written = await backend.importSession(session, replace)
+        try:
+            written = await backend.importSession(session, replace)
+        except Exception as e:
+            failures += 1
+            print(f"chatweb: cannot import {path}: {e}", file=err)
+            continue
         if written:
             print(f"imported {session.id} ({len(session.messages)} messages) from {path}", file=out)
         else:

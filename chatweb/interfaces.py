@@ -70,9 +70,9 @@ class IJournal(Interface):
         Store a message durably.
 
         With an C{idempotencyKey} seen in the last 24 hours for the same
-        session, store nothing and answer with the message stored then
-        (its C{duplicate} set); seen for another session, fail with
-        L{chatweb.errors.IdempotencyConflict}.
+        session and content, store nothing and answer with the message
+        stored then (its C{duplicate} set); seen with another session or
+        content, fail with L{chatweb.errors.IdempotencyConflict}.
 
         @return: a L{Deferred} firing with its L{chatweb.model.QueuedMessage}
             once it is on disk; messages appended one after another get

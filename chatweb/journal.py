@@ -5,6 +5,7 @@ The queue's durable journal: every accepted message is a row here before its
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 import attrs
@@ -36,6 +37,7 @@ SCHEMA = [
         key TEXT PRIMARY KEY,
         session TEXT NOT NULL,
         message INTEGER NOT NULL,
+        digest TEXT NOT NULL,
         created REAL NOT NULL
     )
     """,
@@ -50,6 +52,13 @@ _COLUMNS = "id, session, content, received, state, attempts, last_error"
 
 def _row(row: tuple) -> QueuedMessage:
     return QueuedMessage(*row)
+
+
+def contentDigest(content: str) -> str:
+    """
+    What an idempotency key remembers of the content it was first sent with.
+    """
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def _get(cursor: sqlite3.Cursor, messageId: int) -> QueuedMessage | None:
@@ -71,12 +80,12 @@ def _append(
             (received - IDEMPOTENCY_WINDOW,),
         )
         cursor.execute(
-            "SELECT session, message FROM idempotency WHERE key = ?",
+            "SELECT session, message, digest FROM idempotency WHERE key = ?",
             (idempotencyKey,),
         )
         seen = cursor.fetchone()
         if seen is not None:
-            if seen[0] != session:
+            if seen[0] != session or seen[2] != contentDigest(content):
                 raise IdempotencyConflict(idempotencyKey)
             earlier = _get(cursor, seen[1])
             if earlier is not None:
@@ -89,9 +98,9 @@ def _append(
     assert messageId is not None
     if idempotencyKey is not None:
         cursor.execute(
-            "INSERT OR REPLACE INTO idempotency (key, session, message, created)"
-            " VALUES (?, ?, ?, ?)",
-            (idempotencyKey, session, messageId, received),
+            "INSERT OR REPLACE INTO idempotency (key, session, message, digest, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (idempotencyKey, session, messageId, contentDigest(content), received),
         )
     return QueuedMessage(messageId, session, content, received)
 

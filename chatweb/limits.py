@@ -27,6 +27,7 @@ class Limits:
     @ivar rateLimit: requests per second per API key (429); 0 turns the rate
         limit off.
     @ivar rateBurst: requests a key may make at once before the rate applies.
+    @ivar maxConnections: connections open at once; more are closed at once.
     """
 
     maxBodySize: int = 1024 * 1024
@@ -38,6 +39,7 @@ class Limits:
     maxPendingTotal: int = 1_000_000
     rateLimit: float = 0.0
     rateBurst: int = 100
+    maxConnections: int = 1000
 
 
 class RateLimiter:

@@ -105,6 +105,7 @@ class MessageQueue:
         self._maxPerSession = maxPendingPerSession
         self._maxTotal = maxPendingTotal
         self._reserved: dict[str, int] = {}
+        self._discardedWhileLoading: set[int] = set()
         self._reservedTotal = 0
         self._loaded = False
         self._running = False
@@ -132,6 +133,8 @@ class MessageQueue:
     def _loadPending(self, pending: list[QueuedMessage]) -> None:
         # Messages posted while the journal was being read may be in both.
         bySession: dict[str, dict[int, QueuedMessage]] = {}
+        discarded, self._discardedWhileLoading = self._discardedWhileLoading, set()
+        pending = [m for m in pending if m.id not in discarded]
         for message in pending:
             bySession.setdefault(message.session, {})[message.id] = message
         for session, queue in self._queues.items():
@@ -251,13 +254,7 @@ class MessageQueue:
 
         def requeued(message: QueuedMessage) -> QueuedMessage:
             queue = self._queues.setdefault(message.session, _SessionQueue())
-            messages = [m for m in queue.messages if m.id != message.id]
-            start = 1 if queue.delivering is not None and messages else 0
-            position = start
-            while position < len(messages) and messages[position].id < message.id:
-                position += 1
-            messages.insert(position, message)
-            queue.messages = deque(messages)
+            self._insertInOrder(queue, message)
             self._kick(message.session)
             return message
 
@@ -268,18 +265,47 @@ class MessageQueue:
         Drop a pending or failed message for good (the journal keeps it,
         marked discarded).  A message being delivered cannot be discarded.
         """
+        found: tuple[str, _SessionQueue, QueuedMessage] | None = None
         for session, queue in self._queues.items():
             if queue.delivering is not None and queue.delivering.id == messageId:
                 return fail(WrongState("delivering"))
             for message in queue.messages:
                 if message.id == messageId:
-                    queue.messages.remove(message)
-                    if queue.retryCall is not None and queue.retryCall.active():
-                        queue.retryCall.cancel()
-                    queue.retryCall = None
-                    self._kick(session)
+                    found = (session, queue, message)
                     break
-        return self._journal.discard(messageId).addBoth(self._discarded)
+            if found:
+                break
+        if not self._loaded:
+            # The journal may still hand it to _loadPending.
+            self._discardedWhileLoading.add(messageId)
+        if found is not None:
+            session, queue, message = found
+            # Out of the queue at once, so that no delivery starts meanwhile.
+            isHead = queue.messages[0] is message
+            queue.messages.remove(message)
+            if isHead and queue.retryCall is not None:
+                if queue.retryCall.active():
+                    queue.retryCall.cancel()
+                queue.retryCall = None
+
+            def restore(failure: Failure) -> Failure:
+                if not failure.check(WrongState):
+                    self._insertInOrder(queue, message)
+                return failure
+
+            d = self._journal.discard(messageId).addErrback(restore)
+            self._kick(session)
+        else:
+            d = self._journal.discard(messageId)
+        return d.addBoth(self._discarded)
+
+    def _insertInOrder(self, queue: _SessionQueue, message: QueuedMessage) -> None:
+        messages = [m for m in queue.messages if m.id != message.id]
+        position = 1 if queue.delivering is not None and messages else 0
+        while position < len(messages) and messages[position].id < message.id:
+            position += 1
+        messages.insert(position, message)
+        queue.messages = deque(messages)
 
     def _discarded(self, result: Any) -> Any:
         self._maybeEmpty()

@@ -115,9 +115,11 @@ class ChatWebService(MultiService):
             maxHeaderSize=limits.maxHeaderSize,
             requestTimeout=limits.requestTimeout,
             idleTimeout=limits.idleTimeout,
+            maxConnections=limits.maxConnections,
             accessLog=accessLog,
             reactor=reactor,
         )
+        self.site.authorizeHeaders = self.api.headersAuthorized
         self.listening: Deferred[Any] | None = None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(

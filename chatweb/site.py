@@ -26,6 +26,7 @@ DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_HEADERS = 16 * 1024
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 1000
 
 _log = Logger()
 
@@ -66,6 +67,17 @@ class LimitedRequest(Request):
         if length is not None and length > self._limit():
             self._refuseTooLarge()
             return
+        # A body from a client without a valid key is refused before it is
+        # read (no request without a key has one).
+        authorize = getattr(self.channel.site, "authorizeHeaders", None)
+        if (length is None or length > 0) and authorize is not None:
+            if not authorize(self.requestHeaders):
+                self._tooLarge = True
+                self.content = io.BytesIO()
+                self.channel._refuse(
+                    401, b"Unauthorized", "missing or invalid X-API-Key header"
+                )
+                return
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -119,6 +131,7 @@ class ChatWebChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         site = self.site
+        site.openConnections += 1
         self.totalHeadersSize = site.maxHeaderSize
         self.MAX_LENGTH = site.maxHeaderSize
         super().connectionMade()
@@ -150,6 +163,7 @@ class ChatWebChannel(HTTPChannel):
         super().allContentReceived()
 
     def connectionLost(self, reason: Any) -> None:
+        self.site.openConnections -= 1
         self._cancelDeadline()
         super().connectionLost(reason)
 
@@ -209,6 +223,7 @@ class ChatWebSite(Site):
         maxHeaderSize: int = DEFAULT_MAX_HEADERS,
         requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
         idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
+        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         accessLog: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -218,7 +233,18 @@ class ChatWebSite(Site):
         self.maxBodySize = maxBodySize
         self.maxHeaderSize = maxHeaderSize
         self.requestTimeout = requestTimeout
+        self.maxConnections = maxConnections
+        self.openConnections = 0
         self.accessLog = accessLog
+        #: C{Headers -> bool}: whether they carry a valid key; set by the
+        #: service so that bodies without one are never read.
+        self.authorizeHeaders: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # Past the limit, a new connection is closed at once (None).
+        if self.openConnections >= self.maxConnections:
+            return None
+        return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:
         # The query string is left out: it may carry a share token.

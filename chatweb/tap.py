@@ -75,6 +75,8 @@ class Options(usage.Options):
          " key (then 429); 0: off.", None],
         ["rate-burst", None, _DEFAULTS.rateBurst, "Requests a key may make at"
          " once before --rate-limit applies.", None],
+        ["max-connections", None, _DEFAULTS.maxConnections, "Connections open"
+         " at once; more are closed at once.", None],
     ]
     optFlags = [
         ["access-log", None, "Log every request (method, path, status; never"
@@ -147,6 +149,9 @@ class Options(usage.Options):
     def opt_rate_burst(self, value: str) -> None:
         self._number("rate-burst", value, int, 1)
 
+    def opt_max_connections(self, value: str) -> None:
+        self._number("max-connections", value, int, 1)
+
     def __init__(self) -> None:
         super().__init__()
         self["allowed-hosts"] = []
@@ -170,6 +175,7 @@ class Options(usage.Options):
             maxPendingTotal=self["max-pending"],
             rateLimit=self["rate-limit"],
             rateBurst=self["rate-burst"],
+            maxConnections=self["max-connections"],
         )
 
     def opt_responder(self, value: str) -> None:

@@ -167,7 +167,7 @@ class MemoryJournal:
     def __init__(self) -> None:
         self.rows: dict[int, QueuedMessage] = {}
         self.failAppends = False
-        self._keys: dict[str, tuple[str, int]] = {}
+        self._keys: dict[str, tuple[str, int, str]] = {}
         self._next = 1
 
     def append(
@@ -180,14 +180,14 @@ class MemoryJournal:
         if self.failAppends:
             return fail(OSError("disk full"))
         if idempotencyKey is not None and idempotencyKey in self._keys:
-            keySession, messageId = self._keys[idempotencyKey]
-            if keySession != session:
+            keySession, messageId, keyContent = self._keys[idempotencyKey]
+            if keySession != session or keyContent != content:
                 return fail(IdempotencyConflict(idempotencyKey))
             return succeed(attrs.evolve(self.rows[messageId], duplicate=True))
         message = QueuedMessage(self._next, session, content, received)
         self.rows[message.id] = message
         if idempotencyKey is not None:
-            self._keys[idempotencyKey] = (session, message.id)
+            self._keys[idempotencyKey] = (session, message.id, content)
         self._next += 1
         return succeed(message)
 

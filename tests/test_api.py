@@ -22,6 +22,26 @@ KEY = "test-key"
 AUTH = {"X-API-Key": KEY}
 
 
+def _isValidMessage(document: str) -> bool:
+    """
+    The rules of POST /, stated independently of chatweb's parser.
+    """
+    try:
+        data = json.loads(document)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    session, content = data.get("session"), data.get("content")
+    if not isinstance(session, str) or not isinstance(content, str):
+        return False
+    if not 0 < len(session) <= 256:
+        return False
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in session):
+        return False
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in session + content)
+
+
 class APITestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -140,26 +160,45 @@ class PostTests(APITestCase):
         self.assertError(response, body, 503, "could not be stored")
         self.flushLoggedErrors(OSError)
 
-    @settings(max_examples=200, deadline=None)
-    @given(
-        st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-            lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-            max_leaves=20,
+    @settings(max_examples=300, deadline=None)
+    @given(st.data())
+    def test_anyJSONValueIsA204OrA400(self, data: st.DataObject) -> None:
+        """
+        Arbitrary JSON documents, deeply nested ones, huge numbers and
+        duplicate keys: each gets a 204 exactly when it is a valid message
+        (an independent statement of the rules), else a 400; never a 500.
+        """
+        leaves = (
+            st.none()
+            | st.booleans()
+            | st.integers(min_value=-(10**40), max_value=10**40)
+            | st.floats(allow_nan=False)
+            | st.text()
         )
-    )
-    def test_anyJSONValueIsA204OrA400(self, value: object) -> None:
-        try:
-            body = json.dumps(value).encode()
-        except ValueError:
-            return
-        for payload in (body, json.dumps({"session": value, "content": value}).encode()):
-            try:
-                expected = 204 if parseMessage(payload) else 400
-            except BadRequest:
-                expected = 400
-            response, answer = self.post(payload)
-            self.assertEqual(response.code, expected, answer)
+        value = data.draw(
+            st.recursive(
+                leaves,
+                lambda children: st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=5), children, max_size=4),
+                max_leaves=40,
+            )
+        )
+        session = data.draw(st.one_of(st.text(max_size=300), leaves, st.just(value)))
+        content = data.draw(st.one_of(st.text(), leaves, st.just(value)))
+        depth = data.draw(st.integers(min_value=0, max_value=3000))
+        documents = [
+            json.dumps(value),
+            json.dumps({"session": session, "content": content}),
+            # Duplicate keys: the last one counts, as in JSON.parse.
+            '{"session": 1, "content": %s, "session": %s}'
+            % (json.dumps(content), json.dumps(session)),
+            '{"session": "ci", "content": "x", "deep": %s%s}' % ("[" * depth, "]" * depth),
+            '{"session": "ci", "content": "x", "n": %s}' % ("9" * (depth + 1)),
+        ]
+        for document in documents:
+            expected = 204 if _isValidMessage(document) else 400
+            response, answer = self.post(document.encode("utf-8", "surrogatepass"))
+            self.assertEqual(response.code, expected, (document[:200], answer))
 
     @settings(max_examples=200, deadline=None)
     @given(st.binary(max_size=200))
@@ -270,13 +309,26 @@ class ReliabilityAPITests(APITestCase):
             response, _ = self.post({"session": "ci", "content": "deploy"}, headers=headers)
             self.assertEqual(response.code, 204)
         self.assertEqual(self.adapter.contents("ci"), ["deploy"])
-        response, body = self.post({"session": "other", "content": "x"}, headers=headers)
+        response, body = self.post({"session": "other", "content": "deploy"}, headers=headers)
         self.assertError(response, body, 422, "another session")
+        response, body = self.post({"session": "ci", "content": "changed"}, headers=headers)
+        self.assertError(response, body, 422, "other content")
         for bad in ("", "has space", "x" * 256):
             response, body = self.post(
                 {"session": "ci", "content": "x"}, headers=dict(AUTH, **{"Idempotency-Key": bad})
             )
             self.assertError(response, body, 400, "Idempotency-Key")
+
+    def test_idempotencyKeysBelongToTheirAPIKey(self) -> None:
+        api = ChatWebAPI(self.queue, self.adapter, [KEY, "other-key"], clock=self.clock)
+        self.treq = StubTreq(api.resource())
+        for key in (KEY, "other-key"):
+            response, _ = self.post(
+                {"session": "ci", "content": "build-42 done"},
+                headers={"X-API-Key": key, "Idempotency-Key": "build-42"},
+            )
+            self.assertEqual(response.code, 204)
+        self.assertEqual(self.adapter.contents("ci"), ["build-42 done", "build-42 done"])
 
     def test_contentTooLong(self) -> None:
         api = ChatWebAPI(self.queue, self.adapter, [KEY], Limits(maxContentLength=10), self.clock)

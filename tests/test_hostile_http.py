@@ -84,9 +84,40 @@ class HostileHTTPTests(TestCase):
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
         ]
         for request in cases:
+            # With the key, so that only the malformation is refused.
+            request = request.replace(b"\r\n", b"\r\nX-API-Key: " + KEY + b"\r\n", 1)
             answer, _ = await deferToThread(exchange, port, request)
             self.assertEqual(status(answer), 400, (request, answer))
             self.assertIn("malformed", jsonError(answer))
+        await self.stillAnswers()
+
+    async def test_bodyWithoutKeyRefusedBeforeItIsSent(self) -> None:
+        """
+        A client without a valid key gets its 401 as soon as its headers
+        are in: its body is never read.
+        """
+        port = await self.startServer()
+        request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+        answer, _ = await deferToThread(exchange, port, request)
+        self.assertEqual(status(answer), 401, answer)
+        self.assertIn(b"Connection: close", answer)
+        chunked = b"POST / HTTP/1.1\r\nX-API-Key: wrong\r\nTransfer-Encoding: chunked\r\n\r\n"
+        answer, _ = await deferToThread(exchange, port, chunked)
+        self.assertEqual(status(answer), 401, answer)
+
+    async def test_connectionLimit(self) -> None:
+        port = await self.startServer(limits=Limits(maxConnections=5))
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        self.addCleanup(lambda: [s.close() for s in held])
+        answer, took = await deferToThread(exchange, port, b"GET /sessions HTTP/1.1\r\n\r\n")
+        self.assertEqual(answer, b"")
+        for s in held:
+            s.close()
+        held.clear()
+        for _ in range(50):
+            if self.chatweb.service.site.openConnections == 0:
+                break
+            await deferToThread(time.sleep, 0.05)
         await self.stillAnswers()
 
     async def test_headersAndURLTooLarge(self) -> None:

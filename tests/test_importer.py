@@ -221,3 +221,29 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.count("\n"), 1)
         self.assertIn("cannot use data directory /proc/chatweb-import", result.stderr)
+
+
+class HostileFileTests(SynchronousTestCase):
+    """
+    Files that are JSON-ish but not importable are refused one by one, with
+    a reason, never a traceback.
+    """
+
+    def refused(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        with self.assertRaises(SessionFileError) as raised:
+            readSessionFile(path)
+        return str(raised.exception)
+
+    def test_deepNesting(self) -> None:
+        self.assertIn("nested too deeply", self.refused("[" * 100000 + "]" * 100000))
+
+    def test_notANumber(self) -> None:
+        message = self.refused('{"id": "x", "messages": [{"role": "user", "created": NaN}]}')
+        self.assertIn("NaN", message)
+
+    def test_loneSurrogate(self) -> None:
+        message = self.refused('{"id": "x", "messages": [{"role": "user", "content": "\\ud800"}]}')
+        self.assertIn("not valid Unicode", message)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+import attrs
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -379,6 +381,44 @@ class FailingBackendTests(SynchronousTestCase):
         self.assertEqual(self.adapter.contents("ci"), ["next", "dead"])
         self.failureResultOf(self.queue.discard(3), WrongState)
 
+    def test_discardWhileWaitingToRetry(self) -> None:
+        """
+        The head message, failing and waiting for its retry, is discarded:
+        it is never delivered, and the session's next message goes ahead.
+        """
+        self.adapter.failures = 1
+        self.successResultOf(self.queue.post("ci", "unwanted"))
+        self.assertEqual(self.journal.rows[1].attempts, 1)
+        self.successResultOf(self.queue.discard(1))
+        self.successResultOf(self.queue.post("ci", "wanted"))
+        self.run_until_quiet()
+        self.assertEqual(self.adapter.contents("ci"), ["wanted"])
+        self.assertEqual(self.journal.rows[1].state, "discarded")
+        self.successResultOf(self.queue.whenDelivered())
+
+    def test_discardOtherKeepsHeadBackoff(self) -> None:
+        self.adapter.failures = 1
+        self.successResultOf(self.queue.post("ci", "head"))
+        self.adapter.setBusy("ci")
+        self.successResultOf(self.queue.post("ci", "second"))
+        self.adapter.setBusy("ci", False)
+        self.successResultOf(self.queue.discard(2))
+        self.assertEqual(self.adapter.contents("ci"), [])
+        self.run_until_quiet()
+        self.assertEqual(self.adapter.contents("ci"), ["head"])
+
+    def test_discardDuringStartupLoad(self) -> None:
+        journal = MemoryJournal()
+        journal.append("ci", "old", 0)
+        loading: Deferred = Deferred()
+        journal.pending = lambda: loading  # type: ignore[method-assign]
+        queue = MessageQueue(journal, self.adapter, self.clock)
+        queue.start()
+        self.successResultOf(queue.discard(1))
+        loading.callback([attrs.evolve(journal.rows[1], state="pending")])
+        self.assertEqual(self.adapter.delivered, [])
+        self.assertEqual(journal.rows[1].state, "discarded")
+
     def test_discardWhileDeliveringRefused(self) -> None:
         self.adapter.autoComplete = False
         self.successResultOf(self.queue.post("ci", "busy"))
@@ -407,7 +447,8 @@ class FailingBackendTests(SynchronousTestCase):
         self.assertEqual(first.id, again.id)
         self.assertTrue(again.duplicate)
         self.assertEqual(self.adapter.contents("ci"), ["once"])
-        self.failureResultOf(self.queue.post("other", "x", "key-1"), IdempotencyConflict)
+        self.failureResultOf(self.queue.post("other", "once", "key-1"), IdempotencyConflict)
+        self.failureResultOf(self.queue.post("ci", "twice", "key-1"), IdempotencyConflict)
 
     def test_bookkeepingErrorDoesNotStallTheSession(self) -> None:
         """
