@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import base64
 import glob
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +34,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from chatweb.importer import readSessionFile
 from chatweb.preview import SECURITY_HEADERS, renderIndex, renderSession
+from chatweb.testing import twistdCommand
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -115,7 +121,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class BrowserTests(SynchronousTestCase):
+class _Browser(SynchronousTestCase):
+    """
+    A headless Chromium for a test, with the checks the tests share.
+    """
+
     def setUp(self) -> None:
         reason = _missing()
         if reason is not None:
@@ -204,6 +214,9 @@ class BrowserTests(SynchronousTestCase):
             self.assertEqual(self.consoleErrors(), [], what)
             self.screenshot(f"{name}-{width}")
 
+
+
+class BrowserTests(_Browser):
     def test_fixturesFitAndLogNoErrors(self) -> None:
         for path in sorted(glob.glob(os.path.join(FIXTURES, "*.json"))):
             self.checkPage(os.path.basename(path)[: -len(".json")])
@@ -239,3 +252,64 @@ class BrowserTests(SynchronousTestCase):
                 " getComputedStyle(document.querySelector('.badge.' + r)).backgroundColor)"
             )
             self.assertEqual(len(set(colours)), 3, colours)
+
+
+class RealServiceBrowserTests(_Browser):
+    """
+    The same checks through the real C{twistd -n chatweb}: the fixtures
+    imported with C{python -m chatweb import}, an index share link asked for
+    over the API, and every page opened by following its links, with
+    chatweb's own headers, Host check and Content-Security-Policy.
+    """
+
+    def startChatweb(self, dataDir: str) -> str:
+        env = dict(os.environ, CHATWEB_API_KEY="browser-test-key")
+        process = subprocess.Popen(
+            twistdCommand()
+            + ["-n", "--pidfile=", "chatweb", "--data-dir", dataDir,
+               "--listen", "tcp:0:interface=127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )
+        self.addCleanup(process.wait, 30)
+        self.addCleanup(process.terminate)
+        assert process.stdout is not None
+        for _ in range(200):
+            line = process.stdout.readline()
+            match = re.search(rb"chatweb listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                threading.Thread(target=process.stdout.read, daemon=True).start()
+                return f"http://127.0.0.1:{int(match.group(1))}"
+            if not line:
+                break
+        self.fail("chatweb did not start")
+
+    def test_fixturesThroughShareLinks(self) -> None:
+        dataDir = tempfile.mkdtemp(prefix="chatweb-browser-")
+        self.addCleanup(shutil.rmtree, dataDir, ignore_errors=True)
+        fixtures = sorted(glob.glob(os.path.join(FIXTURES, "*.json")))
+        subprocess.run(
+            [sys.executable, "-m", "chatweb", "import", "--data-dir", dataDir, *fixtures],
+            check=True, capture_output=True, timeout=120,
+        )
+        base = self.startChatweb(dataDir)
+        request = urllib.request.Request(
+            base + "/sessions/share", data=b"{}", method="POST",
+            headers={"X-API-Key": "browser-test-key"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            indexURL = base + json.load(response)["url"]
+        for width in WIDTHS:
+            self.driver.execute_cdp_cmd(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": width < 600},
+            )
+            self.driver.get(indexURL)
+            self.assertFits(f"index at {width}px", width)
+            links = [a.get_attribute("href") for a in self.driver.find_elements("css selector", "main a")]
+            self.assertEqual(len(links), len(fixtures), links)
+            for link in links:
+                self.driver.get(link)
+                what = f"{link} at {width}px"
+                self.assertIn("message", self.driver.find_element("css selector", "body").text, what)
+                self.assertFits(what, width)
+                self.assertEqual(self.consoleErrors(), [], what)

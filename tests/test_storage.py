@@ -198,3 +198,21 @@ class LocalBackendTests(StorageTestCase):
         session = yield backend.getSession(first)
         self.assertEqual((session.provider, session.cwd), ("deepseek", "/tmp"))
         self.assertEqual(sessionIdFor(0)[:4], "1970")
+
+
+class IdempotencyJournalTests(StorageTestCase):
+    @inlineCallbacks
+    def test_keyRememberedForADay(self):
+        from chatweb.errors import IdempotencyConflict
+
+        journal = SQLiteJournal(self.db)
+        first = yield journal.append("ci", "x", 1000.0, "k")
+        again = yield journal.append("ci", "x", 1000.0 + 86399, "k")
+        self.assertEqual((again.id, again.duplicate), (first.id, True))
+        yield self.assertFailure(journal.append("other", "x", 1001.0, "k"), IdempotencyConflict)
+        yield self.assertFailure(journal.append("ci", "y", 1001.0, "k"), IdempotencyConflict)
+        later = yield journal.append("ci", "x", 1000.0 + 86401, "k")
+        self.assertNotEqual(later.id, first.id)
+        self.assertFalse(later.duplicate)
+        pending = yield journal.pending()
+        self.assertEqual([m.id for m in pending], [first.id, later.id])
