@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from urllib.parse import quote, unquote_to_bytes
 from typing import Any, Sequence
 
@@ -103,6 +104,28 @@ def validateSessionId(value: Any, field: str = "session") -> str:
     return value
 
 
+#: The deepest nesting of arrays and objects a request body may have: a
+#: fixed rule, rather than whatever the stack allows at the moment.
+MAX_JSON_DEPTH = 512
+
+_JSON_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _tooDeep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for token in _JSON_STRUCTURE.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif mark in "]}":
+            depth -= 1
+    return False
+
+
 def parseObject(body: bytes) -> dict[str, Any]:
     """
     Read a JSON object from a request body.
@@ -117,6 +140,10 @@ def parseObject(body: bytes) -> dict[str, Any]:
         text = text[1:]
     if not text.strip():
         raise BadRequest("request body is empty; expected a JSON object")
+    if _tooDeep(text):
+        raise BadRequest(
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -22,6 +22,17 @@ KEY = "test-key"
 AUTH = {"X-API-Key": KEY}
 
 
+def _depth(value: object) -> int:
+    # Iterative, so that the oracle does not depend on the stack either.
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _isValidMessage(document: str) -> bool:
     """
     The rules of POST /, stated independently of chatweb's parser.
@@ -30,7 +41,7 @@ def _isValidMessage(document: str) -> bool:
         data = json.loads(document)
     except (ValueError, RecursionError):
         return False
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or _depth(data) > 512:
         return False
     session, content = data.get("session"), data.get("content")
     if not isinstance(session, str) or not isinstance(content, str):
@@ -120,7 +131,8 @@ class PostTests(APITestCase):
             (b'{"session": "a\\u0000", "content": "x"}', "control characters"),
             (b'{"session": "ci", "content": "\\ud800"}', "not valid Unicode"),
             (json.dumps({"session": "s" * 257, "content": "x"}).encode(), "at most 256"),
-            (b"[" * 100000, "not valid JSON"),
+            (b"[" * 100000, "nested deeper than 512"),
+            (b'{"session": "ci", "content": "x", "d": ' + b"[" * 513 + b"]" * 513 + b"}", "nested deeper"),
             (b'{"session": "ci", "content": "x", "n": ' + b"9" * 5000 + b"}", "not valid JSON"),
         ]
         for body, words in cases:
