@@ -56,6 +56,16 @@ _SHARE_BUCKET = b"\0share-link"
 _log = Logger()
 
 
+class _Refused(Exception):
+    """
+    A request refused before its route's work; C{body} is the answer.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+
 class BadRequest(Exception):
     """
     The request is malformed; the message says how.
@@ -558,14 +568,10 @@ class ChatWebAPI:
         refused = self._refuse(request, b"POST")
         if refused is not None:
             return refused
-        # ChatWebSite refuses large bodies before they are read; this covers
-        # a Site of the embedding program's own.
-        limit = self._limits.maxBodySize
-        body = request.content.read(limit + 1)
-        if len(body) > limit:
-            return _error(
-                request, 413, f"request body is larger than the limit of {limit} bytes"
-            )
+        try:
+            body = self._readBody(request)
+        except _Refused as refusal:
+            return refusal.body
         try:
             idempotencyKey = _idempotencyKey(request)
             session, content = parseMessage(body)
@@ -738,8 +744,13 @@ class ChatWebAPI:
             links[sessionId] = self._sessionURL(request, sessionId, token)
         return links
 
-    @app.route("/session/share", methods=["POST"])
-    def shareSession(self, request: IRequest) -> Any:
+    def _readShareRequest(
+        self, request: IRequest, sessionRequired: bool
+    ) -> tuple[str, int] | bytes:
+        """
+        The session and lifetime a share-link request asks for, or the
+        error body that refuses it.
+        """
         refused = self._refuse(request, b"POST")
         if refused is not None:
             return refused
@@ -750,17 +761,40 @@ class ChatWebAPI:
                 "share links are turned off on this server (it was started"
                 " without a share secret)",
             )
+        try:
+            body = self._readBody(request)
+        except _Refused as refusal:
+            return refusal.body
+        try:
+            return parseShareRequest(
+                body if body.strip() or sessionRequired else b"{}", sessionRequired
+            )
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+
+    def _readBody(self, request: IRequest) -> bytes:
+        """
+        The request body.  ChatWebSite refuses large bodies before they are
+        read; this covers a Site of the embedding program's own.
+
+        @raise _Refused: with the 413 answer, if it is too large.
+        """
         limit = self._limits.maxBodySize
         body = request.content.read(limit + 1)
         if len(body) > limit:
-            return _error(
-                request, 413, f"request body is larger than the limit of {limit} bytes"
+            raise _Refused(
+                _error(request, 413, f"request body is larger than the limit of {limit} bytes")
             )
-        try:
-            sessionId, lifetime = parseShareRequest(body)
-        except BadRequest as e:
-            return _error(request, 400, str(e))
+        return body
+
+    @app.route("/session/share", methods=["POST"])
+    def shareSession(self, request: IRequest) -> Any:
+        asked = self._readShareRequest(request, sessionRequired=True)
+        if isinstance(asked, bytes):
+            return asked
+        sessionId, lifetime = asked
         shareLinks = self._shareLinks
+        assert shareLinks is not None
 
         def share(session: Session | None) -> bytes:
             if session is None:
@@ -780,28 +814,11 @@ class ChatWebAPI:
         """
         A share link to the HTML index of all sessions, for a browser.
         """
-        refused = self._refuse(request, b"POST")
-        if refused is not None:
-            return refused
-        if self._shareLinks is None:
-            return _error(
-                request,
-                403,
-                "share links are turned off on this server (it was started"
-                " without a share secret)",
-            )
-        limit = self._limits.maxBodySize
-        body = request.content.read(limit + 1)
-        if len(body) > limit:
-            return _error(
-                request, 413, f"request body is larger than the limit of {limit} bytes"
-            )
-        try:
-            _, lifetime = parseShareRequest(
-                body if body.strip() else b"{}", sessionRequired=False
-            )
-        except BadRequest as e:
-            return _error(request, 400, str(e))
+        asked = self._readShareRequest(request, sessionRequired=False)
+        if isinstance(asked, bytes):
+            return asked
+        _, lifetime = asked
+        assert self._shareLinks is not None
         token, expires = self._shareLinks.issue(INDEX_SCOPE, lifetime)
         base = self._sessionURL(request, "x", None).split("session?", 1)[0]
         return _json(request, {"url": f"{base}sessions?token={token}", "expires": expires})

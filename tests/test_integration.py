@@ -5,7 +5,6 @@ chatweb over a real listening port, with treq as the client.
 from __future__ import annotations
 
 import json
-import socket
 
 
 from twisted.internet.defer import gatherResults
@@ -14,27 +13,11 @@ from twisted.trial.unittest import TestCase
 
 from chatweb.limits import Limits
 from chatweb.testing import startChatWeb
+from test_hostile_http import exchange
 
 
-def rawExchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """
-    Send raw bytes and read until the server closes (in a thread).
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-        except OSError:
-            pass
-        chunks = []
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except OSError:
-            pass
-    return b"".join(chunks)
+def rawExchange(port: int, data: bytes) -> bytes:
+    return exchange(port, data)[0]
 
 
 class ServiceTests(TestCase):
