@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from chatweb.api import ChatWebAPI, BadRequest, parseMessage
+from chatweb.api import ChatWebAPI
 from chatweb.limits import Limits
 from chatweb.queue import MessageQueue
 from chatweb.testing import MemoryAdapter, MemoryJournal

@@ -1,0 +1,160 @@
+"""
+What a valid request body is: the rules of POST / and of share-link
+requests, each breach a L{BadRequest} that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from chatweb.share import DEFAULT_LIFETIME, MAX_LIFETIME
+
+MAX_SESSION_ID = 256
+
+
+class BadRequest(Exception):
+    """
+    The request is malformed; the message says how.
+    """
+
+
+def _jsonType(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _isValidUnicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validateSessionId(value: Any, field: str = "session") -> str:
+    """
+    A session id is a non-empty string of at most L{MAX_SESSION_ID}
+    characters without control characters.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"field '{field}' must be a string, not {_jsonType(value)}")
+    if not value:
+        raise BadRequest(f"field '{field}' must not be empty")
+    if len(value) > MAX_SESSION_ID:
+        raise BadRequest(
+            f"field '{field}' must be at most {MAX_SESSION_ID} characters"
+        )
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise BadRequest(f"field '{field}' must not contain control characters")
+    if not _isValidUnicode(value):
+        raise BadRequest(f"field '{field}' is not valid Unicode")
+    return value
+
+
+#: The deepest nesting of arrays and objects a request body may have: a
+#: fixed rule, rather than whatever the stack allows at the moment.
+MAX_JSON_DEPTH = 512
+
+_JSON_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _tooDeep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for token in _JSON_STRUCTURE.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif mark in "]}":
+            depth -= 1
+    return False
+
+
+def parseObject(body: bytes) -> dict[str, Any]:
+    """
+    Read a JSON object from a request body.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    if _tooDeep(text):
+        raise BadRequest(
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e.msg} at position {e.pos}")
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise BadRequest(
+            f"request body must be a JSON object, not {_jsonType(data)}"
+        )
+    return data
+
+
+def parseMessage(body: bytes) -> tuple[str, str]:
+    """
+    Read C{{"session": str, "content": str}} from a request body.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    data = parseObject(body)
+    for field in ("session", "content"):
+        if field not in data:
+            raise BadRequest(f"missing field '{field}' (a string)")
+    session = validateSessionId(data["session"])
+    content = data["content"]
+    if not isinstance(content, str):
+        raise BadRequest(f"field 'content' must be a string, not {_jsonType(content)}")
+    if not _isValidUnicode(content):
+        raise BadRequest("field 'content' is not valid Unicode")
+    return session, content
+
+
+def parseShareRequest(body: bytes, sessionRequired: bool = True) -> tuple[str, int]:
+    """
+    Read C{{"session": str, "expires_in": seconds}} (C{expires_in} optional)
+    from a request body.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    data = parseObject(body)
+    session = ""
+    if sessionRequired:
+        if "session" not in data:
+            raise BadRequest("missing field 'session' (a string)")
+        session = validateSessionId(data["session"])
+    lifetime = data.get("expires_in", DEFAULT_LIFETIME)
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool):
+        raise BadRequest(
+            "field 'expires_in' must be a whole number of seconds, not"
+            f" {_jsonType(lifetime) if not isinstance(lifetime, float) else 'a fraction'}"
+        )
+    if not 0 < lifetime <= MAX_LIFETIME:
+        raise BadRequest(
+            f"field 'expires_in' must be 1 to {MAX_LIFETIME} seconds (7 days)"
+        )
+    return session, lifetime
