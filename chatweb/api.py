@@ -17,6 +17,7 @@ import hmac
 import json
 from urllib.parse import quote, unquote_to_bytes
 from typing import Any, Sequence
+from weakref import WeakKeyDictionary
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
@@ -144,6 +145,15 @@ def _heavy(session: Session, undelivered: Sequence[QueuedMessage]) -> bool:
     return characters > RENDER_INLINE_CHARACTERS
 
 
+def _mountPrefix(request: IRequest) -> str:
+    """
+    The path the API is mounted at ("" at the root), for links to itself.
+    """
+    # Klein keeps it as the mapper's script name ("" or "/" at the root).
+    scriptName = IKleinRequest(request).mapper.script_name
+    return quote(scriptName.rstrip("/"), safe="/")
+
+
 def _isShareRequest(request: IRequest) -> bool:
     """
     Whether C{request} is C{GET /session?...&token=...}, the path taken
@@ -187,6 +197,8 @@ class _Guard(Resource):
             verified = self._api._verifyToken(request, scope)
             if isinstance(verified, bytes):
                 return verified
+            # The route trusts this: the token is checked once.
+            self._api._shareExpiry[request] = verified
             key = _SHARE_BUCKET + hashlib.sha256(request.args[b"token"][0]).digest()
         wait = self._api._rateLimiter.take(key)
         if wait:
@@ -246,6 +258,9 @@ class ChatWebAPI:
             from twisted.internet import reactor as clock
         self._clock = clock
         self._renders = DeferredSemaphore(2)
+        #: Requests let in without a key, by the expiry of their verified
+        #: share token.
+        self._shareExpiry: WeakKeyDictionary[IRequest, int] = WeakKeyDictionary()
         self._shareLinks = ShareLinks(shareSecret, clock) if shareSecret is not None else None
         self._allowedHosts = frozenset(LOOPBACK_HOSTS) | {
             normalizeAllowedHost(name) for name in (allowedHosts or ())
@@ -304,14 +319,6 @@ class ChatWebAPI:
             " NAME (allowedHosts=[NAME] when embedding)",
         )
 
-    def _refuseToken(self, request: IRequest, sessionId: str) -> bytes | None:
-        """
-        A 401 unless the request carries one share token, valid for
-        C{sessionId}, else None.
-        """
-        verified = self._verifyToken(request, sessionId)
-        return verified if isinstance(verified, bytes) else None
-
     def _shareScope(self, request: IRequest) -> str | bytes:
         """
         What the token of a key-less request must be valid for: the index,
@@ -347,29 +354,32 @@ class ChatWebAPI:
         The path of C{sessionId}'s page (below where the API is mounted),
         with a share token if one is given.
         """
-        # Klein keeps the path the resource is mounted at as the mapper's
-        # script name ("" or "/" at the root).
-        scriptName = IKleinRequest(request).mapper.script_name
-        prefix = quote(scriptName.rstrip("/"), safe="/")
-        url = f"{prefix}/session?id={quote(sessionId, safe='')}"
+        url = f"{_mountPrefix(request)}/session?id={quote(sessionId, safe='')}"
         return url if token is None else f"{url}&token={token}"
 
-    def _sessionExists(self, sessionId: str) -> Any:
+    def _findSession(self, sessionId: str) -> Any:
         """
         A Deferred: the session from the adapter (an empty one if it only has
-        messages in the journal), or None if there is no such session.
+        messages in the journal), or None if there is no such session; and
+        its undelivered messages.
         """
 
-        def found(results: list[Any]) -> Session | None:
+        def found(results: list[Any]) -> tuple[Session | None, list[QueuedMessage]]:
             session, undelivered = results
             if session is None and undelivered:
-                return Session(id=sessionId)
-            return session
+                session = Session(id=sessionId)
+            return session, undelivered
 
         return gatherResults(
             [self._adapter.getSession(sessionId), self._queue.journal.messages(sessionId)],
             consumeErrors=True,
         ).addCallback(found)
+
+    def _sessionExists(self, sessionId: str) -> Any:
+        """
+        A Deferred: the session, as L{_findSession} finds it, or None.
+        """
+        return self._findSession(sessionId).addCallback(lambda found: found[0])
 
     def _refuse(self, request: IRequest, method: bytes) -> bytes | None:
         """
@@ -379,6 +389,17 @@ class ChatWebAPI:
         if request.method != method:
             return _error(request, 404, "not found")
         return None
+
+    def _refuseMessage(
+        self, request: IRequest, method: bytes, messageId: int
+    ) -> bytes | None:
+        """
+        L{_refuse}, and a 404 for an id no message can have.
+        """
+        refused = self._refuse(request, method)
+        if refused is None and messageId > MAX_MESSAGE_ID:
+            refused = _error(request, 404, f"no queued message {messageId}")
+        return refused
 
     # -- routes
 
@@ -474,11 +495,9 @@ class ChatWebAPI:
 
     @app.route("/queue/<int:messageId>/retry", methods=["POST"])
     def retryMessage(self, request: IRequest, messageId: int) -> Any:
-        refused = self._refuse(request, b"POST")
+        refused = self._refuseMessage(request, b"POST", messageId)
         if refused is not None:
             return refused
-        if messageId > MAX_MESSAGE_ID:
-            return _error(request, 404, f"no queued message {messageId}")
         return self._queue.retry(messageId).addCallbacks(
             lambda message: _json(request, message.asDict()),
             lambda f: self._queueError(request, f, messageId, "retried (only failed ones can be)"),
@@ -486,11 +505,9 @@ class ChatWebAPI:
 
     @app.route("/queue/<int:messageId>", methods=["DELETE"])
     def discardMessage(self, request: IRequest, messageId: int) -> Any:
-        refused = self._refuse(request, b"DELETE")
+        refused = self._refuseMessage(request, b"DELETE", messageId)
         if refused is not None:
             return refused
-        if messageId > MAX_MESSAGE_ID:
-            return _error(request, 404, f"no queued message {messageId}")
 
         def discarded(_: object) -> bytes:
             request.setResponseCode(204)
@@ -518,20 +535,18 @@ class ChatWebAPI:
         if refused is not None:
             return refused
 
-        byToken = self._authorized(request) is None
-        html = byToken or _acceptsHTML(request)
+        # Without a key, the Guard let the request in for its index token.
+        tokenExpiry = self._shareExpiry.get(request)
+        html = tokenExpiry is not None or _acceptsHTML(request)
         request.setHeader(b"Vary", b"Accept")
         linkLifetime = INDEX_LINK_LIFETIME
         if html:
             refused = self._refuseHost(request)
             if refused is not None:
                 return refused
-        if byToken:
-            # Without a key, the Guard let the request in for its token.
-            expires = self._verifyToken(request, INDEX_SCOPE)
-            if isinstance(expires, bytes):
-                return expires
-            linkLifetime = max(1, min(linkLifetime, expires - int(self._clock.seconds())))
+        if tokenExpiry is not None:
+            remaining = tokenExpiry - int(self._clock.seconds())
+            linkLifetime = max(1, min(linkLifetime, remaining))
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
@@ -639,8 +654,8 @@ class ChatWebAPI:
         _, lifetime = asked
         assert self._shareLinks is not None
         token, expires = self._shareLinks.issue(INDEX_SCOPE, lifetime)
-        base = self._sessionURL(request, "x", None).split("session?", 1)[0]
-        return _json(request, {"url": f"{base}sessions?token={token}", "expires": expires})
+        url = f"{_mountPrefix(request)}/sessions?token={token}"
+        return _json(request, {"url": url, "expires": expires})
 
     @app.route("/session/raw", methods=["GET"])
     def exportRaw(self, request: IRequest) -> Any:
@@ -680,36 +695,26 @@ class ChatWebAPI:
             refused = self._refuseHost(request)
         if refused is not None:
             return refused
+        # Without a key, the Guard has checked the share token for this id.
         sessionId = self._sessionIdArgument(request)
         if not isinstance(sessionId, str):
             return sessionId
-        # Without a key, the Guard let the request in for its share token.
-        if self._authorized(request) is None:
-            refused = self._refuseToken(request, sessionId)
-            if refused is not None:
-                return refused
 
-        def render(results: list[Any]) -> Any:
-            session, undelivered = results
+        def render(found: tuple[Session | None, list[QueuedMessage]]) -> Any:
+            session, undelivered = found
             if session is None:
-                if not undelivered:
-                    return _error(request, 404, f"no session {sessionId!r}")
-                session = Session(id=sessionId)
-            # Pages of long sessions render off the reactor thread.
+                return _error(request, 404, f"no session {sessionId!r}")
+            # Pages of long sessions render off the reactor thread, two at
+            # a time at most: CPU is the limit.
             if _heavy(session, undelivered):
-                # One render at a time off the thread: CPU is the limit.
                 page = self._renders.run(renderSessionInThread, session, undelivered)
             else:
                 page = succeed(renderSession(session, undelivered))
             return page.addCallback(lambda html: self._html(request, html))
 
-        return gatherResults(
-            [
-                self._adapter.getSession(sessionId),
-                self._queue.journal.messages(sessionId),
-            ],
-            consumeErrors=True,
-        ).addCallbacks(render, lambda f: self._unavailable(request, f))
+        return self._findSession(sessionId).addCallbacks(
+            render, lambda f: self._unavailable(request, f)
+        )
 
     def _html(self, request: IRequest, html: str) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import secrets
 
+from chatweb.share import SECRET_SIZE as SHARE_SECRET_SIZE
+
 API_KEY_ENV = "CHATWEB_API_KEY"
 KEY_FILE_NAME = "api-key"
 SHARE_SECRET_FILE_NAME = "share-secret"
-SHARE_SECRET_SIZE = 32
 
 
 class ConfigError(Exception):

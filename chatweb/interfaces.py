@@ -85,12 +85,6 @@ class IJournal(Interface):
             failed messages (dead letters).
         """
 
-    def get(messageId):
-        """
-        @return: a L{Deferred} firing with the L{chatweb.model.QueuedMessage}
-            of that id, or L{None}.
-        """
-
     def requeue(messageId):
         """
         Make a failed message pending again, its attempts reset.

@@ -144,20 +144,36 @@ def _recordFailure(
     return _row(cursor.fetchone())
 
 
-def _changeState(
-    cursor: sqlite3.Cursor, messageId: int, allowed: tuple[str, ...], state: str
-) -> QueuedMessage:
-    message = _get(cursor, messageId)
+#: A second thought about a message: the states it may be in, and the one
+#: it goes to.
+Change = tuple[tuple[str, ...], str]
+REQUEUE: Change = ((FAILED,), PENDING)
+DISCARD: Change = ((PENDING, FAILED), DISCARDED)
+
+
+def changed(message: QueuedMessage | None, messageId: int, change: Change) -> QueuedMessage:
+    """
+    C{message} after C{change} (a requeue starts its attempts again).
+
+    @raise UnknownMessage: if there is no such message.
+    @raise WrongState: if it is not in a state the change applies to.
+    """
+    allowed, state = change
     if message is None:
         raise UnknownMessage(messageId)
     if message.state not in allowed:
         raise WrongState(message.state)
     attempts = 0 if state == PENDING else message.attempts
+    return attrs.evolve(message, state=state, attempts=attempts)
+
+
+def _changeState(cursor: sqlite3.Cursor, messageId: int, change: Change) -> QueuedMessage:
+    message = changed(_get(cursor, messageId), messageId, change)
     cursor.execute(
         "UPDATE queue SET state = ?, attempts = ? WHERE id = ?",
-        (state, attempts, messageId),
+        (message.state, message.attempts, messageId),
     )
-    return attrs.evolve(message, state=state, attempts=attempts)
+    return message
 
 
 @implementer(IJournal)
@@ -181,14 +197,11 @@ class SQLiteJournal:
     def failedSessions(self) -> Deferred:
         return self._db.read(_failedSessions)
 
-    def get(self, messageId: int) -> Deferred:
-        return self._db.read(_get, messageId)
-
     def requeue(self, messageId: int) -> Deferred:
-        return self._db.write(_changeState, messageId, (FAILED,), PENDING)
+        return self._db.write(_changeState, messageId, REQUEUE)
 
     def discard(self, messageId: int) -> Deferred:
-        return self._db.write(_changeState, messageId, (PENDING, FAILED), DISCARDED)
+        return self._db.write(_changeState, messageId, DISCARD)
 
     def pending(self) -> Deferred:
         return self._db.read(_pending)

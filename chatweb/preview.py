@@ -143,24 +143,23 @@ def renderMarkdown(text: str) -> Markup:
 # -- values shown on the page
 
 
-def _timestamp(value: Any) -> str:
+def _utc(value: Any) -> datetime.datetime | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ""
+        return None
     try:
-        when = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+        return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
     except (OverflowError, OSError, ValueError):
-        return ""
-    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return None
+
+
+def _timestamp(value: Any) -> str:
+    when = _utc(value)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC") if when else ""
 
 
 def _isoTimestamp(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ""
-    try:
-        when = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return ""
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = _utc(value)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
 
 
 def _prettyArguments(arguments: Any) -> Markup:

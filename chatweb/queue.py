@@ -67,6 +67,11 @@ class _SessionQueue:
     woken: bool = False
     retryCall: IDelayedCall | None = None
 
+    def cancelRetry(self) -> None:
+        if self.retryCall is not None and self.retryCall.active():
+            self.retryCall.cancel()
+        self.retryCall = None
+
 
 def describeFailure(failure: Failure) -> str:
     """
@@ -161,9 +166,7 @@ class MessageQueue:
         if self._sweep.running:
             self._sweep.stop()
         for queue in self._queues.values():
-            if queue.retryCall is not None and queue.retryCall.active():
-                queue.retryCall.cancel()
-            queue.retryCall = None
+            queue.cancelRetry()
             if queue.idleWait is not None:
                 wait, queue.idleWait = queue.idleWait, None
                 wait.cancel()
@@ -265,28 +268,26 @@ class MessageQueue:
         Drop a pending or failed message for good (the journal keeps it,
         marked discarded).  A message being delivered cannot be discarded.
         """
-        found: tuple[str, _SessionQueue, QueuedMessage] | None = None
-        for session, queue in self._queues.items():
-            if queue.delivering is not None and queue.delivering.id == messageId:
-                return fail(WrongState("delivering"))
-            for message in queue.messages:
-                if message.id == messageId:
-                    found = (session, queue, message)
-                    break
-            if found:
-                break
+        if any(q.delivering and q.delivering.id == messageId for q in self._queues.values()):
+            return fail(WrongState("delivering"))
+        found = next(
+            (
+                (session, queue, message)
+                for session, queue in self._queues.items()
+                for message in queue.messages
+                if message.id == messageId
+            ),
+            None,
+        )
         if not self._loaded:
             # The journal may still hand it to _loadPending.
             self._discardedWhileLoading.add(messageId)
         if found is not None:
             session, queue, message = found
             # Out of the queue at once, so that no delivery starts meanwhile.
-            isHead = queue.messages[0] is message
+            if queue.messages[0] is message:
+                queue.cancelRetry()
             queue.messages.remove(message)
-            if isHead and queue.retryCall is not None:
-                if queue.retryCall.active():
-                    queue.retryCall.cancel()
-                queue.retryCall = None
 
             def restore(failure: Failure) -> Failure:
                 if not failure.check(WrongState):

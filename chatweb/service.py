@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -111,15 +112,11 @@ class ChatWebService(MultiService):
         self.resource: IResource = self.api.resource()
         self.site = ChatWebSite(
             self.resource,
-            maxBodySize=limits.maxBodySize,
-            maxHeaderSize=limits.maxHeaderSize,
-            requestTimeout=limits.requestTimeout,
-            idleTimeout=limits.idleTimeout,
-            maxConnections=limits.maxConnections,
+            limits=limits,
             accessLog=accessLog,
+            authorizeHeaders=self.api.headersAuthorized,
             reactor=reactor,
         )
-        self.site.authorizeHeaders = self.api.headersAuthorized
         self.listening: Deferred[Any] | None = None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(
@@ -131,14 +128,23 @@ class ChatWebService(MultiService):
             self._listener = None
         self.ready: Deferred[None] = Deferred()
 
-    def privilegedStartService(self) -> None:
-        # twistd binds ports here, before dropping privileges.
+    @contextmanager
+    def _listenFailuresExit(self) -> Iterator[None]:
+        """
+        Under twistd (C{exitOnFailure}), a port that cannot be listened on
+        ends the process with one line; embedded, the error is raised.
+        """
         try:
-            super().privilegedStartService()
+            yield
         except Exception as e:
             if not self.exitOnFailure:
                 raise
             raise SystemExit(f"chatweb: cannot listen: {e}")
+
+    def privilegedStartService(self) -> None:
+        # twistd binds ports here, before dropping privileges.
+        with self._listenFailuresExit():
+            super().privilegedStartService()
 
     def startService(self) -> None:
         def started(_: object) -> None:
@@ -155,12 +161,8 @@ class ChatWebService(MultiService):
         self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
             lambda _: self.queue.start()
         ).addCallbacks(started, failed)
-        try:
+        with self._listenFailuresExit():
             super().startService()
-        except Exception as e:
-            if not self.exitOnFailure:
-                raise
-            raise SystemExit(f"chatweb: cannot listen: {e}")
         if self._listener is not None:
             self.listening = self._listener._waitingForPort
             if self.listening is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -22,11 +22,7 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-DEFAULT_MAX_BODY = 1024 * 1024
-DEFAULT_MAX_HEADERS = 16 * 1024
-DEFAULT_REQUEST_TIMEOUT = 30.0
-DEFAULT_IDLE_TIMEOUT = 60.0
-DEFAULT_MAX_CONNECTIONS = 1000
+from chatweb.limits import Limits
 
 _log = Logger()
 
@@ -57,40 +53,32 @@ class LimitedRequest(Request):
     spooled to a temporary file.
     """
 
-    _tooLarge = False
+    _refused = False
     _received = 0
 
-    def _limit(self) -> int:
-        return getattr(self.channel.site, "maxBodySize", DEFAULT_MAX_BODY)
-
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
+        site = self.channel.site
+        self.content = io.BytesIO()
+        if length is not None and length > site.limits.maxBodySize:
             self._refuseTooLarge()
-            return
         # A body from a client without a valid key is refused before it is
         # read (no request without a key has one).
-        authorize = getattr(self.channel.site, "authorizeHeaders", None)
-        if (length is None or length > 0) and authorize is not None:
-            if not authorize(self.requestHeaders):
-                self._tooLarge = True
-                self.content = io.BytesIO()
-                self.channel._refuse(
-                    401, b"Unauthorized", "missing or invalid X-API-Key header"
-                )
-                return
-        self.content = io.BytesIO()
+        elif (length is None or length > 0) and not site.authorizeHeaders(
+            self.requestHeaders
+        ):
+            self._refuse(401, b"Unauthorized", "missing or invalid X-API-Key header")
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._tooLarge:
+        if self._refused:
             return
         self._received += len(data)
-        if self._received > self._limit():
+        if self._received > self.channel.site.limits.maxBodySize:
             self._refuseTooLarge()
             return
         self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._tooLarge:
+        if self._refused:
             return
         super().requestReceived(command, path, version)
 
@@ -108,17 +96,15 @@ class LimitedRequest(Request):
         super().process()
 
     def _refuseTooLarge(self) -> None:
-        self._tooLarge = True
+        limit = self.channel.site.limits.maxBodySize
+        self._refuse(
+            413, b"Content Too Large", f"request body is larger than the limit of {limit} bytes"
+        )
+
+    def _refuse(self, code: int, reason: bytes, message: str) -> None:
+        self._refused = True
         self.content = io.BytesIO()
-        message = f"request body is larger than the limit of {self._limit()} bytes"
-        refuse = getattr(self.channel, "_refuse", None)
-        if refuse is not None:
-            refuse(413, b"Content Too Large", message)
-            return
-        transport = self.channel.transport
-        if transport is not None:
-            transport.write(rawErrorResponse(413, b"Content Too Large", message))
-        self.channel.loseConnection()
+        self.channel._refuse(code, reason, message)
 
 
 class ChatWebChannel(HTTPChannel):
@@ -128,17 +114,17 @@ class ChatWebChannel(HTTPChannel):
     """
 
     _deadline: IDelayedCall | None = None
+    _refused = False
 
     def connectionMade(self) -> None:
         site = self.site
         site.openConnections += 1
-        self.totalHeadersSize = site.maxHeaderSize
-        self.MAX_LENGTH = site.maxHeaderSize
+        self.totalHeadersSize = self.MAX_LENGTH = site.limits.maxHeaderSize
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.site.requestTimeout, self._tooSlow)
+            self._deadline = self.callLater(self.site.limits.requestTimeout, self._tooSlow)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -174,8 +160,8 @@ class ChatWebChannel(HTTPChannel):
             self._deadline = None
 
     def _send100Continue(self) -> None:
-        # Not for a request already refused as too large.
-        if self.requests and getattr(self.requests[-1], "_tooLarge", False):
+        # Not for a request already refused.
+        if self.requests and self.requests[-1]._refused:
             return
         super()._send100Continue()
 
@@ -185,7 +171,7 @@ class ChatWebChannel(HTTPChannel):
             self._refuse(
                 408,
                 b"Request Timeout",
-                f"the request did not arrive within {self.site.requestTimeout:g} seconds",
+                f"the request did not arrive within {self.site.limits.requestTimeout:g} seconds",
             )
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -193,7 +179,7 @@ class ChatWebChannel(HTTPChannel):
 
     def _refuse(self, code: int, reason: bytes, message: str) -> None:
         self._cancelDeadline()
-        if self.transport is not None and not getattr(self, "_refused", False):
+        if self.transport is not None and not self._refused:
             self._refused = True
             self.transport.write(rawErrorResponse(code, reason, message))
         # Ignore whatever else the client sends until the connection closes.
@@ -219,30 +205,26 @@ class ChatWebSite(Site):
     def __init__(
         self,
         resource: IResource,
-        maxBodySize: int = DEFAULT_MAX_BODY,
-        maxHeaderSize: int = DEFAULT_MAX_HEADERS,
-        requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
-        idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
-        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+        limits: Limits = Limits(),
         accessLog: bool = False,
+        authorizeHeaders: Callable[[Any], bool] = lambda headers: True,
         **kwargs: Any,
     ) -> None:
+        """
+        @param authorizeHeaders: C{Headers -> bool}, whether they carry a
+            valid key: a request body without one is refused unread.
+        """
         super().__init__(
-            resource, parsePOSTFormSubmission=False, timeout=idleTimeout, **kwargs
+            resource, parsePOSTFormSubmission=False, timeout=limits.idleTimeout, **kwargs
         )
-        self.maxBodySize = maxBodySize
-        self.maxHeaderSize = maxHeaderSize
-        self.requestTimeout = requestTimeout
-        self.maxConnections = maxConnections
-        self.openConnections = 0
+        self.limits = limits
         self.accessLog = accessLog
-        #: C{Headers -> bool}: whether they carry a valid key; set by the
-        #: service so that bodies without one are never read.
-        self.authorizeHeaders: Any = None
+        self.authorizeHeaders = authorizeHeaders
+        self.openConnections = 0
 
     def buildProtocol(self, addr: Any) -> Any:
         # Past the limit, a new connection is closed at once (None).
-        if self.openConnections >= self.maxConnections:
+        if self.openConnections >= self.limits.maxConnections:
             return None
         return super().buildProtocol(addr)
 

@@ -110,48 +110,6 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{name} must be at least {minimum:g}, not {value!r}")
         self[name] = number
 
-    def opt_interval(self, value: str) -> None:
-        self._number("interval", value, float, 0.1)
-
-    def opt_max_attempts(self, value: str) -> None:
-        self._number("max-attempts", value, int, 1)
-
-    def opt_delivery_timeout(self, value: str) -> None:
-        self._number("delivery-timeout", value, float, 0)
-
-    def opt_shutdown_timeout(self, value: str) -> None:
-        self._number("shutdown-timeout", value, float, 0)
-
-    def opt_max_body(self, value: str) -> None:
-        self._number("max-body", value, int, 64)
-
-    def opt_max_content(self, value: str) -> None:
-        self._number("max-content", value, int, 1)
-
-    def opt_max_header_size(self, value: str) -> None:
-        self._number("max-header-size", value, int, 1024)
-
-    def opt_request_timeout(self, value: str) -> None:
-        self._number("request-timeout", value, float, 0.1)
-
-    def opt_idle_timeout(self, value: str) -> None:
-        self._number("idle-timeout", value, float, 0.1)
-
-    def opt_max_pending_per_session(self, value: str) -> None:
-        self._number("max-pending-per-session", value, int, 1)
-
-    def opt_max_pending(self, value: str) -> None:
-        self._number("max-pending", value, int, 1)
-
-    def opt_rate_limit(self, value: str) -> None:
-        self._number("rate-limit", value, float, 0)
-
-    def opt_rate_burst(self, value: str) -> None:
-        self._number("rate-burst", value, int, 1)
-
-    def opt_max_connections(self, value: str) -> None:
-        self._number("max-connections", value, int, 1)
-
     def __init__(self) -> None:
         super().__init__()
         self["allowed-hosts"] = []
@@ -205,6 +163,36 @@ class Options(usage.Options):
                 self["port"],
                 quoteStringArgument(self["host"]),
             )
+
+
+#: The numeric options: their type and least value.
+_NUMBERS = {
+    "interval": (float, 0.1),
+    "max-attempts": (int, 1),
+    "delivery-timeout": (float, 0),
+    "shutdown-timeout": (float, 0),
+    "max-body": (int, 64),
+    "max-content": (int, 1),
+    "max-header-size": (int, 1024),
+    "request-timeout": (float, 0.1),
+    "idle-timeout": (float, 0.1),
+    "max-pending-per-session": (int, 1),
+    "max-pending": (int, 1),
+    "rate-limit": (float, 0),
+    "rate-burst": (int, 1),
+    "max-connections": (int, 1),
+}
+
+
+def _numberOption(name: str, kind: type, minimum: float) -> Any:
+    def option(self: Options, value: str) -> None:
+        self._number(name, value, kind, minimum)
+
+    return option
+
+
+for _name, (_kind, _minimum) in _NUMBERS.items():
+    setattr(Options, "opt_" + _name.replace("-", "_"), _numberOption(_name, _kind, _minimum))
 
 
 def makeService(options: Options) -> Any:

@@ -28,9 +28,9 @@ from zope.interface import implementer
 
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
+from chatweb.journal import DISCARD, REQUEUE, Change, changed, contentDigest
 from chatweb.model import (
     DELIVERED,
-    DISCARDED,
     FAILED,
     PENDING,
     Delivery,
@@ -167,6 +167,7 @@ class MemoryJournal:
     def __init__(self) -> None:
         self.rows: dict[int, QueuedMessage] = {}
         self.failAppends = False
+        #: Idempotency key: (session, message id, content digest).
         self._keys: dict[str, tuple[str, int, str]] = {}
         self._next = 1
 
@@ -180,38 +181,33 @@ class MemoryJournal:
         if self.failAppends:
             return fail(OSError("disk full"))
         if idempotencyKey is not None and idempotencyKey in self._keys:
-            keySession, messageId, keyContent = self._keys[idempotencyKey]
-            if keySession != session or keyContent != content:
+            keySession, messageId, digest = self._keys[idempotencyKey]
+            if keySession != session or digest != contentDigest(content):
                 return fail(IdempotencyConflict(idempotencyKey))
             return succeed(attrs.evolve(self.rows[messageId], duplicate=True))
         message = QueuedMessage(self._next, session, content, received)
         self.rows[message.id] = message
         if idempotencyKey is not None:
-            self._keys[idempotencyKey] = (session, message.id, content)
+            self._keys[idempotencyKey] = (session, message.id, contentDigest(content))
         self._next += 1
         return succeed(message)
 
     def failedSessions(self) -> Deferred[list[str]]:
         return succeed(sorted({m.session for m in self.rows.values() if m.state == FAILED}))
 
-    def get(self, messageId: int) -> Deferred[QueuedMessage | None]:
-        return succeed(self.rows.get(messageId))
-
-    def _change(self, messageId: int, allowed: tuple[str, ...], state: str) -> Deferred[Any]:
-        row = self.rows.get(messageId)
-        if row is None:
-            return fail(UnknownMessage(messageId))
-        if row.state not in allowed:
-            return fail(WrongState(row.state))
-        row = attrs.evolve(row, state=state, attempts=0 if state == PENDING else row.attempts)
+    def _change(self, messageId: int, change: Change) -> Deferred[Any]:
+        try:
+            row = changed(self.rows.get(messageId), messageId, change)
+        except (UnknownMessage, WrongState) as e:
+            return fail(e)
         self.rows[messageId] = row
         return succeed(row)
 
     def requeue(self, messageId: int) -> Deferred[Any]:
-        return self._change(messageId, (FAILED,), PENDING)
+        return self._change(messageId, REQUEUE)
 
     def discard(self, messageId: int) -> Deferred[Any]:
-        return self._change(messageId, (PENDING, FAILED), DISCARDED)
+        return self._change(messageId, DISCARD)
 
     def pending(self) -> Deferred[list[QueuedMessage]]:
         return succeed([m for _, m in sorted(self.rows.items()) if m.state == PENDING])

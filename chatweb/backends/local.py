@@ -223,7 +223,7 @@ class LocalBackend:
 
     async def _process(self, delivery: Delivery) -> None:
         added = await self._db.write(_recordDelivery, delivery, self._clock.seconds())
-        if not getattr(self.responder, "answers", True):
+        if not self.responder.answers:
             return
         # A redelivery after a crash: answer only if no answer was stored.
         if not added and await self._db.read(_answered, delivery.id):
