@@ -1,6 +1,8 @@
 """
 chatweb's helper commands: C{python -m chatweb ensure-key [--data-dir DIR]}
-and C{python -m chatweb import FILE... [--data-dir DIR] [--replace]}.
+and C{python -m chatweb import PATH... [--data-dir DIR] [--replace]}, where
+each PATH is a chat.nvim session file or a directory of them (chat.nvim's
+sessions directory).
 
 (The service itself runs as C{twistd -n chatweb}.)
 """
@@ -24,9 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     ensure.add_argument("--data-dir", default=None)
     load = commands.add_parser(
         "import",
-        help="import chat.nvim session files (JSON) into the default backend",
+        help="import chat.nvim session files (JSON), or whole directories of"
+        " them, into the default backend",
     )
-    load.add_argument("files", nargs="+", metavar="FILE")
+    load.add_argument(
+        "files",
+        nargs="+",
+        metavar="PATH",
+        help="a session file, or a directory whose *.json files are imported"
+        " (chat.nvim's sessions directory)",
+    )
     load.add_argument("--data-dir", default=None)
     load.add_argument(
         "--replace",

@@ -15,39 +15,74 @@ import attrs
 
 ROLES = ("user", "assistant", "tool")
 
-_MESSAGE_KEYS = (
-    "role",
-    "content",
-    "created",
-    "reasoning_content",
-    "tool_calls",
-    "tool_call_id",
-    "usage",
-    "error",
-    "on_complete",
-    "tool_call_state",
-)
-_SESSION_KEYS = (
-    "id",
-    "messages",
-    "provider",
-    "model",
-    "cwd",
-    "prompt",
-    "usage",
-    "title",
-    "pin",
-)
+#: Each key chatweb reads, and the JSON type(s) it reads it as.  A known key
+#: holding another type (or null) is kept in C{extra} as it was, so that
+#: writing a message back gives exactly the keys and values that were read.
+_MESSAGE_KEYS: dict[str, tuple[type, ...]] = {
+    "role": (str,),
+    "content": (str,),
+    "created": (int, float),
+    "reasoning_content": (str,),
+    "tool_calls": (list,),
+    "tool_call_id": (str,),
+    "usage": (dict,),
+    "error": (str,),
+    "on_complete": (bool,),
+    "tool_call_state": (dict,),
+}
+_SESSION_KEYS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "messages": (list,),
+    "provider": (str,),
+    "model": (str,),
+    "cwd": (str,),
+    "prompt": (str,),
+    "usage": (dict,),
+    "title": (str,),
+    "pin": (bool,),
+    "last_user_message_time": (int, float),
+    "cleared_at": (int, float),
+}
+_SESSION_METADATA = {
+    k: v for k, v in _SESSION_KEYS.items() if k not in ("id", "messages")
+}
 
 
-def _extra(data: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k not in known}
+def _isA(value: Any, types: tuple[type, ...]) -> bool:
+    # JSON booleans are Python ints: a number field never takes one.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
 
 
-def _optional(data: Mapping[str, Any], out: dict[str, Any], *keys: str) -> None:
+def _split(
+    data: Mapping[str, Any], known: Mapping[str, tuple[type, ...]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    C{data} as (known keys holding the type chatweb reads, everything else).
+    """
+    fields: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known and _isA(value, known[key]):
+            fields[key] = value
+        else:
+            extra[key] = value
+    return fields, extra
+
+
+def _join(value: Any, keys: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
+    """
+    The known fields of C{value} that are set, then its C{extra}: the inverse
+    of L{_split}.
+    """
+    out: dict[str, Any] = {}
     for key in keys:
-        if data.get(key) is not None:
-            out[key] = data[key]
+        field = getattr(value, key)
+        if field is not None:
+            out[key] = field
+    out.update(value.extra)
+    return out
 
 
 @attrs.frozen
@@ -100,12 +135,19 @@ class Message:
     """
     One message of a session, as chat.nvim stores it.
 
+    Most have a C{role} (user, assistant or tool).  chat.nvim also writes
+    records with no role and no content: C{{on_complete: true, usage,
+    created}} after every completed answer, and C{{error, created}} when a
+    request fails or is cancelled.  They are kept, shown and exported as
+    they are, and never sent to a model (see L{Session.conversation}).
+
     C{usage} and C{tool_calls} are kept as chat.nvim wrote them (plain JSON
-    values) so that an exported session is the file that was imported;
-    L{Message.tokenUsage} reads C{usage} as a L{Usage}.
+    values); L{Message.tokenUsage} reads C{usage} as a L{Usage}.  A key
+    chatweb does not read, or a known key holding a value of another type,
+    is kept in C{extra}: C{Message.fromDict(d).asDict() == d}.
     """
 
-    role: str
+    role: str | None = None
     content: str | None = None
     created: float | None = None
     reasoning_content: str | None = None
@@ -121,52 +163,29 @@ class Message:
     def tokenUsage(self) -> Usage | None:
         return Usage.fromDict(self.usage)
 
+    @property
+    def forModel(self) -> bool:
+        """
+        True for a user, assistant or tool message: one a model may be
+        given.  chat.nvim's role-less records (completion marks, errors) and
+        any other role are history to show, never to send.
+        """
+        return self.role in ROLES
+
     @classmethod
     def fromDict(cls, data: Mapping[str, Any]) -> Message:
         """
-        Read a message in chat.nvim's form; a value of the wrong type is
-        dropped rather than trusted.
+        Read a message in chat.nvim's form.
         """
-
-        def typed(key: str, *types: type) -> Any:
-            value = data.get(key)
-            return value if isinstance(value, types) else None
-
-        role = data.get("role")
-        created = data.get("created")
-        if isinstance(created, bool) or not isinstance(created, (int, float)):
-            created = None
-        return cls(
-            role=role if isinstance(role, str) else "user",
-            content=typed("content", str),
-            created=created,
-            reasoning_content=typed("reasoning_content", str),
-            tool_calls=typed("tool_calls", list),
-            tool_call_id=typed("tool_call_id", str),
-            usage=typed("usage", dict),
-            error=typed("error", str),
-            on_complete=typed("on_complete", bool),
-            tool_call_state=typed("tool_call_state", dict),
-            extra=_extra(data, _MESSAGE_KEYS),
-        )
+        fields, extra = _split(data, _MESSAGE_KEYS)
+        return cls(**fields, extra=extra)
 
     def asDict(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.extra)
-        out["role"] = self.role
-        out["content"] = self.content
-        _optional(
-            attrs.asdict(self, recurse=False),
-            out,
-            "created",
-            "reasoning_content",
-            "tool_calls",
-            "tool_call_id",
-            "usage",
-            "error",
-            "on_complete",
-            "tool_call_state",
-        )
-        return out
+        """
+        The message in chat.nvim's form: the keys it was read with, no
+        others.
+        """
+        return _join(self, _MESSAGE_KEYS)
 
 
 @attrs.frozen
@@ -183,7 +202,9 @@ class Session:
     prompt: str | None = None
     usage: dict[str, Any] | None = None
     title: str | None = None
-    pin: bool = False
+    pin: bool | None = None
+    last_user_message_time: float | None = None
+    cleared_at: float | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     def totalUsage(self) -> Usage:
@@ -197,6 +218,14 @@ class Session:
                 total = total + usage
         return total
 
+    def conversation(self) -> tuple[Message, ...]:
+        """
+        The messages a model may be given: those with a role of L{ROLES},
+        without chat.nvim's role-less completion and error records (as
+        chat.nvim's own C{get_request_messages} does).
+        """
+        return tuple(m for m in self.messages if m.forModel)
+
     def metadata(self) -> dict[str, Any]:
         """
         Everything but the messages, in chat.nvim's form.
@@ -207,44 +236,37 @@ class Session:
 
     @classmethod
     def fromDict(cls, data: Mapping[str, Any], id: str | None = None) -> Session:
-        def text(key: str) -> str | None:
-            value = data.get(key)
-            return value if isinstance(value, str) else None
-
-        messages = data.get("messages")
-        usage = data.get("usage")
+        """
+        Read a session in chat.nvim's form; C{id}, when given, is its id
+        whatever C{data} says.  Messages that are not objects are dropped
+        (L{chatweb.importer} refuses such files).
+        """
+        fields, extra = _split(data, _SESSION_KEYS)
+        extra.pop("messages", None)
+        messages = fields.pop("messages", ())
+        rawId = extra.pop("id", "")
+        if id is not None:
+            fields["id"] = id
+        elif "id" not in fields:
+            fields["id"] = str(rawId)
         return cls(
-            id=id if id is not None else str(data.get("id", "")),
+            **fields,
             messages=tuple(
-                Message.fromDict(m)
-                for m in (messages if isinstance(messages, list) else ())
-                if isinstance(m, Mapping)
+                Message.fromDict(m) for m in messages if isinstance(m, Mapping)
             ),
-            provider=text("provider"),
-            model=text("model"),
-            cwd=text("cwd"),
-            prompt=text("prompt"),
-            usage=usage if isinstance(usage, dict) else None,
-            title=text("title"),
-            pin=data.get("pin") is True,
-            extra=_extra(data, _SESSION_KEYS),
+            extra=extra,
         )
 
     def asDict(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.extra)
-        out["id"] = self.id
-        out["messages"] = [m.asDict() for m in self.messages]
-        _optional(
-            attrs.asdict(self, recurse=False),
-            out,
-            "provider",
-            "model",
-            "cwd",
-            "prompt",
-            "usage",
-            "title",
-        )
-        out["pin"] = self.pin
+        """
+        The session in chat.nvim's form: the keys it was read with, no
+        others (C{id} and C{messages} always).
+        """
+        out: dict[str, Any] = {
+            "id": self.id,
+            "messages": [m.asDict() for m in self.messages],
+        }
+        out.update(_join(self, _SESSION_METADATA))
         return out
 
 

@@ -243,7 +243,8 @@ class MessageView:
     One message, prepared for the template.
     """
 
-    role: str
+    #: C{None} for chat.nvim's role-less records (completed, error).
+    role: str | None
     roleClass: str
     created: str
     createdIso: str
@@ -257,6 +258,9 @@ class MessageView:
     error: str | None
     usage: UsageView | None
     queued: str | None = None
+    #: chat.nvim's C{on_complete} mark: shown as a "Completed" line with
+    #: C{usage} in chat.nvim's form.
+    completed: bool = False
 
 
 def _toolCalls(message: Message, index: int) -> list[ToolCallView]:
@@ -299,7 +303,11 @@ def _messageViews(messages: Sequence[Message]) -> list[MessageView]:
         views.append(
             MessageView(
                 role=message.role,
-                roleClass=message.role if message.role in ROLES else "other",
+                roleClass=(
+                    message.role
+                    if message.role in ROLES
+                    else "record" if message.role is None else "other"
+                ),
                 created=_timestamp(message.created),
                 createdIso=_isoTimestamp(message.created),
                 content=content,
@@ -315,6 +323,7 @@ def _messageViews(messages: Sequence[Message]) -> list[MessageView]:
                 toolError=str(toolError) if toolError not in (None, "", False) else None,
                 error=message.error or None,
                 usage=UsageView.of(message.tokenUsage),
+                completed=message.on_complete is True,
             )
         )
     return views

@@ -42,23 +42,53 @@ def _isValidUnicode(text: str) -> bool:
     return True
 
 
-def validateSessionId(value: Any, field: str = "session") -> str:
+#: Characters that are invisible or turn the text around them (bidi
+#: controls): in a session id they make two different ids look the same.
+INVISIBLE_CHARACTERS = frozenset(
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings and overrides
+    "\u2066\u2067\u2068\u2069"  # isolates
+    "\u200e\u200f\u061c"  # direction marks
+    "\u200b\u200c\u200d\u2060\ufeff"  # zero-width characters
+)
+
+
+def sessionIdProblem(value: Any) -> str | None:
     """
+    What is wrong with C{value} as a session id, or C{None} when it is a
+    good one: the one rule for POST /, share requests and imported files.
+
     A session id is a non-empty string of at most L{MAX_SESSION_ID}
-    characters without control characters.
+    characters, valid Unicode, without control characters and without
+    L{INVISIBLE_CHARACTERS}.
     """
     if not isinstance(value, str):
-        raise BadRequest(f"field '{field}' must be a string, not {_jsonType(value)}")
+        return f"must be a string, not {_jsonType(value)}"
     if not value:
-        raise BadRequest(f"field '{field}' must not be empty")
+        return "must not be empty"
     if len(value) > MAX_SESSION_ID:
-        raise BadRequest(
-            f"field '{field}' must be at most {MAX_SESSION_ID} characters"
-        )
+        return f"must be at most {MAX_SESSION_ID} characters"
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
-        raise BadRequest(f"field '{field}' must not contain control characters")
+        return "must not contain control characters"
+    invisible = next((c for c in value if c in INVISIBLE_CHARACTERS), None)
+    if invisible is not None:
+        return (
+            "must not contain invisible or bidi control characters"
+            f" (U+{ord(invisible):04X})"
+        )
     if not _isValidUnicode(value):
-        raise BadRequest(f"field '{field}' is not valid Unicode")
+        return "is not valid Unicode"
+    return None
+
+
+def validateSessionId(value: Any, field: str = "session") -> str:
+    """
+    C{value} if it is a good session id (see L{sessionIdProblem}).
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    problem = sessionIdProblem(value)
+    if problem is not None:
+        raise BadRequest(f"field '{field}' {problem}")
     return value
 
 

@@ -43,14 +43,19 @@ def loadJSON(path: str) -> object:
 def asFile(path: str) -> dict:
     """
     What chat.nvim holds for the file at C{path}: an old bare list becomes
-    the object form with the file's name as id (as chat.nvim itself does),
-    and a missing C{pin} reads as false (chatweb writes it out).
+    the object form with the file's name as id (as chat.nvim itself does).
     """
     data = loadJSON(path)
     if isinstance(data, list):
         data = {"id": os.path.basename(path)[:-5], "messages": data}
-    data.setdefault("pin", False)
     return data
+
+
+def keysOf(session: dict) -> list:
+    """
+    The keys of a session and of each of its messages, in order.
+    """
+    return [sorted(session), [sorted(m) for m in session["messages"]]]
 
 
 class ReadTests(SynchronousTestCase):
@@ -61,14 +66,23 @@ class ReadTests(SynchronousTestCase):
             ("2024-05-20-14-03-11", "deepseek", "deepseek-reasoner",
              "/home/dev/src/inventory-service", True),
         )
-        self.assertEqual(len(session.messages), 8)
-        self.assertEqual(session.messages[2].tool_call_id, "call_01HZX3K9")
-        self.assertEqual(session.messages[1].tokenUsage.cached_tokens, 1792)
+        self.assertEqual(len(session.messages), 12)
+        self.assertEqual(session.messages[3].tool_call_id, "call_01HZX3K9")
+        self.assertEqual(session.messages[2].tokenUsage.cached_tokens, 1792)
+        self.assertEqual(
+            [m.role for m in session.messages],
+            ["user", "assistant", None, "tool", "assistant", None, "tool",
+             "assistant", None, "user", None, None],
+        )
+        self.assertEqual(session.last_user_message_time, 1716214031)
 
     def test_oldFormTakesIdFromFileName(self) -> None:
         session = readSessionFile(OLD_FORM)
         self.assertEqual(session.id, "2024-01-15-10-30-00")
-        self.assertEqual([m.role for m in session.messages], ["user", "assistant", "user"])
+        self.assertEqual(
+            [m.role for m in session.messages], ["user", "assistant", None, "user"]
+        )
+        self.assertTrue(session.messages[2].on_complete)
         self.assertEqual(session.messages[0].content, "Build completed successfully!")
 
     def test_invalidFiles(self) -> None:
@@ -85,8 +99,9 @@ class ReadTests(SynchronousTestCase):
                               "'messages' must be a list, found an object"),
             "message.json": (b'{"id": "x", "messages": ["hello"]}',
                              "message 0 must be an object, found a string"),
-            "role.json": (b'[{"content": "no role"}]', "message 0 has no 'role' string"),
-            "id.json": (b'{"id": 7, "messages": []}', "session id must be a non-empty string"),
+            "role.json": (b'{"id": "x", "messages": [{"role": 5}]}',
+                          "message 0: 'role' must be a string, found a number"),
+            "id.json": (b'{"id": 7, "messages": []}', "session id must be a string, not number"),
         }
         for name, (content, reason) in cases.items():
             path = os.path.join(directory, name)
@@ -104,8 +119,9 @@ class ReadTests(SynchronousTestCase):
 
     def test_exportIsTheFile(self) -> None:
         for path in glob.glob(os.path.join(FIXTURES, "*.json")):
-            self.assertEqual(exportSession(readSessionFile(path)), asFile(path), path)
-
+            exported = exportSession(readSessionFile(path))
+            self.assertEqual(exported, asFile(path), path)
+            self.assertEqual(keysOf(exported), keysOf(asFile(path)), path)
 
     def test_exportLeavesOutMissingContent(self) -> None:
         """
@@ -115,8 +131,8 @@ class ReadTests(SynchronousTestCase):
                 "function": {"name": "get_time", "arguments": "{}"}}
         session = Session(id="s", messages=(Message(role="assistant", tool_calls=[call]),))
         self.assertEqual(
-            exportSession(session)["messages"],
-            [{"role": "assistant", "tool_calls": [call]}],
+            exportSession(session),
+            {"id": "s", "messages": [{"role": "assistant", "tool_calls": [call]}]},
         )
 
 
@@ -145,9 +161,13 @@ class ImportTests(TestCase):
             expected = asFile(path)
             session = yield self.backend.getSession(expected["id"])
             self.assertEqual(exportSession(session), expected, path)
+            self.assertEqual(keysOf(exportSession(session)), keysOf(expected), path)
             page = renderSession(session)
             self.assertIn(f"<b>{len(expected['messages'])}</b> messages", page)
-        self.assertIn("imported 2024-05-20-14-03-11 (8 messages) from", out.getvalue())
+        self.assertIn("imported 2024-05-20-14-03-11 (12 messages) from", out.getvalue())
+        self.assertTrue(
+            out.getvalue().endswith(f"{len(paths)} imported, 0 skipped, 0 could not be imported\n")
+        )
 
     @inlineCallbacks
     def test_existingSessionKeptUnlessReplaced(self):

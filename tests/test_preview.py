@@ -228,10 +228,15 @@ class SessionPageTests(SynchronousTestCase):
     def test_everyMessageHasRoleBadgeAndTime(self) -> None:
         self.assertEqual(len(self.messages), len(self.session.messages))
         for article, message in zip(self.messages, self.session.messages):
-            [badge] = article.find("span", "badge")
-            self.assertEqual(badge.text(), message.role)
-            self.assertIn(message.role, badge.classes)
-            self.assertIn(message.role, article.classes)
+            if message.role is None:
+                # chat.nvim's completion and error records have no role.
+                self.assertEqual(article.find("span", "badge"), [])
+                self.assertIn("record", article.classes)
+            else:
+                [badge] = article.find("span", "badge")
+                self.assertEqual(badge.text(), message.role)
+                self.assertIn(message.role, badge.classes)
+                self.assertIn(message.role, article.classes)
             [time] = article.find("time")
             self.assertRegex(time.text(), r"^2024-05-20 14:\d\d:\d\d UTC$")
         self.assertEqual(self.messages[0].find("time")[0].text(), "2024-05-20 14:03:11 UTC")
@@ -248,11 +253,11 @@ class SessionPageTests(SynchronousTestCase):
         self.assertIn('\n  "path": "api/items.py",\n', arguments)
 
     def test_toolCallArgumentsNotJSONShownRaw(self) -> None:
-        [call] = self.messages[3].find("div", "tool-call")
+        [call] = self.messages[4].find("div", "tool-call")
         self.assertEqual(call.find("pre")[0].text(), "pattern=decode( path=api/ --regex")
 
     def test_toolResultLinksToItsCall(self) -> None:
-        result = self.messages[2]
+        result = self.messages[3]
         self.assertIn("tool", result.classes)
         self.assertIn("read_file", result.find("span", "tool-name")[0].text())
         [link] = [a for a in result.find("a") if a.text() == "call_01HZX3K9"]
@@ -262,11 +267,11 @@ class SessionPageTests(SynchronousTestCase):
         self.assertIn("def list_items(db, cursor=None, limit=50):", result.text())
 
     def test_toolErrorSetApart(self) -> None:
-        failed = self.messages[4]
+        failed = self.messages[6]
         [error] = failed.find("div", "tool-error")
         self.assertIn("Tool error", error.text())
         self.assertIn("search_text", error.text())
-        self.assertIn("expected JSON object", error.text())
+        self.assertIn("failed to decode arguments.", error.text())
         # Only the failed tool result has one.
         self.assertEqual(len(self.tree.find("div", "tool-error")), 1)
 
@@ -278,19 +283,37 @@ class SessionPageTests(SynchronousTestCase):
             self.assertEqual(d.find("summary")[0].text(), "Thinking")
         self.assertIn("Likely the cursor is computed", details[0].text())
 
-    def test_errorMessageHighlighted(self) -> None:
-        [error] = self.messages[7].find("div", "error")
-        self.assertIn("Operation timed out", error.text())
-        self.assertEqual(len(self.tree.find("div", "error")), 1)
+    def test_errorRecordsInErrorBoxes(self) -> None:
+        """
+        chat.nvim's role-less C{{error, created}} records (a timeout with
+        its retry, a cancellation) each show in an error box.
+        """
+        timeout, cancelled = self.messages[10], self.messages[11]
+        [error] = timeout.find("div", "error")
+        self.assertIn(
+            "Operation timeout. The server took too long to respond.\n"
+            "Auto-retry 1/3 (2 remaining).",
+            error.find("pre")[0].text(),
+        )
+        self.assertIn("Press r to retry", cancelled.find("div", "error")[0].text())
+        self.assertEqual(timeout.find("time")[0].text(), "2024-05-20 14:08:12 UTC")
+        self.assertEqual(len(self.tree.find("div", "error")), 2)
 
-    def test_usagePerAssistantMessage(self) -> None:
-        usage = self.messages[1].find("div", "usage")[0].text()
-        self.assertIn("2,452 tokens", usage)
-        self.assertIn("prompt 2,310", usage)
-        self.assertIn("completion 142", usage)
+    def test_completedLineWithUsage(self) -> None:
+        """
+        chat.nvim's C{{on_complete, usage}} record after each answer: a
+        "Completed" line with the usage as chat.nvim's preview words it.
+        """
+        completed = self.messages[2]
+        self.assertEqual(completed.find("span", "completed")[0].text(), "Completed")
+        usage = " ".join(completed.find("div", "usage")[0].text().split())
         # 1792 of 2310 prompt tokens came from the cache.
-        self.assertIn("cached 1,792 (77%)", usage)
-        for n in (0, 2, 4, 6, 7):
+        self.assertEqual(usage, "Tokens: 2452 (2310↑/142↓)Cached: 1792 tokens (77%)")
+        self.assertEqual(
+            [n for n, m in enumerate(self.messages) if m.find("span", "completed")],
+            [2, 5, 8],
+        )
+        for n in (0, 1, 3, 4, 6, 7, 9, 10, 11):
             self.assertEqual(self.messages[n].find("div", "usage"), [])
 
     def test_sessionTotalInHeader(self) -> None:
@@ -303,7 +326,7 @@ class SessionPageTests(SynchronousTestCase):
         self.assertIn(total, list(self.tree.find("header")[0].iter()))
 
     def test_markdown(self) -> None:
-        answer = self.messages[5]
+        answer = self.messages[7]
         [table] = answer.find("table")
         self.assertEqual([th.text() for th in table.find("th")], ["line", "problem", "effect"])
         self.assertEqual(len(table.find("tr")), 3)
@@ -314,7 +337,7 @@ class SessionPageTests(SynchronousTestCase):
         self.assertIn("pytest tests/test_items.py -q", [c.text() for c in answer.find("code")])
 
     def test_fencedCodeHighlighted(self) -> None:
-        answer = self.messages[5]
+        answer = self.messages[7]
         [pre] = answer.find("pre", "highlight")
         self.assertEqual(pre.parent.find("div", "code-lang")[0].text(), "python")
         keywords = {s.text() for s in pre.find("span", "k")}
@@ -414,20 +437,21 @@ class OtherSessionTests(SynchronousTestCase):
         [table] = tree.find("table")
         self.assertEqual([th.text() for th in table.find("th")], ["方面", "Python", "Go"])
         self.assertIn("// 每个任务结果翻倍", text)
-        # No cache hit: the cached share is not shown for that message.
-        first = messagesOf(tree)[1].find("div", "usage")[0].text()
-        self.assertNotIn("cached", first)
-        second = messagesOf(tree)[3].find("div", "usage")[0].text()
-        self.assertIn("cached 768 (92%)", second)
+        # No cache hit: the cached share is not shown for that answer.
+        first = messagesOf(tree)[2].find("div", "usage")[0].text()
+        self.assertNotIn("Cached", first)
+        second = messagesOf(tree)[5].find("div", "usage")[0].text()
+        self.assertIn("Cached: 768 tokens (92%)", second)
 
     def test_oldFormSession(self) -> None:
         session = fixture("2024-01-15-10-30-00.json")
         tree = parse(renderSession(session))
         self.assertEqual(tree.find("h1")[0].text(), "2024-01-15-10-30-00")
-        self.assertEqual(len(messagesOf(tree)), 3)
+        self.assertEqual(len(messagesOf(tree)), 4)
         # No cached-token detail at all: no share shown.
         self.assertNotIn("cached", tree.find("li", "session-usage")[0].text())
-        self.assertEqual(len(messagesOf(tree)[2].find("br")), 1)
+        self.assertIn("Tokens: 72 (58↑/14↓)", messagesOf(tree)[2].text())
+        self.assertEqual(len(messagesOf(tree)[3].find("br")), 1)
 
     def test_emptySession(self) -> None:
         tree = parse(renderSession(Session(id="new")))
@@ -444,10 +468,10 @@ class OtherSessionTests(SynchronousTestCase):
         ]
         tree = parse(renderSession(session, queued))
         articles = messagesOf(tree)
-        self.assertEqual(len(articles), 5)
+        self.assertEqual(len(articles), 6)
         self.assertEqual([("queued" in a.classes) for a in articles],
-                         [False, False, False, True, True])
-        waiting, failed = articles[3], articles[4]
+                         [False, False, False, False, True, True])
+        waiting, failed = articles[4], articles[5]
         self.assertEqual(waiting.find("span", "tag")[0].text(), "queued")
         self.assertEqual(waiting.find("em")[0].text(), "here")
         self.assertEqual(failed.find("span", "tag")[0].text(), "failed")
