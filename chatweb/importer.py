@@ -90,7 +90,9 @@ def sessionFromJSON(data: Any, fallbackId: str) -> Session:
     sessionId = data["id"]
     problem = sessionIdProblem(sessionId)
     if problem is not None:
-        what = repr(sessionId) if isinstance(sessionId, str) else "the session id"
+        what = "the session id"
+        if isinstance(sessionId, str):
+            what = repr(sessionId if len(sessionId) <= 80 else sessionId[:80] + "...")
         raise SessionFileError(f"session id {what} {problem}")
     messages = data["messages"]
     if not isinstance(messages, list):

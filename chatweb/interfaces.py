@@ -143,6 +143,9 @@ class IResponder(Interface):
     def respond(session, message):
         """
         @param session: the L{chatweb.model.Session}, the new message last.
+            Its messages include chat.nvim's role-less completion and error
+            records: a responder that gives a model the history takes
+            C{session.conversation()}, which leaves them out.
         @param message: the new user L{chatweb.model.Message}.
         @return: a L{Deferred} firing with a list of messages to add to the
             session (possibly empty).  Cancelling it stops the answer.

@@ -140,6 +140,17 @@ class PostTests(APITestCase):
             self.assertError(response, answer, 400, words)
         self.assertEqual(self.journal.rows, {})
 
+    def test_lookAlikeSessionIdsRefused(self) -> None:
+        """
+        Bidi controls and zero-width characters would let two different ids
+        look the same: refused, as the importer refuses them.
+        """
+        for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c" \
+                 "\u200b\u200c\u200d\u2060\ufeff":
+            response, body = self.post({"session": f"ci{c}", "content": "x"})
+            self.assertError(response, body, 400, f"(U+{ord(c):04X})")
+        self.assertEqual(self.journal.rows, {})
+
     def test_oversizeBodyRefusedEvenOutsideChatWebSite(self) -> None:
         """
         Mounted in a Site that does not limit bodies, the route still

@@ -236,6 +236,42 @@ class CommandTests(SynchronousTestCase):
         )
         self.assertEqual(self.sessionsIn(dataDir), ["2024-01-15-10-30-00"])
 
+    def test_sessionsDirectory(self) -> None:
+        """
+        C{python -m chatweb import DIR}, DIR being chat.nvim's sessions
+        directory with a FIFO, a package.json and a {} among the sessions,
+        and /dev/zero given too: each refused file gets one line, the
+        sessions are imported, and it ends (no hang, no traceback).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        fixtures = sorted(glob.glob(os.path.join(FIXTURES, "*.json")))
+        for path in fixtures:
+            with open(path, "rb") as f:
+                writeFile(directory, os.path.basename(path), f.read())
+        writeFile(directory, "package.json", NOT_SESSIONS["package.json"][0])
+        writeFile(directory, "empty.json", "{}")
+        os.mkfifo(os.path.join(directory, "fifo.json"))
+        dataDir = os.path.abspath(self.mktemp())
+        result = self.chatweb(directory, "/dev/zero", "--data-dir", dataDir)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            sorted(result.stderr.splitlines()),
+            sorted([
+                f"chatweb: cannot import {directory}/empty.json: not a chat.nvim session:"
+                " it has no 'id' and 'messages'",
+                f"chatweb: cannot import {directory}/fifo.json: not a regular file (a FIFO)",
+                f"chatweb: cannot import {directory}/package.json: not a chat.nvim session:"
+                " it has no 'id' and 'messages'",
+                "chatweb: cannot import /dev/zero: not a regular file (a character device)",
+            ]),
+        )
+        self.assertEqual(
+            result.stdout.splitlines()[-1],
+            f"{len(fixtures)} imported, 0 skipped, 4 could not be imported",
+        )
+        self.assertEqual(self.sessionsIn(dataDir), sorted(asFile(p)["id"] for p in fixtures))
+
     def test_unusableDataDir(self) -> None:
         result = self.chatweb(OLD_FORM, "--data-dir", "/proc/chatweb-import")
         self.assertEqual(result.returncode, 1)
@@ -267,3 +303,201 @@ class HostileFileTests(SynchronousTestCase):
     def test_loneSurrogate(self) -> None:
         message = self.refused('{"id": "x", "messages": [{"role": "user", "content": "\\ud800"}]}')
         self.assertIn("not valid Unicode", message)
+
+
+def writeFile(directory: str, name: str, content: bytes | str) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+#: JSON files that are not chat.nvim sessions, each with what is said.
+NOT_SESSIONS = {
+    "package.json": (
+        json.dumps({"name": "app", "version": "1.0.0",
+                    "config": {"password": "hunter2"}}),
+        "not a chat.nvim session: it has no 'id' and 'messages'",
+    ),
+    "empty-object.json": ("{}", "not a chat.nvim session: it has no 'id' and 'messages'"),
+    "no-messages.json": ('{"id": "x"}', "not a chat.nvim session"),
+    "no-id.json": ('{"messages": []}', "not a chat.nvim session"),
+    "empty-list.json": ("[]", "not a chat.nvim session: a list, but not of chat.nvim messages"),
+    "numbers.json": ("[1, 2]", "a list, but not of chat.nvim messages"),
+    "objects.json": ('[{"name": "x"}]', "a list, but not of chat.nvim messages"),
+    "string.json": ('"hello"', "found a string"),
+}
+
+#: Session ids POST / refuses, and so the importer too.
+HOSTILE_IDS = {
+    "s" * 5000: "at most 256 characters",
+    "\x1b[2J\x1b[31mred": "control characters",
+    "\x00index": "control characters",
+    "line\nbreak": "control characters",
+    "invoice\u202efdp.exe": "bidi control characters (U+202E)",
+    "a\u2066b": "(U+2066)",
+    "mark\u200f": "(U+200F)",
+    "arabic\u061c": "(U+061C)",
+    "zero\u200bwidth": "(U+200B)",
+    "joiner\u200d": "(U+200D)",
+    "word\u2060joiner": "(U+2060)",
+    "\ufeffbom": "(U+FEFF)",
+}
+
+
+class NotASessionTests(SynchronousTestCase):
+    """
+    JSON that is not a chat.nvim session is refused with one line, never
+    imported as an (empty) session.
+    """
+
+    def test_refused(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for name, (content, reason) in NOT_SESSIONS.items():
+            path = writeFile(directory, name, content)
+            error = self.assertRaises(SessionFileError, readSessionFile, path)
+            self.assertEqual(str(error)[: len(path) + 2], path + ": ", name)
+            self.assertIn(reason, str(error), name)
+
+    def test_everyFixtureIsASession(self) -> None:
+        for path in glob.glob(os.path.join(FIXTURES, "*.json")):
+            readSessionFile(path)
+
+
+class HostileIdTests(SynchronousTestCase):
+    """
+    Imported ids obey the rule of POST /: too long, control characters,
+    bidi controls and zero-width characters are refused, in the object form
+    and as the file name of an old bare list alike.
+    """
+
+    def test_objectForm(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for n, (sessionId, reason) in enumerate(HOSTILE_IDS.items()):
+            path = writeFile(directory, f"{n}.json", json.dumps(
+                {"id": sessionId, "messages": [{"role": "user", "content": "x"}]}))
+            error = self.assertRaises(SessionFileError, readSessionFile, path)
+            self.assertIn(reason, str(error), repr(sessionId))
+
+    def test_bareListFileName(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for sessionId, reason in HOSTILE_IDS.items():
+            if "\x00" in sessionId or "/" in sessionId or len(sessionId) > 200:
+                continue  # not possible in a file name
+            path = writeFile(directory, sessionId + ".json", '[{"role": "user", "content": "x"}]')
+            error = self.assertRaises(SessionFileError, readSessionFile, path)
+            self.assertIn(reason, str(error), repr(sessionId))
+
+    def test_goodIdsStillImported(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for sessionId in ["ci", "2024-01-15-10-30-00", "日本語", "👍", "s" * 256, "a b"]:
+            path = writeFile(directory, "x.json", json.dumps({"id": sessionId, "messages": []}))
+            self.assertEqual(readSessionFile(path).id, sessionId)
+
+
+class UntrustedFileTests(TestCase):
+    """
+    Only regular files are read, up to a size limit; anything else gets one
+    line and the other files are still imported.
+    """
+
+    def setUp(self) -> Deferred:
+        self.db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        self.addCleanup(self.db.close)
+        self.backend = LocalBackend(self.db, reactor)
+        return self.db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+
+    def importing(self, paths: list[str], **kwargs) -> Deferred:
+        self.out, self.err = io.StringIO(), io.StringIO()
+        return Deferred.fromCoroutine(
+            importFiles(self.backend, paths, out=self.out, err=self.err, **kwargs)
+        )
+
+    @inlineCallbacks
+    def test_fifoAndDevicesRefused(self):
+        """
+        A FIFO is not opened for a blocking read (it would wait for a writer
+        forever), and /dev/zero is not read until memory runs out.
+        """
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        failures = yield self.importing([fifo, "/dev/zero", directory, OLD_FORM])
+        self.assertEqual(failures, 3)
+        self.assertEqual(
+            self.err.getvalue().splitlines(),
+            [
+                f"chatweb: cannot import {fifo}: not a regular file (a FIFO)",
+                "chatweb: cannot import /dev/zero: not a regular file (a character device)",
+                f"chatweb: cannot import {directory}: a directory with no .json files",
+            ],
+        )
+        self.assertEqual((yield self.backend.listSessions()), ["2024-01-15-10-30-00"])
+        self.assertTrue(self.out.getvalue().endswith(
+            "1 imported, 0 skipped, 3 could not be imported\n"))
+
+    @inlineCallbacks
+    def test_sizeLimit(self):
+        failures = yield self.importing([TOOLS, OLD_FORM], maxSize=2000)
+        self.assertEqual(failures, 1)
+        self.assertIn(f"{TOOLS}: larger than the limit of 2,000 bytes", self.err.getvalue())
+        self.assertEqual((yield self.backend.listSessions()), ["2024-01-15-10-30-00"])
+
+    @inlineCallbacks
+    def test_wholeDirectory(self):
+        """
+        A directory stands for its *.json files, as chat.nvim's sessions
+        directory: the sessions are imported, anything else gets one line.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        fixtures = sorted(glob.glob(os.path.join(FIXTURES, "*.json")))
+        for path in fixtures:
+            with open(path, "rb") as f:
+                writeFile(directory, os.path.basename(path), f.read())
+        for name, (content, _) in NOT_SESSIONS.items():
+            writeFile(directory, name, content)
+        writeFile(directory, "notes.txt", "not looked at")
+        os.mkfifo(os.path.join(directory, "pipe.json"))
+        failures = yield self.importing([directory])
+        self.assertEqual(failures, len(NOT_SESSIONS) + 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), len(NOT_SESSIONS) + 1)
+        self.assertIn(
+            f"chatweb: cannot import {directory}/package.json: not a chat.nvim session:"
+            " it has no 'id' and 'messages'",
+            lines,
+        )
+        self.assertIn(
+            f"chatweb: cannot import {directory}/pipe.json: not a regular file (a FIFO)", lines
+        )
+        self.assertEqual(
+            sorted((yield self.backend.listSessions())),
+            sorted(asFile(p)["id"] for p in fixtures),
+        )
+        self.assertTrue(self.out.getvalue().endswith(
+            f"{len(fixtures)} imported, 0 skipped, {len(NOT_SESSIONS) + 1} could not be imported\n"
+        ))
+
+    @inlineCallbacks
+    def test_namesPrintedEscaped(self):
+        """
+        A file name with terminal escapes or bidi controls is printed
+        escaped: nothing reaches the terminal raw.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        writeFile(directory, "\x1b[2Jevil\u202e.json", '[{"role": "user", "content": "x"}]')
+        writeFile(directory, "ok\u200b.json", json.dumps(
+            {"id": "bad\x07\u2066id", "messages": []}))
+        failures = yield self.importing([directory])
+        self.assertEqual(failures, 2)
+        printed = self.err.getvalue() + self.out.getvalue()
+        self.assertEqual([c for c in printed if not c.isprintable() and c not in " \n"], [])
+        self.assertIn("\\x1b[2Jevil\\u202e.json", printed)
+        self.assertIn("bad\\x07\\u2066id", printed)

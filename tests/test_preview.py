@@ -490,6 +490,44 @@ class OtherSessionTests(SynchronousTestCase):
         self.assertEqual(text, "120 tokens · prompt 100 · completion 20 · cached 50 (50%)")
 
 
+class RecordTests(SynchronousTestCase):
+    """
+    chat.nvim's role-less records: C{{on_complete, usage, created}} shown as
+    a "Completed" line, C{{error, created}} in an error box.
+    """
+
+    def test_errorsAndRetries(self) -> None:
+        session = fixture("errors-and-retries.json")
+        articles = messagesOf(parse(renderSession(session)))
+        self.assertEqual(len(articles), len(session.messages))
+        kinds = [
+            "error" if a.find("div", "error") else
+            "completed" if a.find("span", "completed") else
+            a.find("span", "badge")[0].text()
+            for a in articles
+        ]
+        self.assertEqual(kinds, ["user", "error", "error", "assistant", "completed", "user",
+                                 "error", "assistant", "completed", "user", "error"])
+        self.assertIn("Rate limit reached for gpt-4o-mini", articles[1].text())
+        self.assertIn("Auto-retry 1/3 (2 remaining).", articles[2].text())
+        usage = " ".join(articles[4].find("div", "usage")[0].text().split())
+        self.assertEqual(usage, "Tokens: 1889 (1832↑/57↓)Cached: 1664 tokens (90%)")
+        # A completion without usage (the tool-call parsing failure): the line alone.
+        self.assertEqual(articles[8].find("div", "usage"), [])
+        for n in (1, 2, 4, 6, 8, 10):
+            self.assertEqual(articles[n].find("span", "badge"), [], n)
+            self.assertIn("record", articles[n].classes)
+
+    def test_usageOfUnexpectedTypes(self) -> None:
+        session = Session.fromDict({"id": "s", "messages": [
+            {"on_complete": True, "usage": {"total_tokens": "<b>1</b>", "prompt_tokens": -5}},
+            {"on_complete": True, "usage": "lots"},
+        ]})
+        for article in messagesOf(parse(renderSession(session))):
+            self.assertEqual(article.find("span", "completed")[0].text(), "Completed")
+            self.assertEqual(article.find("div", "usage"), [])
+
+
 class IndexTests(SynchronousTestCase):
     def test_sessionsLinkToTheirPages(self) -> None:
         ids = ["ci", 'b"><script>x</script>', "日本"]
