@@ -5,19 +5,25 @@ for the fixture sessions, and nothing from a session is ever live markup.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 from html.parser import HTMLParser
 
+from markupsafe import Markup
+
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatweb.importer import readSessionFile
 from chatweb.model import FAILED, Message, QueuedMessage, Session
+from chatweb import preview
 from chatweb.preview import (
     PYGMENTS_CSS,
     SECURITY_HEADERS,
+    highlightCode,
     renderIndex,
+    renderMarkdown,
     renderSession,
     renderSessionInThread,
 )
@@ -497,3 +503,244 @@ class ThreadTests(TestCase):
         queued = [QueuedMessage(1, session.id, "later", 1.0)]
         page = await renderSessionInThread(session, queued)
         self.assertEqual(page, renderSession(session, queued))
+
+
+class BoundedCostTests(SynchronousTestCase):
+    """
+    Inputs that take time growing with the square of their length (some
+    Pygments lexers, markdown-it on some text) are cut off by a CPU budget
+    per message, and shown as plain text past it.
+    """
+
+    def setUp(self) -> None:
+        self.patch(preview, "fragments", preview._FragmentCache(1_000_000))
+
+    def test_quadraticLexersFallBackToPlainText(self) -> None:
+        # Each took seconds (autoit: 21 s) before the budget.
+        for language, code in [
+            ("autoit", " " * 8000 + "x\n"),
+            ("gherkin", " " * 8000 + "x\n"),
+            ("typescript", "a." * 4000 + "\n"),
+            ("javascript", '"\\' * 3000 + "\n"),
+        ]:
+            page = str(renderMarkdown(f"```{language}\n{code}```"))
+            self.assertIn('<div class="code plain">', page, language)
+            self.assertIn(html.escape(code.strip()), page, language)
+
+    def test_budgetPassedMeansPlainText(self) -> None:
+        """
+        Highlighting stops when the thread's CPU clock passes the budget.
+        """
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += 0.01  # every reading: a hundredth of the budget
+            return now[0]
+
+        self.patch(preview, "_cpuTime", clock)
+        self.patch(preview, "MESSAGE_BUDGET", 1.0)
+        small = str(highlightCode("x = 1\n" * 10, "python"))
+        self.assertIn("code", small)
+        self.assertNotIn("code plain", small)
+        self.assertIn('<span class="n">x</span>', small)
+        # 64 tokens per reading of the clock: over 100 readings is past it.
+        large = str(highlightCode("x = 1\n" * 2000, "python"))
+        self.assertIn('<div class="code plain">', large)
+        self.assertNotIn("<span", large)
+
+    def test_markdownPastTheBudgetIsPlainText(self) -> None:
+        # "[" * 262144 took 6.2 s; over MAX_MARKDOWN it is not parsed at all.
+        for text in ["[" * 262144, "[![" * 30000, "*_" * 40000]:
+            page = str(renderMarkdown(text))
+            self.assertTrue(page.startswith('<pre class="plain">'), text[:10])
+            self.assertIn(html.escape(text[:1000]), page)
+
+    def test_longCodeNotHighlighted(self) -> None:
+        code = "x = 1\n" * (preview.MAX_HIGHLIGHT // 6 + 1)
+        self.assertIn('<div class="code plain">', highlightCode(code, "python"))
+
+    def test_hostilePageRenders(self) -> None:
+        session = Session(
+            id="hostile",
+            messages=(
+                Message(role="assistant", content="```autoit\n" + " " * 8000 + "x\n```"),
+                Message(role="user", content="[" * 262144),
+            ),
+        )
+        tree = Tree(renderSession(session))
+        self.assertEqual(len(tree.root.find("article")), 2)
+
+
+class DeepJSONTests(SynchronousTestCase):
+    """
+    JSON nested deeper than Python's recursion limit is shown as text.
+    """
+
+    deep = "[" * 3000 + "]" * 3000
+
+    def test_deepToolOutputAndArguments(self) -> None:
+        session = Session(
+            id="deep",
+            messages=(
+                Message(
+                    role="assistant",
+                    tool_calls=(
+                        {"id": "c1", "type": "function",
+                         "function": {"name": "f", "arguments": self.deep}},
+                    ),
+                ),
+                Message(role="tool", tool_call_id="c1", content=self.deep),
+                Message(role="tool", tool_call_id="c1", content="{" * 3000),
+            ),
+        )
+        tree = Tree(renderSession(session))
+        texts = [e.text() for e in tree.root.find("code")]
+        self.assertEqual(texts.count(self.deep), 2)
+        self.assertIn("{" * 3000, texts)
+
+    def test_deepParsedArguments(self) -> None:
+        nested: list = []
+        for _ in range(3000):
+            nested = [nested]
+        arguments = str(preview._prettyArguments(nested))
+        self.assertIn("too deeply nested", arguments)
+
+
+class FragmentCacheTests(SynchronousTestCase):
+    def test_leastRecentlyUsedDroppedPastTheBound(self) -> None:
+        cache = preview._FragmentCache(1000)
+        for n in range(10):
+            cache.put(("markdown", f"{n:050}"), Markup("x" * 50))
+        cache.get(("markdown", f"{0:050}"))
+        cache.put(("markdown", "new" * 10), Markup("y" * 70))
+        self.assertIsNotNone(cache.get(("markdown", f"{0:050}")))
+        self.assertIsNone(cache.get(("markdown", f"{1:050}")))
+        self.assertIsNotNone(cache.get(("markdown", "new" * 10)))
+
+    def test_renderedOnce(self) -> None:
+        self.patch(preview, "fragments", preview._FragmentCache(1_000_000))
+        calls = []
+        real = preview._renderMarkdown
+        self.patch(preview, "_renderMarkdown", lambda text: calls.append(text) or real(text))
+        self.assertEqual(renderMarkdown("*a*"), renderMarkdown("*a*"))
+        self.assertEqual(calls, ["*a*"])
+
+
+def _numbered(count: int) -> Session:
+    return Session(
+        id="long",
+        messages=tuple(Message(role="user", content=f"message {n}") for n in range(count)),
+    )
+
+
+class PagingTests(SynchronousTestCase):
+    def url(self, before: int | None) -> str:
+        return "/session?id=long" + ("" if before is None else f"&before={before}")
+
+    def page(self, session: Session, before: int | None = None, queued=()) -> Element:  # type: ignore[no-untyped-def]
+        return Tree(renderSession(session, queued, before, self.url)).root
+
+    def shown(self, root: Element) -> list[str]:
+        return [a.find(cls="content")[0].text().strip() for a in root.find("article")]
+
+    def links(self, root: Element) -> dict[str, str]:
+        nav = root.find("nav", "pages")[0]
+        return {a.text().strip(): a.attrs["href"] or "" for a in nav.find("a")}
+
+    def test_newestPageFirst(self) -> None:
+        session = _numbered(250)
+        root = self.page(session, queued=[QueuedMessage(1, "long", "waiting", 1.0)])
+        shown = self.shown(root)
+        self.assertEqual(shown[0], "message 150")
+        self.assertEqual(shown[-2:], ["message 249", "waiting"])
+        self.assertEqual(
+            self.links(root), {"← Earlier messages": "/session?id=long&before=150"}
+        )
+        self.assertIn("messages 151–250 of 250", root.find("nav", "pages")[0].text())
+
+    def test_earlierPages(self) -> None:
+        session = _numbered(250)
+        root = self.page(session, 150, queued=[QueuedMessage(1, "long", "waiting", 1.0)])
+        self.assertEqual(self.shown(root)[0], "message 50")
+        self.assertEqual(self.shown(root)[-1], "message 149")  # no queued here
+        self.assertEqual(
+            self.links(root),
+            {
+                "← Earlier messages": "/session?id=long&before=50",
+                "Later messages →": "/session?id=long&before=250",
+                "Newest": "/session?id=long",
+            },
+        )
+        first = self.page(session, 50)
+        self.assertEqual(self.shown(first), [f"message {n}" for n in range(50)])
+        self.assertNotIn("← Earlier messages", self.links(first))
+
+    def test_beforePastTheEndIsTheNewestPage(self) -> None:
+        session = _numbered(30)
+        self.assertEqual(len(self.page(session, 10**9).find("article")), 30)
+        self.assertEqual(self.page(session, 10**9).find("nav"), [])
+
+    def test_pageBoundedByCharacters(self) -> None:
+        big = "x" * (preview.PAGE_CHARACTERS // 3)
+        session = Session(
+            id="long", messages=tuple(Message(role="user", content=big) for _ in range(10))
+        )
+        self.assertEqual(preview.pageBounds(session.messages, None), (7, 10))
+        huge = Session(id="long", messages=(Message(role="user", content=big * 4),) * 2)
+        self.assertEqual(preview.pageBounds(huge.messages, None), (1, 2))
+
+    def test_toolCallAnchorsKeepTheirIndex(self) -> None:
+        messages = [Message(role="user", content="hi")] * 150 + [
+            Message(
+                role="assistant",
+                tool_calls=({"id": "c", "function": {"name": "f", "arguments": "{}"}},),
+            )
+        ]
+        root = self.page(Session(id="long", messages=tuple(messages)))
+        self.assertEqual(
+            [e.attrs["id"] for e in root.find(cls="tool-call")], ["m150-call0"]
+        )
+
+
+class RacingThreadsTests(SynchronousTestCase):
+    """
+    markdown-it builds its rule caches on first use: renders racing on
+    fresh threads give the same page as one thread does.
+    """
+
+    def test_racingFirstRendersAgree(self) -> None:
+        import sys
+        import threading
+
+        # Switch threads as often as possible, to make the race likely.
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(1e-6)
+
+        text = (
+            "# Title\n\n| a | b |\n|---|---|\n| *x* | ~~y~~ |\n\n- one\n- two\n\n"
+            "> quote with [a link](https://example.com) and `code`\n\n"
+            "```python\nprint('hi')\n```\n"
+        )
+        expected = str(renderMarkdown(text))
+        wrong: list[str] = []
+        for _ in range(100):
+            # Nothing rendered before, nothing cached: every thread starts cold.
+            self.patch(preview, "_local", type(preview._local)())
+            self.patch(preview, "fragments", preview._FragmentCache(0))
+            barrier = threading.Barrier(4)
+
+            def race() -> None:
+                barrier.wait()
+                try:
+                    page = str(renderMarkdown(text))
+                except Exception as e:  # markdown-it's "none of the block rules matched"
+                    page = repr(e)
+                if page != expected:
+                    wrong.append(page)
+
+            threads = [threading.Thread(target=race) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(wrong, [])
