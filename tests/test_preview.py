@@ -744,3 +744,99 @@ class RacingThreadsTests(SynchronousTestCase):
             for thread in threads:
                 thread.join()
         self.assertEqual(wrong, [])
+
+
+class PagedViewTests(TestCase):
+    """
+    GET /session over a real port: long sessions are paged, and page
+    renders run on a few threads while the reactor answers other requests.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.server import Site
+        from treq.client import HTTPClient
+
+        from chatweb.api import ChatWebAPI
+        from chatweb.queue import MessageQueue
+        from chatweb.testing import MemoryAdapter, MemoryJournal
+
+        self.adapter = MemoryAdapter()
+        self.adapter.sessions["long"] = _numbered(50_000)
+        self.adapter.sessions["small"] = _numbered(3)
+        queue = MessageQueue(MemoryJournal(), self.adapter, reactor)
+        self.api = ChatWebAPI(queue, self.adapter, ["k" * 32], shareSecret=b"s" * 32)
+        port = reactor.listenTCP(0, Site(self.api.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+    async def get(self, path: str, key: bool = True) -> tuple[int, bytes]:
+        headers = {"X-API-Key": "k" * 32} if key else {}
+        response = await self.client.get(self.base + path, headers=headers)
+        return response.code, await response.content()
+
+    async def test_longSessionPaged(self) -> None:
+        code, body = await self.get("/session?id=long")
+        self.assertEqual(code, 200)
+        self.assertLess(len(body), 200_000)
+        page = body.decode()
+        self.assertIn("messages <b>49,901–50,000</b> of 50,000", page)
+        self.assertIn('href="/session?id=long&amp;before=49900"', page)
+        code, body = await self.get("/session?id=long&before=49900")
+        self.assertIn("messages <b>49,801–49,900</b>", body.decode())
+
+    async def test_badBeforeIs400(self) -> None:
+        for value in ["abc", "0", "-1", "1.5", "", "1&before=2", "9" * 30]:
+            code, body = await self.get("/session?id=long&before=" + value)
+            self.assertEqual(code, 400, value)
+            self.assertIn("'before'", json.loads(body)["error"])
+
+    async def test_shareLinkPagesKeepTheToken(self) -> None:
+        token, _ = self.api._shareLinks.issue("long", 600)
+        code, body = await self.get(f"/session?id=long&token={token}", key=False)
+        self.assertEqual(code, 200)
+        earlier = f"/session?id=long&token={token}&before=49900"
+        self.assertIn(earlier.replace("&", "&amp;"), body.decode())
+        code, body = await self.get(earlier, key=False)
+        self.assertEqual(code, 200)
+        self.assertIn("49,801–49,900", body.decode())
+
+    async def test_rendersBoundedAndReactorFree(self) -> None:
+        """
+        While every render thread is busy, other requests are answered, and
+        views past the waiting limit get a 503 at once.
+        """
+        import threading
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        from twisted.internet.defer import ensureDeferred, gatherResults
+
+        from chatweb import api
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        running = []
+
+        def slowRender(*args, **kwargs):  # type: ignore[no-untyped-def]
+            running.append(1)
+            release.wait(30)
+            return "<p>page</p>"
+
+        self.patch(api, "renderSession", slowRender)
+        views = [
+            ensureDeferred(self.get("/session?id=long"))
+            for _ in range(api.RENDER_THREADS + api.RENDER_WAITING)
+        ]
+        while len(self.api._renders.waiting) < api.RENDER_WAITING:
+            await deferLater(reactor, 0.01)
+        code, body = await self.get("/session?id=long")
+        self.assertEqual((code, json.loads(body)["error"][:8]), (503, "too many"))
+        code, body = await self.get("/sessions")
+        self.assertEqual((code, json.loads(body)), (200, ["long", "small"]))
+        self.assertLessEqual(len(running), api.RENDER_THREADS)
+        release.set()
+        results = await gatherResults(views)
+        self.assertEqual([c for c, _ in results], [200] * len(views))
