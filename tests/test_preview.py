@@ -840,3 +840,23 @@ class PagedViewTests(TestCase):
         release.set()
         results = await gatherResults(views)
         self.assertEqual([c for c, _ in results], [200] * len(views))
+
+    async def test_bigIndexAndExportOnThreads(self) -> None:
+        """
+        The HTML index of many sessions (a share token each) and the export
+        of a long session are made on threads, and are whole.
+        """
+        for n in range(300):
+            self.adapter.sessions[f"s{n:03}"] = _numbered(1)
+        response = await self.client.get(
+            self.base + "/sessions",
+            headers={"X-API-Key": "k" * 32, "Accept": "text/html"},
+        )
+        self.assertEqual(response.code, 200)
+        links = re.findall(r'href="([^"]+)"', (await response.content()).decode())
+        self.assertEqual(len(links), 302)
+        code, _ = await self.get(html.unescape(links[-1]), key=False)
+        self.assertEqual(code, 200)
+        code, body = await self.get("/session/raw?id=long")
+        self.assertEqual(code, 200)
+        self.assertEqual(len(json.loads(body)["messages"]), 50_000)
