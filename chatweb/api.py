@@ -38,7 +38,9 @@ from chatweb.limits import Limits, RateLimiter, retryAfter
 from chatweb.model import FAILED, PENDING, QueuedMessage, Session
 from chatweb.preview import (
     SECURITY_HEADERS,
+    inBackground,
     messageSize,
+    pause,
     pageBounds,
     renderIndex,
     renderSession,
@@ -142,9 +144,22 @@ def _error(request: IRequest, code: int, message: str) -> bytes:
 
 def _exportJSON(session: Session) -> bytes:
     """
-    C{session} as a chat.nvim session file, in JSON (safe on a thread).
+    C{session} as a chat.nvim session file, in JSON (safe on a thread): the
+    same bytes as one C{json.dumps}, made a message at a time, so that the
+    reactor's thread gets the GIL in between.
     """
-    return json.dumps(exportSession(session), ensure_ascii=False).encode("utf-8")
+    fields = []
+    for key, value in exportSession(session).items():
+        if key == "messages" and isinstance(value, list):
+            parts = []
+            for message in value:
+                pause()
+                parts.append(json.dumps(message, ensure_ascii=False))
+            text = "[" + ", ".join(parts) + "]"
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
+    return ("{" + ", ".join(fields) + "}").encode("utf-8")
 
 
 def _json(request: IRequest, value: Any) -> bytes:
@@ -625,7 +640,9 @@ class ChatWebAPI:
         links are off.  Safe to call on a thread.
         """
         links = {}
-        for sessionId in sessionIds:
+        for n, sessionId in enumerate(sessionIds):
+            if not n & 63:
+                pause()
             token = None
             if self._shareLinks is not None:
                 token, _ = self._shareLinks.issue(sessionId, lifetime)
@@ -642,7 +659,7 @@ class ChatWebAPI:
             return succeed(
                 _error(request, 503, "too many pages are being prepared; retry shortly")
             )
-        return self._renders.run(deferToThread, work, *args)
+        return self._renders.run(deferToThread, inBackground, work, *args)
 
     def _readShareRequest(
         self, request: IRequest, sessionRequired: bool

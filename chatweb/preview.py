@@ -82,6 +82,40 @@ _cpuTime: Callable[[], float] = time.thread_time
 _local = threading.local()
 
 
+#: On a background thread, seconds of work between pauses, and the pause.
+PAUSE_EVERY = 0.002
+PAUSE_FOR = 0.0002
+
+
+def pause() -> None:
+    """
+    On a thread running L{inBackground}, let the other threads (the
+    reactor's) take the GIL every L{PAUSE_EVERY} seconds of work: a thread
+    that computes without pause makes the reactor wait up to the
+    interpreter's switch interval (5 ms) at every step of every request.
+    Does nothing on other threads.
+    """
+    last: float | None = getattr(_local, "lastPause", None)
+    if last is None:
+        return
+    now = time.perf_counter()
+    if now - last > PAUSE_EVERY:
+        time.sleep(PAUSE_FOR)
+        _local.lastPause = time.perf_counter()
+
+
+def inBackground(work: Callable[..., Any], *args: Any) -> Any:
+    """
+    C{work(*args)}, pausing (L{pause}) to let the reactor's thread run: for
+    work on a thread of its own.
+    """
+    _local.lastPause = time.perf_counter()
+    try:
+        return work(*args)
+    finally:
+        _local.lastPause = None
+
+
 class _OverBudget(Exception):
     """
     The message's rendering took more than its budget.
@@ -102,8 +136,10 @@ def _highlighted(code: str, lexer: Lexer, deadline: float) -> str:
     tokens = []
     for n, token in enumerate(lexer.get_tokens(code)):
         tokens.append(token)
-        if not n & 63 and _cpuTime() > deadline:
-            raise _OverBudget()
+        if not n & 63:
+            pause()
+            if _cpuTime() > deadline:
+                raise _OverBudget()
     if _cpuTime() > deadline:
         raise _OverBudget()
     output = _Output()
@@ -172,6 +208,7 @@ def _budgeted(rule: Callable[..., Any]) -> Callable[..., Any]:
     def checked(*args: Any) -> Any:
         calls[0] += 1
         if not calls[0] & 63:
+            pause()
             deadline = getattr(_local, "deadline", None)
             if deadline is not None and _cpuTime() > deadline:
                 raise _OverBudget()
@@ -296,6 +333,7 @@ def _cached(kind: str, text: str, render: Callable[[str], Markup]) -> Markup:
     the budget of one message (L{MESSAGE_BUDGET}), as plain text when it
     cannot be rendered otherwise.
     """
+    pause()
     key = (kind, text)
     fragment = fragments.get(key)
     if fragment is not None:
@@ -577,6 +615,14 @@ _environment = Environment(
 _environment.globals["pygmentsCss"] = Markup(PYGMENTS_CSS)
 
 
+def _pauseInTemplate() -> str:
+    pause()
+    return ""
+
+
+_environment.globals["pause"] = _pauseInTemplate
+
+
 #: Messages on one page of a session, at most.
 PAGE_MESSAGES = 100
 #: Characters of message text on one page, at most (past it, a page holds
@@ -691,7 +737,9 @@ def renderSessionInThread(
     message: see bench/render.py), too long for the reactor thread once a
     session has thousands of messages.
     """
-    return deferToThread(renderSession, session, tuple(queued), before, pageURL)
+    return deferToThread(
+        inBackground, renderSession, session, tuple(queued), before, pageURL
+    )
 
 
 def renderIndex(sessionIds: Sequence[str], links: Mapping[str, str]) -> str:
@@ -699,8 +747,11 @@ def renderIndex(sessionIds: Sequence[str], links: Mapping[str, str]) -> str:
     A page listing C{sessionIds}, each linking to C{links[id]} (a session
     without a usable link is listed without one).
     """
-    entries = [
-        (sessionId, _safeHref(links[sessionId]) if sessionId in links else None)
-        for sessionId in sessionIds
-    ]
+    entries = []
+    for n, sessionId in enumerate(sessionIds):
+        if not n & 63:
+            pause()
+        entries.append(
+            (sessionId, _safeHref(links[sessionId]) if sessionId in links else None)
+        )
     return _environment.get_template("index.html").render(entries=entries)
