@@ -44,6 +44,7 @@ from chatweb.preview import (
     pageBounds,
     renderIndex,
     renderSession,
+    renderSessionInline,
 )
 from chatweb.queue import MessageQueue
 from chatweb.share import InvalidToken, ShareLinks
@@ -807,9 +808,9 @@ class ChatWebAPI:
                 return _error(request, 404, f"no session {sessionId!r}")
             start, end = pageBounds(session.messages, before)
             if not _heavy(session, undelivered, start, end):
-                return self._html(
-                    request, renderSession(session, undelivered, before, pageURL)
-                )
+                page = renderSessionInline(session, undelivered, before, pageURL)
+                if page is not None:
+                    return self._html(request, page)
             # Other pages render off the reactor thread, a few at a time.
             page = self._inThread(request, renderSession, session, undelivered, before, pageURL)
             return page.addCallback(lambda html: self._html(request, html))

@@ -122,9 +122,27 @@ class _OverBudget(Exception):
     """
 
 
+class _NotInline(Exception):
+    """
+    The page is taking longer than L{renderSessionInline} allows.
+    """
+
+
 def _deadline() -> float:
     deadline: float | None = getattr(_local, "deadline", None)
-    return _cpuTime() + MESSAGE_BUDGET if deadline is None else deadline
+    if deadline is None:
+        deadline = _cpuTime() + MESSAGE_BUDGET
+    inline: float | None = getattr(_local, "inlineDeadline", None)
+    return deadline if inline is None else min(deadline, inline)
+
+
+def _overBudget() -> None:
+    """
+    Raise L{_NotInline} if the budget of an inline page is what ran out.
+    """
+    inline: float | None = getattr(_local, "inlineDeadline", None)
+    if inline is not None and _cpuTime() > inline:
+        raise _NotInline()
 
 
 def _highlighted(code: str, lexer: Lexer, deadline: float) -> str:
@@ -136,7 +154,8 @@ def _highlighted(code: str, lexer: Lexer, deadline: float) -> str:
     tokens = []
     for n, token in enumerate(lexer.get_tokens(code)):
         tokens.append(token)
-        if not n & 63:
+        # Some lexers take a millisecond per token on hostile input.
+        if not n & 7:
             pause()
             if _cpuTime() > deadline:
                 raise _OverBudget()
@@ -176,7 +195,7 @@ def highlightCode(code: str, language: str = "", lexer: Lexer | None = None) -> 
         try:
             body = _highlighted(code, lexer, _deadline())
         except _OverBudget:
-            pass
+            _overBudget()
     label = (
         f'<div class="code-lang">{html.escape(language)}</div>' if language else ""
     )
@@ -339,10 +358,11 @@ def _cached(kind: str, text: str, render: Callable[[str], Markup]) -> Markup:
     if fragment is not None:
         return fragment
     outer = getattr(_local, "deadline", None)
-    _local.deadline = _cpuTime() + MESSAGE_BUDGET if outer is None else outer
+    _local.deadline = _deadline()
     try:
         fragment = render(text)
     except (_OverBudget, RecursionError):
+        _overBudget()
         fragment = plainText(text)
     finally:
         _local.deadline = outer
@@ -723,6 +743,32 @@ def renderSession(
         queued=_queuedViews(queued),
         page=page if page and (page.earlier or page.later) else None,
     )
+
+
+#: Seconds of CPU a page may take on the reactor's thread (see
+#: L{renderSessionInline}).
+INLINE_BUDGET = 0.005
+
+
+def renderSessionInline(
+    session: Session,
+    queued: Sequence[QueuedMessage] = (),
+    before: int | None = None,
+    pageURL: Callable[[int | None], str] | None = None,
+) -> str | None:
+    """
+    L{renderSession}, or None if its fragments take more than
+    L{INLINE_BUDGET} seconds of CPU (what was rendered so far is kept in
+    L{fragments}): for the reactor's thread, which renders small pages
+    itself and hands the others to a thread.
+    """
+    _local.inlineDeadline = _cpuTime() + INLINE_BUDGET
+    try:
+        return renderSession(session, queued, before, pageURL)
+    except _NotInline:
+        return None
+    finally:
+        _local.inlineDeadline = None
 
 
 def renderSessionInThread(

@@ -543,10 +543,32 @@ class BoundedCostTests(SynchronousTestCase):
         self.assertIn("code", small)
         self.assertNotIn("code plain", small)
         self.assertIn('<span class="n">x</span>', small)
-        # 64 tokens per reading of the clock: over 100 readings is past it.
+        # 8 tokens per reading of the clock: over 100 readings is past it.
         large = str(highlightCode("x = 1\n" * 2000, "python"))
         self.assertIn('<div class="code plain">', large)
         self.assertNotIn("<span", large)
+
+    def test_inlinePageGivesUpPastItsBudget(self) -> None:
+        """
+        A page rendered on the reactor's thread gives up (for a thread to
+        render it) past its small budget, and caches no plain-text stand-in.
+        """
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += 0.001
+            return now[0]
+
+        self.patch(preview, "_cpuTime", clock)
+        self.patch(preview, "MESSAGE_BUDGET", 10.0)
+        content = "```python\n" + "x = 1\n" * 500 + "```"
+        session = Session(id="s", messages=(Message(role="user", content=content),))
+        self.assertIsNone(preview.renderSessionInline(session))
+        self.assertIsNone(preview.fragments.get(("markdown", content)))
+        small = _numbered(3)
+        self.assertEqual(preview.renderSessionInline(small), renderSession(small))
+        # Off the reactor, the same message gets its full budget.
+        self.assertIn('<span class="n">x</span>', renderSession(session))
 
     def test_markdownPastTheBudgetIsPlainText(self) -> None:
         # "[" * 262144 took 6.2 s; over MAX_MARKDOWN it is not parsed at all.
