@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -98,27 +99,38 @@ def probe(port: int, seconds: float) -> list[float]:
     return latencies
 
 
-def load(port: int, paths: list[str], stop: threading.Event, viewed: list[tuple[float, int]],
-         headers: dict[str, str] | None = None) -> None:
+def load(port: int, paths: list[str], results: Any, stop: Any,
+         headers: dict[str, str] | None) -> None:
     n = 0
     while not stop.is_set():
         took, status, size = request(port, "GET", paths[n % len(paths)], headers=headers)
-        viewed.append((took, size))
+        results.put((took, size))
         n += 1
 
 
 def scenario(port: int, seconds: float, clients: list[tuple[list[str], dict[str, str] | None]]) -> tuple[list[float], list[tuple[float, int]]]:
-    stop = threading.Event()
-    viewed: list[tuple[float, int]] = []
-    threads = [threading.Thread(target=load, args=(port, paths, stop, viewed, headers))
+    """
+    The probes' latencies while C{clients} (each in a process of its own,
+    so that none shares the probes' GIL) keep requesting their paths; and
+    the time and size of each of their views.
+    """
+    results: Any = multiprocessing.Queue()
+    stop = multiprocessing.Event()
+    loaders = [multiprocessing.Process(target=load, args=(port, paths, results, stop, headers))
                for paths, headers in clients]
-    for t in threads:
-        t.start()
+    for p in loaders:
+        p.start()
     time.sleep(0.5)
     latencies = probe(port, seconds)
     stop.set()
-    for t in threads:
-        t.join()
+    viewed = []
+    while any(p.is_alive() for p in loaders) or not results.empty():
+        try:
+            viewed.append(results.get(timeout=0.1))
+        except Exception:
+            pass
+    for p in loaders:
+        p.join()
     return latencies, viewed
 
 
