@@ -49,8 +49,18 @@ def session(size: int, sample: list[Message]) -> Session:
         model=template.model,
         cwd=template.cwd,
         prompt=template.prompt,
-        messages=tuple(sample[i % len(sample)] for i in range(size)),
+        messages=tuple(unique(sample[i % len(sample)], i) for i in range(size)),
     )
+
+
+def unique(m: Message, n: int) -> Message:
+    """
+    C{m} made different from every other message (nothing is cached).
+    """
+    return Message(role=m.role, content=(m.content or "") + f"\n\n(message {n})",
+                   reasoning_content=m.reasoning_content, tool_calls=m.tool_calls,
+                   tool_call_id=m.tool_call_id, created=m.created,
+                   tool_call_state=m.tool_call_state, usage=m.usage, error=m.error)
 
 
 def best(s: Session, repeat: int) -> tuple[float, int]:
@@ -59,6 +69,7 @@ def best(s: Session, repeat: int) -> tuple[float, int]:
     """
     times = []
     for _ in range(repeat):
+        preview.fragments.clear()
         start = time.perf_counter()
         page = renderSession(s)
         times.append(time.perf_counter() - start)
@@ -138,6 +149,11 @@ def main() -> None:
           f"({perLarge * 1e6:6.0f} us/message, {largeSize / 1024:7.0f} KiB)")
     print(f"per-message cost, 5,000 vs 50: {perLarge / perSmall:.2f}x "
           f"(total time ratio {largeTime / smallTime:.0f}x for 100x the messages)")
+    start = time.perf_counter()
+    renderSession(large)
+    cached = time.perf_counter() - start
+    print(f"render 5,000 messages again, fragments cached: {cached * 1000:8.1f} ms"
+          f" ({cached / largeTime:.2f}x the first render)")
     hostile()
 
 
