@@ -101,8 +101,9 @@ def _acceptsHTML(request: IRequest) -> bool:
 MAX_IDEMPOTENCY_KEY = 255
 #: Pages of sessions longer than this render on a thread, not the reactor.
 RENDER_INLINE_LIMIT = 20
-#: ... and so do pages with more text than this, in characters (the worst
-#: Markdown costs a few milliseconds at this size: bench/hostile_render.py).
+#: ... and so do pages with more text than this, in characters.  Smaller
+#: pages render on the reactor's thread unless they take more than 5 ms of
+#: CPU there (L{renderSessionInline}).
 RENDER_INLINE_CHARACTERS = 2_000
 #: Renders and exports that run on threads at once (CPU is the limit) ...
 RENDER_THREADS = 2

@@ -29,7 +29,6 @@ from twisted.internet.threads import deferToThread
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markupsafe import Markup
-from pygments import highlight as pygmentize
 from pygments.formatters import HtmlFormatter
 from pygments.lexer import Lexer
 from pygments.lexers import get_lexer_by_name
@@ -72,7 +71,7 @@ MAX_HIGHLIGHT = 50_000
 #: Seconds of CPU that the highlighting and Markdown of one message may
 #: take; past it, the message (or code block) is shown as plain text.  Many
 #: Pygments lexers, and markdown-it on some inputs, take time that grows with
-#: the square of the input (bench/hostile_render.py): a work budget bounds
+#: the square of the input (bench/render.py): a work budget bounds
 #: them all, where an allow-list of "linear" lexers would hold almost none.
 MESSAGE_BUDGET = 0.1
 #: The CPU clock of the current thread (patched by tests).
@@ -290,7 +289,7 @@ def _markdown() -> MarkdownIt:
 
 
 #: Characters of a message above which it is shown as plain text, not
-#: Markdown (bench/hostile_render.py measures the cost of both).
+#: Markdown (bench/render.py measures the cost of both).
 MAX_MARKDOWN = 100_000
 
 
