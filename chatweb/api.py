@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from urllib.parse import quote, unquote_to_bytes
 from typing import Any, Sequence
 from weakref import WeakKeyDictionary
@@ -23,6 +24,7 @@ from klein import Klein
 from klein.interfaces import IKleinRequest
 from twisted.internet.defer import DeferredSemaphore, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -36,9 +38,13 @@ from chatweb.limits import Limits, RateLimiter, retryAfter
 from chatweb.model import FAILED, PENDING, QueuedMessage, Session
 from chatweb.preview import (
     SECURITY_HEADERS,
+    inBackground,
+    messageSize,
+    pause,
+    pageBounds,
     renderIndex,
     renderSession,
-    renderSessionInThread,
+    renderSessionInline,
 )
 from chatweb.queue import MessageQueue
 from chatweb.share import InvalidToken, ShareLinks
@@ -93,10 +99,23 @@ def _acceptsHTML(request: IRequest) -> bool:
 
 
 MAX_IDEMPOTENCY_KEY = 255
-#: Sessions longer than this render on a thread, not the reactor.
-RENDER_INLINE_LIMIT = 200
-#: ... and so are sessions with more text than this, in characters.
-RENDER_INLINE_CHARACTERS = 20_000
+#: Pages of sessions longer than this render on a thread, not the reactor.
+RENDER_INLINE_LIMIT = 20
+#: ... and so do pages with more text than this, in characters.  Smaller
+#: pages render on the reactor's thread unless they take more than 5 ms of
+#: CPU there (L{renderSessionInline}).
+RENDER_INLINE_CHARACTERS = 2_000
+#: Renders and exports that run on threads at once (CPU is the limit) ...
+RENDER_THREADS = 2
+#: ... and that may wait for one; past this, a 503.
+RENDER_WAITING = 16
+#: Sessions of more messages than this, or more characters, are turned
+#: into JSON (GET /session/raw) on a thread.
+EXPORT_INLINE_LIMIT = 200
+EXPORT_INLINE_CHARACTERS = 200_000
+#: An HTML index of more sessions than this (a share token each) renders on
+#: a thread.
+INDEX_INLINE_LIMIT = 200
 #: Message ids are SQLite integers.
 MAX_MESSAGE_ID = 2**63 - 1
 
@@ -125,24 +144,72 @@ def _error(request: IRequest, code: int, message: str) -> bytes:
     return json.dumps({"error": message}).encode("utf-8")
 
 
+def _exportJSON(session: Session) -> bytes:
+    """
+    C{session} as a chat.nvim session file, in JSON (safe on a thread): the
+    same bytes as one C{json.dumps}, made a message at a time, so that the
+    reactor's thread gets the GIL in between.
+    """
+    fields = []
+    for key, value in exportSession(session).items():
+        if key == "messages" and isinstance(value, list):
+            parts = []
+            for message in value:
+                pause()
+                parts.append(json.dumps(message, ensure_ascii=False))
+            text = "[" + ", ".join(parts) + "]"
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
+    return ("{" + ", ".join(fields) + "}").encode("utf-8")
+
+
 def _json(request: IRequest, value: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return json.dumps(value, ensure_ascii=False).encode("utf-8")
 
 
-def _heavy(session: Session, undelivered: Sequence[QueuedMessage]) -> bool:
+def _heavy(
+    session: Session, undelivered: Sequence[QueuedMessage], start: int, end: int
+) -> bool:
     """
-    Whether rendering the page takes long enough to belong off the reactor
-    thread.
+    Whether rendering the page that shows messages C{start} to C{end} of
+    C{session} could take long enough to belong off the reactor thread.
     """
     if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
         return True
-    characters = sum(
-        len(m.content or "") + len(m.reasoning_content or "") + len(str(m.tool_calls or ""))
-        for m in session.messages
-    ) + sum(len(m.content) for m in undelivered)
+    characters = sum(messageSize(m) for m in session.messages[start:end]) + sum(
+        len(m.content) for m in undelivered
+    )
     return characters > RENDER_INLINE_CHARACTERS
+
+
+def _before(request: IRequest) -> int | None | bytes:
+    """
+    The query parameter C{before} (the page that ends before that message
+    index), None without one, or a 400 error body.
+    """
+    values = request.args.get(b"before")
+    if values is None:
+        return None
+    if len(values) != 1 or not re.fullmatch(rb"[1-9][0-9]{0,17}", values[0]):
+        return _error(
+            request,
+            400,
+            "query parameter 'before' must be one positive whole number (a"
+            " message index)",
+        )
+    return int(values[0])
+
+
+def _sessionPath(prefix: str, sessionId: str, token: str | None) -> str:
+    """
+    The path of C{sessionId}'s page, for the API mounted at C{prefix}, with
+    a share token if one is given.
+    """
+    url = f"{prefix}/session?id={quote(sessionId, safe='')}"
+    return url if token is None else f"{url}&token={token}"
 
 
 def _mountPrefix(request: IRequest) -> str:
@@ -257,7 +324,7 @@ class ChatWebAPI:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
-        self._renders = DeferredSemaphore(2)
+        self._renders = DeferredSemaphore(RENDER_THREADS)
         #: Requests let in without a key, by the expiry of their verified
         #: share token.
         self._shareExpiry: WeakKeyDictionary[IRequest, int] = WeakKeyDictionary()
@@ -354,8 +421,7 @@ class ChatWebAPI:
         The path of C{sessionId}'s page (below where the API is mounted),
         with a share token if one is given.
         """
-        url = f"{_mountPrefix(request)}/session?id={quote(sessionId, safe='')}"
-        return url if token is None else f"{url}&token={token}"
+        return _sessionPath(_mountPrefix(request), sessionId, token)
 
     def _findSession(self, sessionId: str) -> Any:
         """
@@ -553,30 +619,49 @@ class ChatWebAPI:
             sessionIds = sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
             if not html:
                 return _json(request, sessionIds)
-            links = self._indexLinks(request, sessionIds, linkLifetime)
-            return self._html(request, renderIndex(sessionIds, links))
+            prefix = _mountPrefix(request)
+            if len(sessionIds) <= INDEX_INLINE_LIMIT:
+                return self._html(request, self._index(prefix, sessionIds, linkLifetime))
+            # A share token per session (and the page) cost too much time
+            # for the reactor thread with many sessions.
+            return self._inThread(
+                request, self._index, prefix, sessionIds, linkLifetime
+            ).addCallback(lambda page: self._html(request, page))
 
         return gatherResults(
             [self._adapter.listSessions(), self._queue.journal.failedSessions()],
             consumeErrors=True,
         ).addCallbacks(listed, lambda f: self._unavailable(request, f))
 
-    def _indexLinks(
-        self, request: IRequest, sessionIds: list[str], lifetime: int
-    ) -> dict[str, str]:
+    def _index(self, prefix: str, sessionIds: list[str], lifetime: int) -> str:
         """
-        The links of the HTML index: share links that live C{lifetime}
-        seconds (at most L{INDEX_LINK_LIFETIME}, never past the index's own
-        link), so that a browser can follow them without the key; plain
-        links when share links are off.
+        The HTML index of C{sessionIds}, for the API mounted at C{prefix}.
+        Its links are share links that live C{lifetime} seconds (at most
+        L{INDEX_LINK_LIFETIME}, never past the index's own link), so that a
+        browser can follow them without the key; plain links when share
+        links are off.  Safe to call on a thread.
         """
         links = {}
-        for sessionId in sessionIds:
+        for n, sessionId in enumerate(sessionIds):
+            if not n & 63:
+                pause()
             token = None
             if self._shareLinks is not None:
                 token, _ = self._shareLinks.issue(sessionId, lifetime)
-            links[sessionId] = self._sessionURL(request, sessionId, token)
-        return links
+            links[sessionId] = _sessionPath(prefix, sessionId, token)
+        return renderIndex(sessionIds, links)
+
+    def _inThread(self, request: IRequest, work: Any, *args: Any) -> Any:
+        """
+        A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time;
+        a 503 error body at once when L{RENDER_WAITING} already wait.
+        """
+        if len(self._renders.waiting) >= RENDER_WAITING:
+            request.setHeader(b"Retry-After", b"1")
+            return succeed(
+                _error(request, 503, "too many pages are being prepared; retry shortly")
+            )
+        return self._renders.run(deferToThread, inBackground, work, *args)
 
     def _readShareRequest(
         self, request: IRequest, sessionRequired: bool
@@ -666,10 +751,16 @@ class ChatWebAPI:
         if not isinstance(sessionId, str):
             return sessionId
 
-        def export(session: Session | None) -> bytes:
+        def export(session: Session | None) -> Any:
             if session is None:
                 return _error(request, 404, f"no session {sessionId!r}")
-            return _json(request, exportSession(session))
+            if len(session.messages) <= EXPORT_INLINE_LIMIT and (
+                sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
+            ):
+                return _json(request, exportSession(session))
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return self._inThread(request, _exportJSON, session)
 
         return self._sessionExists(sessionId).addCallbacks(
             export, lambda f: self._unavailable(request, f)
@@ -700,23 +791,38 @@ class ChatWebAPI:
         if not isinstance(sessionId, str):
             return sessionId
 
+        before = _before(request)
+        if isinstance(before, bytes):
+            return before
+        # Links to the other pages keep the share token that opened this one.
+        token = None
+        if self._shareExpiry.get(request) is not None:
+            token = request.args[b"token"][0].decode("ascii")
+        base = self._sessionURL(request, sessionId, token)
+
+        def pageURL(before: int | None) -> str:
+            return base if before is None else f"{base}&before={before}"
+
         def render(found: tuple[Session | None, list[QueuedMessage]]) -> Any:
             session, undelivered = found
             if session is None:
                 return _error(request, 404, f"no session {sessionId!r}")
-            # Pages of long sessions render off the reactor thread, two at
-            # a time at most: CPU is the limit.
-            if _heavy(session, undelivered):
-                page = self._renders.run(renderSessionInThread, session, undelivered)
-            else:
-                page = succeed(renderSession(session, undelivered))
+            start, end = pageBounds(session.messages, before)
+            if not _heavy(session, undelivered, start, end):
+                page = renderSessionInline(session, undelivered, before, pageURL)
+                if page is not None:
+                    return self._html(request, page)
+            # Other pages render off the reactor thread, a few at a time.
+            page = self._inThread(request, renderSession, session, undelivered, before, pageURL)
             return page.addCallback(lambda html: self._html(request, html))
 
         return self._findSession(sessionId).addCallbacks(
             render, lambda f: self._unavailable(request, f)
         )
 
-    def _html(self, request: IRequest, html: str) -> bytes:
+    def _html(self, request: IRequest, html: str | bytes) -> bytes:
+        if isinstance(html, bytes):  # an error body from _inThread
+            return html
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)

@@ -5,19 +5,25 @@ for the fixture sessions, and nothing from a session is ever live markup.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 from html.parser import HTMLParser
 
+from markupsafe import Markup
+
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatweb.importer import readSessionFile
 from chatweb.model import FAILED, Message, QueuedMessage, Session
+from chatweb import preview
 from chatweb.preview import (
     PYGMENTS_CSS,
     SECURITY_HEADERS,
+    highlightCode,
     renderIndex,
+    renderMarkdown,
     renderSession,
     renderSessionInThread,
 )
@@ -559,3 +565,382 @@ class ThreadTests(TestCase):
         queued = [QueuedMessage(1, session.id, "later", 1.0)]
         page = await renderSessionInThread(session, queued)
         self.assertEqual(page, renderSession(session, queued))
+
+
+class BoundedCostTests(SynchronousTestCase):
+    """
+    Inputs that take time growing with the square of their length (some
+    Pygments lexers, markdown-it on some text) are cut off by a CPU budget
+    per message, and shown as plain text past it.
+    """
+
+    def setUp(self) -> None:
+        self.patch(preview, "fragments", preview._FragmentCache(1_000_000))
+
+    def test_quadraticLexersFallBackToPlainText(self) -> None:
+        # Each took seconds (autoit: 21 s) before the budget.
+        for language, code in [
+            ("autoit", " " * 8000 + "x\n"),
+            ("gherkin", " " * 8000 + "x\n"),
+            ("typescript", "a." * 4000 + "\n"),
+            ("javascript", '"\\' * 3000 + "\n"),
+        ]:
+            page = str(renderMarkdown(f"```{language}\n{code}```"))
+            self.assertIn('<div class="code plain">', page, language)
+            self.assertIn(html.escape(code.strip()), page, language)
+
+    def test_budgetPassedMeansPlainText(self) -> None:
+        """
+        Highlighting stops when the thread's CPU clock passes the budget.
+        """
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += 0.01  # every reading: a hundredth of the budget
+            return now[0]
+
+        self.patch(preview, "_cpuTime", clock)
+        self.patch(preview, "MESSAGE_BUDGET", 1.0)
+        small = str(highlightCode("x = 1\n" * 10, "python"))
+        self.assertIn("code", small)
+        self.assertNotIn("code plain", small)
+        self.assertIn('<span class="n">x</span>', small)
+        # 8 tokens per reading of the clock: over 100 readings is past it.
+        large = str(highlightCode("x = 1\n" * 2000, "python"))
+        self.assertIn('<div class="code plain">', large)
+        self.assertNotIn("<span", large)
+
+    def test_inlinePageGivesUpPastItsBudget(self) -> None:
+        """
+        A page rendered on the reactor's thread gives up (for a thread to
+        render it) past its small budget, and caches no plain-text stand-in.
+        """
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += 0.001
+            return now[0]
+
+        self.patch(preview, "_cpuTime", clock)
+        self.patch(preview, "MESSAGE_BUDGET", 10.0)
+        content = "```python\n" + "x = 1\n" * 500 + "```"
+        session = Session(id="s", messages=(Message(role="user", content=content),))
+        self.assertIsNone(preview.renderSessionInline(session))
+        self.assertIsNone(preview.fragments.get(("markdown", content)))
+        small = _numbered(3)
+        self.assertEqual(preview.renderSessionInline(small), renderSession(small))
+        # Off the reactor, the same message gets its full budget.
+        self.assertIn('<span class="n">x</span>', renderSession(session))
+
+    def test_markdownPastTheBudgetIsPlainText(self) -> None:
+        # "[" * 262144 took 6.2 s; over MAX_MARKDOWN it is not parsed at all.
+        for text in ["[" * 262144, "[![" * 30000, "*_" * 40000]:
+            page = str(renderMarkdown(text))
+            self.assertTrue(page.startswith('<pre class="plain">'), text[:10])
+            self.assertIn(html.escape(text[:1000]), page)
+
+    def test_longCodeNotHighlighted(self) -> None:
+        code = "x = 1\n" * (preview.MAX_HIGHLIGHT // 6 + 1)
+        self.assertIn('<div class="code plain">', highlightCode(code, "python"))
+
+    def test_hostilePageRenders(self) -> None:
+        session = Session(
+            id="hostile",
+            messages=(
+                Message(role="assistant", content="```autoit\n" + " " * 8000 + "x\n```"),
+                Message(role="user", content="[" * 262144),
+            ),
+        )
+        tree = Tree(renderSession(session))
+        self.assertEqual(len(tree.root.find("article")), 2)
+
+
+class DeepJSONTests(SynchronousTestCase):
+    """
+    JSON nested deeper than Python's recursion limit is shown as text.
+    """
+
+    deep = "[" * 3000 + "]" * 3000
+
+    def test_deepToolOutputAndArguments(self) -> None:
+        session = Session(
+            id="deep",
+            messages=(
+                Message(
+                    role="assistant",
+                    tool_calls=(
+                        {"id": "c1", "type": "function",
+                         "function": {"name": "f", "arguments": self.deep}},
+                    ),
+                ),
+                Message(role="tool", tool_call_id="c1", content=self.deep),
+                Message(role="tool", tool_call_id="c1", content="{" * 3000),
+            ),
+        )
+        tree = Tree(renderSession(session))
+        texts = [e.text() for e in tree.root.find("code")]
+        self.assertEqual(texts.count(self.deep), 2)
+        self.assertIn("{" * 3000, texts)
+
+    def test_deepParsedArguments(self) -> None:
+        nested: list = []
+        for _ in range(3000):
+            nested = [nested]
+        arguments = str(preview._prettyArguments(nested))
+        self.assertIn("too deeply nested", arguments)
+
+
+class FragmentCacheTests(SynchronousTestCase):
+    def test_leastRecentlyUsedDroppedPastTheBound(self) -> None:
+        cache = preview._FragmentCache(1000)
+        for n in range(10):
+            cache.put(("markdown", f"{n:050}"), Markup("x" * 50))
+        cache.get(("markdown", f"{0:050}"))
+        cache.put(("markdown", "new" * 10), Markup("y" * 70))
+        self.assertIsNotNone(cache.get(("markdown", f"{0:050}")))
+        self.assertIsNone(cache.get(("markdown", f"{1:050}")))
+        self.assertIsNotNone(cache.get(("markdown", "new" * 10)))
+
+    def test_renderedOnce(self) -> None:
+        self.patch(preview, "fragments", preview._FragmentCache(1_000_000))
+        calls = []
+        real = preview._renderMarkdown
+        self.patch(preview, "_renderMarkdown", lambda text: calls.append(text) or real(text))
+        self.assertEqual(renderMarkdown("*a*"), renderMarkdown("*a*"))
+        self.assertEqual(calls, ["*a*"])
+
+
+def _numbered(count: int) -> Session:
+    return Session(
+        id="long",
+        messages=tuple(Message(role="user", content=f"message {n}") for n in range(count)),
+    )
+
+
+class PagingTests(SynchronousTestCase):
+    def url(self, before: int | None) -> str:
+        return "/session?id=long" + ("" if before is None else f"&before={before}")
+
+    def page(self, session: Session, before: int | None = None, queued=()) -> Element:  # type: ignore[no-untyped-def]
+        return Tree(renderSession(session, queued, before, self.url)).root
+
+    def shown(self, root: Element) -> list[str]:
+        return [a.find(cls="content")[0].text().strip() for a in root.find("article")]
+
+    def links(self, root: Element) -> dict[str, str]:
+        nav = root.find("nav", "pages")[0]
+        return {a.text().strip(): a.attrs["href"] or "" for a in nav.find("a")}
+
+    def test_newestPageFirst(self) -> None:
+        session = _numbered(250)
+        root = self.page(session, queued=[QueuedMessage(1, "long", "waiting", 1.0)])
+        shown = self.shown(root)
+        self.assertEqual(shown[0], "message 150")
+        self.assertEqual(shown[-2:], ["message 249", "waiting"])
+        self.assertEqual(
+            self.links(root), {"← Earlier messages": "/session?id=long&before=150"}
+        )
+        self.assertIn("messages 151–250 of 250", root.find("nav", "pages")[0].text())
+
+    def test_earlierPages(self) -> None:
+        session = _numbered(250)
+        root = self.page(session, 150, queued=[QueuedMessage(1, "long", "waiting", 1.0)])
+        self.assertEqual(self.shown(root)[0], "message 50")
+        self.assertEqual(self.shown(root)[-1], "message 149")  # no queued here
+        self.assertEqual(
+            self.links(root),
+            {
+                "← Earlier messages": "/session?id=long&before=50",
+                "Later messages →": "/session?id=long&before=250",
+                "Newest": "/session?id=long",
+            },
+        )
+        first = self.page(session, 50)
+        self.assertEqual(self.shown(first), [f"message {n}" for n in range(50)])
+        self.assertNotIn("← Earlier messages", self.links(first))
+
+    def test_beforePastTheEndIsTheNewestPage(self) -> None:
+        session = _numbered(30)
+        self.assertEqual(len(self.page(session, 10**9).find("article")), 30)
+        self.assertEqual(self.page(session, 10**9).find("nav"), [])
+
+    def test_pageBoundedByCharacters(self) -> None:
+        big = "x" * (preview.PAGE_CHARACTERS // 3)
+        session = Session(
+            id="long", messages=tuple(Message(role="user", content=big) for _ in range(10))
+        )
+        self.assertEqual(preview.pageBounds(session.messages, None), (7, 10))
+        huge = Session(id="long", messages=(Message(role="user", content=big * 4),) * 2)
+        self.assertEqual(preview.pageBounds(huge.messages, None), (1, 2))
+
+    def test_toolCallAnchorsKeepTheirIndex(self) -> None:
+        messages = [Message(role="user", content="hi")] * 150 + [
+            Message(
+                role="assistant",
+                tool_calls=({"id": "c", "function": {"name": "f", "arguments": "{}"}},),
+            )
+        ]
+        root = self.page(Session(id="long", messages=tuple(messages)))
+        self.assertEqual(
+            [e.attrs["id"] for e in root.find(cls="tool-call")], ["m150-call0"]
+        )
+
+
+class RacingThreadsTests(SynchronousTestCase):
+    """
+    markdown-it builds its rule caches on first use: renders racing on
+    fresh threads give the same page as one thread does.
+    """
+
+    def test_racingFirstRendersAgree(self) -> None:
+        import sys
+        import threading
+
+        # Switch threads as often as possible, to make the race likely.
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(1e-6)
+
+        text = (
+            "# Title\n\n| a | b |\n|---|---|\n| *x* | ~~y~~ |\n\n- one\n- two\n\n"
+            "> quote with [a link](https://example.com) and `code`\n\n"
+            "```python\nprint('hi')\n```\n"
+        )
+        expected = str(renderMarkdown(text))
+        wrong: list[str] = []
+        for _ in range(100):
+            # Nothing rendered before, nothing cached: every thread starts cold.
+            self.patch(preview, "_local", type(preview._local)())
+            self.patch(preview, "fragments", preview._FragmentCache(0))
+            barrier = threading.Barrier(4)
+
+            def race() -> None:
+                barrier.wait()
+                try:
+                    page = str(renderMarkdown(text))
+                except Exception as e:  # markdown-it's "none of the block rules matched"
+                    page = repr(e)
+                if page != expected:
+                    wrong.append(page)
+
+            threads = [threading.Thread(target=race) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(wrong, [])
+
+
+class PagedViewTests(TestCase):
+    """
+    GET /session over a real port: long sessions are paged, and page
+    renders run on a few threads while the reactor answers other requests.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.server import Site
+        from treq.client import HTTPClient
+
+        from chatweb.api import ChatWebAPI
+        from chatweb.queue import MessageQueue
+        from chatweb.testing import MemoryAdapter, MemoryJournal
+
+        self.adapter = MemoryAdapter()
+        self.adapter.sessions["long"] = _numbered(50_000)
+        self.adapter.sessions["small"] = _numbered(3)
+        queue = MessageQueue(MemoryJournal(), self.adapter, reactor)
+        self.api = ChatWebAPI(queue, self.adapter, ["k" * 32], shareSecret=b"s" * 32)
+        port = reactor.listenTCP(0, Site(self.api.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+    async def get(self, path: str, key: bool = True) -> tuple[int, bytes]:
+        headers = {"X-API-Key": "k" * 32} if key else {}
+        response = await self.client.get(self.base + path, headers=headers)
+        return response.code, await response.content()
+
+    async def test_longSessionPaged(self) -> None:
+        code, body = await self.get("/session?id=long")
+        self.assertEqual(code, 200)
+        self.assertLess(len(body), 200_000)
+        page = body.decode()
+        self.assertIn("messages <b>49,901–50,000</b> of 50,000", page)
+        self.assertIn('href="/session?id=long&amp;before=49900"', page)
+        code, body = await self.get("/session?id=long&before=49900")
+        self.assertIn("messages <b>49,801–49,900</b>", body.decode())
+
+    async def test_badBeforeIs400(self) -> None:
+        for value in ["abc", "0", "-1", "1.5", "", "1&before=2", "9" * 30]:
+            code, body = await self.get("/session?id=long&before=" + value)
+            self.assertEqual(code, 400, value)
+            self.assertIn("'before'", json.loads(body)["error"])
+
+    async def test_shareLinkPagesKeepTheToken(self) -> None:
+        token, _ = self.api._shareLinks.issue("long", 600)
+        code, body = await self.get(f"/session?id=long&token={token}", key=False)
+        self.assertEqual(code, 200)
+        earlier = f"/session?id=long&token={token}&before=49900"
+        self.assertIn(earlier.replace("&", "&amp;"), body.decode())
+        code, body = await self.get(earlier, key=False)
+        self.assertEqual(code, 200)
+        self.assertIn("49,801–49,900", body.decode())
+
+    async def test_rendersBoundedAndReactorFree(self) -> None:
+        """
+        While every render thread is busy, other requests are answered, and
+        views past the waiting limit get a 503 at once.
+        """
+        import threading
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        from twisted.internet.defer import ensureDeferred, gatherResults
+
+        from chatweb import api
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        running = []
+
+        def slowRender(*args, **kwargs):  # type: ignore[no-untyped-def]
+            running.append(1)
+            release.wait(30)
+            return "<p>page</p>"
+
+        self.patch(api, "renderSession", slowRender)
+        views = [
+            ensureDeferred(self.get("/session?id=long"))
+            for _ in range(api.RENDER_THREADS + api.RENDER_WAITING)
+        ]
+        while len(self.api._renders.waiting) < api.RENDER_WAITING:
+            await deferLater(reactor, 0.01)
+        code, body = await self.get("/session?id=long")
+        self.assertEqual((code, json.loads(body)["error"][:8]), (503, "too many"))
+        code, body = await self.get("/sessions")
+        self.assertEqual((code, json.loads(body)), (200, ["long", "small"]))
+        self.assertLessEqual(len(running), api.RENDER_THREADS)
+        release.set()
+        results = await gatherResults(views)
+        self.assertEqual([c for c, _ in results], [200] * len(views))
+
+    async def test_bigIndexAndExportOnThreads(self) -> None:
+        """
+        The HTML index of many sessions (a share token each) and the export
+        of a long session are made on threads, and are whole.
+        """
+        for n in range(300):
+            self.adapter.sessions[f"s{n:03}"] = _numbered(1)
+        response = await self.client.get(
+            self.base + "/sessions",
+            headers={"X-API-Key": "k" * 32, "Accept": "text/html"},
+        )
+        self.assertEqual(response.code, 200)
+        links = re.findall(r'href="([^"]+)"', (await response.content()).decode())
+        self.assertEqual(len(links), 302)
+        code, _ = await self.get(html.unescape(links[-1]), key=False)
+        self.assertEqual(code, 200)
+        code, body = await self.get("/session/raw?id=long")
+        self.assertEqual(code, 200)
+        self.assertEqual(len(json.loads(body)["messages"]), 50_000)
