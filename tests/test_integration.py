@@ -137,3 +137,50 @@ class ServiceTests(TestCase):
 
 
 
+
+
+class LifecycleTests(TestCase):
+    """
+    Starting, stopping and failing to start, as an embedding program sees it.
+    """
+
+    async def test_stoppedServiceRefusesToStartAgain(self) -> None:
+        chatweb = await startChatWeb(self)
+        await chatweb.service.stopService()
+        with self.assertRaises(RuntimeError) as raised:
+            chatweb.service.startService()
+        self.assertIn("make a new ChatWebService", str(raised.exception))
+        self.assertFalse(chatweb.service.running)
+
+    async def test_failedStartIsLoggedOnceWithFields(self) -> None:
+        """
+        A database that cannot be opened, in a directory whose name holds
+        braces: one log event says so (formatted, with the directory), the
+        ready Deferred fails, and no error is left in a Deferred.
+        """
+        import gc
+        import os
+
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from chatweb.service import DATABASE_NAME, ChatWebService
+
+        dataDir = os.path.join(os.path.abspath(self.mktemp()), "data{dir}")
+        os.makedirs(dataDir)
+        with open(os.path.join(dataDir, DATABASE_NAME), "wb") as f:
+            f.write(b"not a database" * 100)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = ChatWebService(apiKeys=["k" * 16], dataDir=dataDir, endpoint=None)
+        service.startService()
+        self.addCleanup(service.stopService)
+        with self.assertRaises(Exception):
+            await service.ready
+        gc.collect()
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(len(failures), 1, [formatEvent(e) for e in failures])
+        text = formatEvent(failures[0])
+        self.assertNotIn("Unable to format", text)
+        self.assertIn("data{dir}", text)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
