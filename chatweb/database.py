@@ -11,6 +11,7 @@ lets them proceed while a write commits).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -78,6 +79,20 @@ def _runRead(connection: sqlite3.Connection, operation: Operation, args: tuple) 
         connection.rollback()
 
 
+def _createPrivately(path: str) -> None:
+    """
+    Create the database file readable by its owner only (SQLite gives its
+    -wal and -shm files the same mode), if it does not exist yet.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass  # it exists, or cannot be made: open() says why.
+
+
 class SQLiteDatabase:
     """
     One SQLite file, used from a writer thread and reader threads.
@@ -89,6 +104,7 @@ class SQLiteDatabase:
 
     def __init__(self, path: str, reactor: IReactorCore, readers: int = 2) -> None:
         self.path = path
+        _createPrivately(path)
         common = dict(
             check_same_thread=False,
             isolation_level=None,

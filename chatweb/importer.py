@@ -137,7 +137,8 @@ async def importFiles(
             print(f"chatweb: cannot import {path}: {e}", file=err)
             continue
         if written:
-            print(f"imported {session.id} ({len(session.messages)} messages) from {path}", file=out)
+            count = len(session.messages)
+            print(f"imported {session.id} ({count} message{'' if count == 1 else 's'}) from {path}", file=out)
         else:
             print(
                 f"skipped {session.id} from {path}: a session with that id exists"

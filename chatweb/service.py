@@ -21,7 +21,7 @@ from chatweb.api import ChatWebAPI
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
-from chatweb.config import ensureShareSecret
+from chatweb.config import dataDirWarning, ensureShareSecret, withBacklog
 from chatweb.database import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
@@ -31,7 +31,7 @@ from chatweb.limits import Limits
 from chatweb.site import ChatWebSite
 
 DATABASE_NAME = "chatweb.sqlite3"
-DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1"
+DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
 _log = Logger()
 
@@ -121,7 +121,7 @@ class ChatWebService(MultiService):
         self.listening: Deferred[Any] | None = None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(
-                serverFromString(reactor, endpoint), self.site
+                serverFromString(reactor, withBacklog(endpoint)), self.site
             )
             self._listener._raiseSynchronously = True
             self._listener.setServiceParent(self)
@@ -196,6 +196,9 @@ class ChatWebService(MultiService):
         after stopService, startService raises RuntimeError.
         """
         self._refuseRestart()
+        warning = dataDirWarning(self.dataDir)
+        if warning is not None:
+            _log.warn("chatweb: {warning}", warning=warning)
 
         def started(_: object) -> None:
             self._settleReady(True)

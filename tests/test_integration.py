@@ -31,6 +31,17 @@ class ServiceTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertIn("Build completed successfully!", await response.text())
 
+    async def test_oneMessageIsSingular(self) -> None:
+        chatweb = await startChatWeb(self)
+        await chatweb.post("ci", "only one")
+        await chatweb.service.queue.whenDelivered()
+        page = await (await chatweb.get("/session?id=ci")).text()
+        self.assertRegex(page, r"<b>1</b> message(?!s)")
+        await chatweb.post("ci", "and two")
+        await chatweb.service.queue.whenDelivered()
+        page = await (await chatweb.get("/session?id=ci")).text()
+        self.assertIn("<b>2</b> messages", page)
+
     async def test_concurrentPostsAllArriveInOrder(self) -> None:
         """
         10 clients post 100 messages to 5 sessions at once: every message

@@ -265,3 +265,37 @@ class LifecycleTests(TestCase):
         del opening, waiting
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class PrivacyTests(TestCase):
+    @inlineCallbacks
+    def test_databaseFilesReadableByOwnerOnly(self):
+        """
+        In a data directory that already exists with a permissive umask, the
+        database and its WAL files are created 0600.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory, mode=0o755)
+        previous = os.umask(0o022)
+        self.addCleanup(os.umask, previous)
+        db = SQLiteDatabase(os.path.join(directory, "chatweb.sqlite3"), reactor)
+        self.addCleanup(db.close)
+        yield db.open(JOURNAL_SCHEMA)
+        yield db.write(lambda c: c.execute("SELECT 1"))
+        names = sorted(os.listdir(directory))
+        self.assertIn("chatweb.sqlite3", names)
+        for name in names:
+            mode = os.stat(os.path.join(directory, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, name)
+
+    def test_readableDataDirIsWarnedAbout(self) -> None:
+        from chatweb.config import dataDirWarning
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o755)
+        warning = dataDirWarning(directory)
+        self.assertIsNotNone(warning)
+        self.assertIn(f"chmod 700 {directory}", warning)
+        os.chmod(directory, 0o700)
+        self.assertIsNone(dataDirWarning(directory))
