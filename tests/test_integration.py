@@ -95,6 +95,53 @@ class ServiceTests(TestCase):
         held = await second.service.adapter.getSession("held")
         self.assertEqual([m.content for m in held.messages], ["waiting"])
 
+    async def test_burstOf500ConnectionsAllGet204(self) -> None:
+        """
+        500 clients connect at the same moment (while the reactor is busy,
+        so nothing is accepted meanwhile): the listen queue holds them all,
+        so no client has to retry its SYN or gets reset, and each one's POST
+        gets its 204.
+        """
+        import select
+        import socket
+
+        chatweb = await startChatWeb(self)
+        port = int(chatweb.url.rsplit(":", 1)[1])
+        clients: list[socket.socket] = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        poller = select.poll()
+        for _ in range(500):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+            poller.register(client, select.POLLOUT)
+        # On loopback a handshake is over when connect returns, unless the
+        # listen queue was full and the SYN was dropped.
+        connected = {fd for fd, events in poller.poll(0) if events & select.POLLOUT}
+        self.assertEqual(len(connected), 500)
+
+        def exchangeAll() -> list[bytes]:
+            answers = []
+            for n, client in enumerate(clients):
+                client.setblocking(True)
+                client.settimeout(60)
+                body = json.dumps({"session": f"s{n % 10}", "content": f"m{n}"}).encode()
+                client.sendall(
+                    b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: test-api-key\r\n"
+                    b"Connection: close\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            for client in clients:
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+                answers.append(answer.split(b"\r\n", 1)[0])
+            return answers
+
+        answers = await deferToThread(exchangeAll)
+        self.assertEqual(answers, [b"HTTP/1.1 204 No Content"] * 500)
+
     async def test_oversizeDeclaredBodyRefusedAtOnce(self) -> None:
         """
         A Content-Length over the limit gets a 413 before the body is sent.
