@@ -42,6 +42,22 @@ class ServiceTests(TestCase):
         page = await (await chatweb.get("/session?id=ci")).text()
         self.assertIn("<b>2</b> messages", page)
 
+    async def test_pageForAnotherHostSaysWhatToPass(self) -> None:
+        """
+        Listening on all interfaces, a page asked for under a name that was
+        not allowed gets a message naming the exact option to pass.
+        """
+        chatweb = await startChatWeb(self)
+        await chatweb.post("ci", "x")
+        response = await chatweb.client.get(
+            chatweb.url + "/session?id=ci",
+            headers=dict(chatweb.headers, Host="box.lan:7777"),
+        )
+        self.assertEqual(response.code, 421)
+        error = (await response.json())["error"]
+        self.assertIn("--allowed-host box.lan ", error)
+        self.assertIn('make run ARGS="--allowed-host box.lan"', error)
+
     async def test_concurrentPostsAllArriveInOrder(self) -> None:
         """
         10 clients post 100 messages to 5 sessions at once: every message
