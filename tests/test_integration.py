@@ -258,3 +258,26 @@ class LifecycleTests(TestCase):
         self.assertNotIn("Unable to format", text)
         self.assertIn("data{dir}", text)
         self.assertEqual(len(self.flushLoggedErrors()), 1)
+
+    async def test_readableDataDirWarnedAtStart(self) -> None:
+        import os
+
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from chatweb.service import ChatWebService
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        os.chmod(dataDir, 0o755)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = ChatWebService(apiKeys=["k" * 16], dataDir=dataDir, endpoint=None)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        warnings = [formatEvent(e) for e in events if "chmod" in formatEvent(e)]
+        self.assertEqual(warnings, [
+            f"chatweb: data directory {dataDir} may be read by other users"
+            f" (mode 755); run: chmod 700 {dataDir}"
+        ])
