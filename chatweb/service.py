@@ -4,6 +4,7 @@ ChatWebService: the parts wired together, as one Twisted service.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from contextlib import contextmanager
@@ -34,6 +35,12 @@ DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
 _log = Logger()
+
+
+def _exitNonZero() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class ChatWebService(MultiService):
@@ -233,7 +240,9 @@ class ChatWebService(MultiService):
         Under twistd: say what is wrong in one line and exit non-zero.
         """
         print(f"chatweb: {message}", file=sys.stderr, flush=True)
-        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        # The exit status is set at the very end, after twistd has shut
+        # down and removed its pidfile.
+        atexit.register(_exitNonZero)
         self._reactor.stop()
 
     def _announce(self, port: Any) -> Any:

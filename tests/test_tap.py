@@ -208,6 +208,27 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("chatweb: cannot listen", lines[0])
         self.assertIn("Address already in use", lines[0])
 
+    def test_databaseFailingAtStartLeavesNoPidfile(self) -> None:
+        """
+        A database that opens but cannot take chatweb's schema fails once
+        twistd has written its pidfile: the exit is still non-zero, the
+        reason is said once, and the pidfile is removed.
+        """
+        import sqlite3
+
+        cwd = os.path.abspath(self.mktemp())
+        dataDir = os.path.join(cwd, "data")
+        os.makedirs(dataDir, mode=0o700)
+        with sqlite3.connect(os.path.join(dataDir, "chatweb.sqlite3")) as db:
+            db.execute("CREATE TABLE queue (x)")
+        result = self.twistd(
+            "-n", "chatweb", "--api-key", KEY, "--data-dir", dataDir, "--port", "0", cwd=cwd
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        output = result.stdout + result.stderr
+        self.assertEqual(output.count("cannot start on the database"), 1, output)
+        self.assertFalse(os.path.exists(os.path.join(cwd, "twistd.pid")))
+
     def test_version(self) -> None:
         from chatweb.tap import version
 
