@@ -43,6 +43,7 @@ echo "chatweb: data in $DATA_DIR; starting on $HOST:$PORT (Ctrl-C stops)"
 # gets SIGINT back (a background command starts with it ignored), so that
 # Ctrl-C reaches it.
 stopped=
+pid=
 trap 'stopped=yes' INT
 trap 'stopped=yes; kill -TERM "$pid" 2>/dev/null' TERM
 "$BIN/python" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])' \
