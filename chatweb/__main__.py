@@ -16,7 +16,14 @@ from chatweb.config import ConfigError, defaultDataDir, ensureKeyFile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chatweb")
+    parser = argparse.ArgumentParser(
+        prog="python -m chatweb",
+        description="chatweb: push messages into chat sessions over HTTP"
+        " (chat.nvim's HTTP API), as a Twisted service.  The service runs as"
+        " `twistd -n chatweb` (see `twistd chatweb --help`); these are its"
+        " helper commands.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     ensure = commands.add_parser(
         "ensure-key",
@@ -55,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chatweb: created a new API key in {path}", file=sys.stderr)
         print(path)
     return 0
+
+
+def _version() -> str:
+    from twisted import version as twistedVersion
+
+    from chatweb.tap import version
+
+    return f"chatweb {version()} (Twisted {twistedVersion.short()})"
 
 
 def _import(files: list[str], dataDir: str, replace: bool) -> int:

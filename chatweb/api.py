@@ -378,12 +378,17 @@ class ChatWebAPI:
         if all(hostName(host) in self._allowedHosts for host in hosts):
             return None
         shown = b", ".join(hosts).decode("utf-8", "replace")[:100]
+        names = {hostName(host) for host in hosts}
+        name = names.pop() if len(names) == 1 else None
+        if name is None or not name.isprintable() or len(name) > 100:
+            name = "NAME"
         return _error(
             request,
             421,
             f"pages are not served to Host {shown!r} (a guard against DNS"
-            " rebinding); to allow a name, start chatweb with --allowed-host"
-            " NAME (allowedHosts=[NAME] when embedding)",
+            f" rebinding); to allow it, start chatweb with --allowed-host {name}"
+            f" (make run ARGS=\"--allowed-host {name}\"; allowedHosts=[{name!r}]"
+            " when embedding)",
         )
 
     def _shareScope(self, request: IRequest) -> str | bytes:

@@ -6,12 +6,30 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 
 from chatweb.share import SECRET_SIZE as SHARE_SECRET_SIZE
 
 API_KEY_ENV = "CHATWEB_API_KEY"
 KEY_FILE_NAME = "api-key"
 SHARE_SECRET_FILE_NAME = "share-secret"
+
+
+#: The listen backlog when the endpoint names none: room for a burst of
+#: clients connecting at once (Twisted's default, 50, resets some of 200).
+#: The kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+
+
+def withBacklog(endpoint: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    C{endpoint} with C{backlog=} added when it is a tcp, ssl or unix
+    endpoint that does not set one.
+    """
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in endpoint:
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
 
 
 class ConfigError(Exception):
@@ -43,30 +61,82 @@ def checkKey(key: str, origin: str) -> str:
     return key
 
 
-def readKeyFile(path: str) -> str:
+#: Keys shorter than this are accepted with a loud warning: they can be guessed.
+MIN_KEY_LENGTH = 16
+
+
+def readKeyFile(path: str) -> list[str]:
+    """
+    The keys in a key file: one per line; blank lines are ignored.  Several
+    keys let a key be replaced without downtime (add the new one, move the
+    clients, remove the old one, restart between each step).
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            key = f.read().strip()
+            lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(f"cannot read API key file {path}: {reason}")
-    return checkKey(key, f"file {path}")
+    keys = [line.strip() for line in lines if line.strip()]
+    if not keys:
+        raise ConfigError(f"the API key from file {path} is empty")
+    for number, key in enumerate(keys, 1):
+        where = f"file {path}" if len(keys) == 1 else f"file {path} (line {number})"
+        checkKey(key, where)
+    return keys
 
 
-def resolveKey(key: str | None, keyFile: str | None) -> str:
+def resolveKeys(
+    key: str | None, keyFile: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[list[str], str]:
     """
-    The API key from --api-key, else --api-key-file, else $CHATWEB_API_KEY.
+    The API keys, from exactly one of --api-key, --api-key-file and
+    $CHATWEB_API_KEY.
+
+    @return: the keys, and where they came from.
+    @raise ConfigError: if none or more than one of them is given.
     """
+    if environ is None:
+        environ = os.environ
+    given = [
+        name
+        for name, value in (
+            ("--api-key", key),
+            ("--api-key-file", keyFile),
+            (f"${API_KEY_ENV}", environ.get(API_KEY_ENV)),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ConfigError(
+            f"the API key is given by both {' and '.join(given)}: give only one"
+            f" (unset {API_KEY_ENV} or drop an option)"
+        )
     if key is not None:
-        return checkKey(key.strip(), "--api-key")
+        return [checkKey(key.strip(), "--api-key")], "--api-key"
     if keyFile is not None:
-        return readKeyFile(keyFile)
-    fromEnvironment = os.environ.get(API_KEY_ENV)
+        return readKeyFile(keyFile), f"file {keyFile}"
+    fromEnvironment = environ.get(API_KEY_ENV)
     if fromEnvironment is not None:
-        return checkKey(fromEnvironment.strip(), f"${API_KEY_ENV}")
+        origin = f"${API_KEY_ENV}"
+        return [checkKey(fromEnvironment.strip(), origin)], origin
     raise ConfigError(
         "no API key given: set CHATWEB_API_KEY, or pass --api-key-file FILE"
         " (or --api-key KEY, visible in ps)"
+    )
+
+
+def shortKeyWarning(keys: Sequence[str], origin: str) -> str | None:
+    """
+    A one-line warning if a key is short enough to be guessed, else None.
+    """
+    shortest = min(len(key) for key in keys)
+    if shortest >= MIN_KEY_LENGTH:
+        return None
+    return (
+        f"chatweb: WARNING: an API key from {origin} has only {shortest}"
+        f" characters and can be guessed; use {MIN_KEY_LENGTH} or more"
+        " (python -m chatweb ensure-key makes one)"
     )
 
 
@@ -84,6 +154,23 @@ def ensureDataDir(path: str) -> str:
     except OSError as e:
         raise ConfigError(f"cannot use data directory {path}: {e.strerror or e}")
     return path
+
+
+def dataDirWarning(path: str) -> str | None:
+    """
+    A one-line warning if users other than the owner may read or enter the
+    data directory (it holds every message), else None.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"data directory {path} may be read by other users (mode"
+        f" {mode & 0o777:o}); run: chmod 700 {path}"
+    )
 
 
 def ensureKeyFile(dataDir: str) -> tuple[str, bool]:

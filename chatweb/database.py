@@ -11,20 +11,28 @@ lets them proceed while a write commits).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.enterprise.adbapi import ConnectionPool
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorCore
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
 Operation = Callable[..., Any]
 
-_log = Logger()
+
+
+class DatabaseClosed(RuntimeError):
+    """
+    The database was closed: nothing more can be read or written.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the database is closed")
 
 
 def _configure(connection: sqlite3.Connection) -> None:
@@ -71,6 +79,20 @@ def _runRead(connection: sqlite3.Connection, operation: Operation, args: tuple) 
         connection.rollback()
 
 
+def _createPrivately(path: str) -> None:
+    """
+    Create the database file readable by its owner only (SQLite gives its
+    -wal and -shm files the same mode), if it does not exist yet.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass  # it exists, or cannot be made: open() says why.
+
+
 class SQLiteDatabase:
     """
     One SQLite file, used from a writer thread and reader threads.
@@ -82,6 +104,7 @@ class SQLiteDatabase:
 
     def __init__(self, path: str, reactor: IReactorCore, readers: int = 2) -> None:
         self.path = path
+        _createPrivately(path)
         common = dict(
             check_same_thread=False,
             isolation_level=None,
@@ -98,15 +121,27 @@ class SQLiteDatabase:
         self._waiting: list[tuple[Operation, tuple[Any, ...], Deferred[Any]]] = []
         self._writing = False
         self._drained: list[Deferred[None]] = []
-        self._opened: Deferred[None] | None = None
+        #: Callers waiting for open() to finish.
+        self._openWaiters: list[Deferred[None]] = []
+        self._opening = False
         self._isOpen = False
+        self._openFailure: Failure | None = None
         self._closed = False
+        #: Reads under way, and who waits for there to be none (close()).
+        self._reading = 0
+        self._readsDone: list[Deferred[None]] = []
 
     def open(self, schema: Sequence[str]) -> Deferred[None]:
         """
         Create what C{schema} (a list of SQL statements) describes, once.
-        Reads wait until this is done; writes queue behind it.
+        Reads wait until this is done; writes queue behind it.  If it fails,
+        the returned Deferred and every read fail with the same error.
         """
+        if self._closed:
+            return fail(DatabaseClosed())
+        if self._opening or self._isOpen:
+            return fail(RuntimeError("SQLiteDatabase.open() was already called"))
+        self._opening = True
 
         def create(cursor: sqlite3.Cursor) -> None:
             for statement in schema:
@@ -114,22 +149,39 @@ class SQLiteDatabase:
 
         def opened(result: None) -> None:
             self._isOpen = True
-            waiting, self._opened = self._opened, None
-            assert waiting is not None
-            waiting.callback(None)
+            self._settleOpen(None)
 
-        self._opened = Deferred()
-        self.write(create).addCallbacks(opened, self._opened.errback)
-        return self._whenOpen()
+        def failed(failure: Failure) -> None:
+            self._openFailure = failure
+            self._settleOpen(failure)
+
+        waiting = self._whenOpen()
+        self.write(create).addCallbacks(opened, failed)
+        return waiting
+
+    def _settleOpen(self, failure: Failure | None) -> None:
+        waiters, self._openWaiters = self._openWaiters, []
+        for waiter in waiters:
+            if failure is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(failure)
 
     def _whenOpen(self) -> Deferred[None]:
+        """
+        A new Deferred that fires once open() has finished (or failed).
+        """
+        if self._closed:
+            return fail(DatabaseClosed())
         if self._isOpen:
             return succeed(None)
-        if self._opened is None:
-            raise RuntimeError("SQLiteDatabase.open() was not called")
-        done: Deferred[None] = Deferred()
-        self._opened.addBoth(lambda result: (done.callback(result), result)[1])
-        return done
+        if self._openFailure is not None:
+            return fail(self._openFailure)
+        if not self._opening:
+            return fail(RuntimeError("SQLiteDatabase.open() was not called"))
+        waiter: Deferred[None] = Deferred()
+        self._openWaiters.append(waiter)
+        return waiter
 
     def write(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -137,7 +189,7 @@ class SQLiteDatabase:
         thread.  The Deferred fires with its result once committed.
         """
         if self._closed:
-            return fail(RuntimeError("the database is closed"))
+            return fail(DatabaseClosed())
         result: Deferred[T] = Deferred()
         self._waiting.append((operation, args, result))
         self._flush()
@@ -147,9 +199,24 @@ class SQLiteDatabase:
         """
         Run C{operation(cursor, *args)} on a reader thread, in one snapshot.
         """
-        return self._whenOpen().addCallback(
-            lambda _: self._reader.runWithConnection(_runRead, operation, args)
-        )
+        if self._closed:
+            return fail(DatabaseClosed())
+
+        def run(_: None) -> Deferred[T]:
+            if self._closed:
+                raise DatabaseClosed()
+            return self._reader.runWithConnection(_runRead, operation, args)
+
+        self._reading += 1
+        return self._whenOpen().addCallback(run).addBoth(self._readDone)
+
+    def _readDone(self, result: Any) -> Any:
+        self._reading -= 1
+        if self._reading == 0:
+            waiting, self._readsDone = self._readsDone, []
+            for d in waiting:
+                d.callback(None)
+        return result
 
     def _flush(self) -> None:
         if self._writing or not self._waiting:
@@ -172,8 +239,8 @@ class SQLiteDatabase:
             self._flush()
 
         def failed(failure: Failure) -> None:
+            # Each caller gets the failure, and logs it if it cannot handle it.
             self._writing = False
-            _log.failure("A write transaction failed", failure)
             for _, _, d in batch:
                 d.errback(failure)
             self._flush()
@@ -184,17 +251,26 @@ class SQLiteDatabase:
 
     def close(self) -> Deferred[None]:
         """
-        Finish the writes already asked for, then close the connections.
+        Finish the writes and reads already asked for, then close the
+        connections.  Every call after this fails at once with
+        L{DatabaseClosed}; open() cannot be called again (make a new
+        L{SQLiteDatabase} instead).
         """
         if self._closed:
             return succeed(None)
         self._closed = True
+        self._settleOpen(Failure(DatabaseClosed()))
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
         self._flush()
+        finished = [drained]
+        if self._reading:
+            readsDone: Deferred[None] = Deferred()
+            self._readsDone.append(readsDone)
+            finished.append(readsDone)
 
-        def closeBoth(_: None) -> None:
+        def closeBoth(_: object) -> None:
             for pool in (self._writer, self._reader):
                 pool.close()
 
-        return drained.addCallback(closeBoth)
+        return gatherResults(finished).addCallback(closeBoth)

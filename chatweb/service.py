@@ -4,6 +4,7 @@ ChatWebService: the parts wired together, as one Twisted service.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from contextlib import contextmanager
@@ -11,16 +12,17 @@ from typing import Any, Iterator, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
 from chatweb.api import ChatWebAPI
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
-from chatweb.config import ensureShareSecret
+from chatweb.config import dataDirWarning, ensureShareSecret, withBacklog
 from chatweb.database import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
@@ -30,9 +32,15 @@ from chatweb.limits import Limits
 from chatweb.site import ChatWebSite
 
 DATABASE_NAME = "chatweb.sqlite3"
-DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1"
+DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
 _log = Logger()
+
+
+def _exitNonZero() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class ChatWebService(MultiService):
@@ -120,13 +128,43 @@ class ChatWebService(MultiService):
         self.listening: Deferred[Any] | None = None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(
-                serverFromString(reactor, endpoint), self.site
+                serverFromString(reactor, withBacklog(endpoint)), self.site
             )
             self._listener._raiseSynchronously = True
             self._listener.setServiceParent(self)
         else:
             self._listener = None
-        self.ready: Deferred[None] = Deferred()
+        self._stopped = False
+        self._privilegedStarted = False
+        #: What startService came to: None while starting, True once ready,
+        #: or the Failure it stopped on.
+        self._readyResult: bool | Failure | None = None
+        self._readyWaiters: list[Deferred[None]] = []
+
+    @property
+    def ready(self) -> Deferred[None]:
+        """
+        A new Deferred that fires once the database is open and the queue
+        runs (or fails with the reason it could not start).  Each access
+        gives a new one, so an error nobody waits for is not left in a
+        Deferred.
+        """
+        if self._readyResult is True:
+            return succeed(None)
+        if isinstance(self._readyResult, Failure):
+            return fail(self._readyResult)
+        waiter: Deferred[None] = Deferred()
+        self._readyWaiters.append(waiter)
+        return waiter
+
+    def _settleReady(self, result: bool | Failure) -> None:
+        self._readyResult = result
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
 
     @contextmanager
     def _listenFailuresExit(self) -> Iterator[None]:
@@ -142,25 +180,54 @@ class ChatWebService(MultiService):
             raise SystemExit(f"chatweb: cannot listen: {e}")
 
     def privilegedStartService(self) -> None:
-        # twistd binds ports here, before dropping privileges.
+        # twistd binds ports here, before dropping privileges.  The twistd
+        # plugin calls it early (before twistd daemonizes), so it may be
+        # called twice: the second call does nothing.
+        if self._privilegedStarted:
+            return
+        self._refuseRestart()
+        self._privilegedStarted = True
         with self._listenFailuresExit():
             super().privilegedStartService()
 
-    def startService(self) -> None:
-        def started(_: object) -> None:
-            self.ready.callback(None)
+    def _refuseRestart(self) -> None:
+        if self._stopped:
+            raise RuntimeError(
+                "a stopped ChatWebService cannot be started again (its database"
+                " is closed): make a new ChatWebService"
+            )
 
-        def failed(failure: Any) -> None:
-            message = f"cannot start on the database in {self.dataDir}: {failure.getErrorMessage()}"
+    def startService(self) -> None:
+        """
+        Open the database, start the queue and listen.  A service runs once:
+        after stopService, startService raises RuntimeError.
+        """
+        self._refuseRestart()
+        warning = dataDirWarning(self.dataDir)
+        if warning is not None:
+            _log.warn("chatweb: {warning}", warning=warning)
+
+        def started(_: object) -> None:
+            self._settleReady(True)
+
+        def failed(failure: Failure) -> None:
             if self.exitOnFailure:
-                self._fatal(message)
+                self._fatal(
+                    f"cannot start on the database in {self.dataDir}:"
+                    f" {failure.getErrorMessage()}"
+                )
             else:
-                _log.failure("chatweb " + message, failure)
-            self.ready.errback(failure)
+                _log.failure(
+                    "chatweb cannot start on the database in {dataDir}",
+                    failure,
+                    dataDir=self.dataDir,
+                )
+            self._settleReady(failure)
 
         self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
             lambda _: self.queue.start()
         ).addCallbacks(started, failed)
+        self._privilegedStarted = True
         with self._listenFailuresExit():
             super().startService()
         if self._listener is not None:
@@ -173,7 +240,9 @@ class ChatWebService(MultiService):
         Under twistd: say what is wrong in one line and exit non-zero.
         """
         print(f"chatweb: {message}", file=sys.stderr, flush=True)
-        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        # The exit status is set at the very end, after twistd has shut
+        # down and removed its pidfile.
+        atexit.register(_exitNonZero)
         self._reactor.stop()
 
     def _announce(self, port: Any) -> Any:
@@ -187,6 +256,7 @@ class ChatWebService(MultiService):
         return port
 
     def stopService(self) -> Deferred[None]:
+        self._stopped = True
         stopped = super().stopService() or succeed(None)
         stopped.addCallback(lambda _: self.queue.stop(self.shutdownTimeout))
         stopped.addCallback(lambda _: self.database.close())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any
 
 from twisted.python import usage
@@ -17,7 +18,10 @@ from chatweb.config import (
     checkDatabase,
     defaultDataDir,
     ensureDataDir,
-    resolveKey,
+    DEFAULT_BACKLOG,
+    resolveKeys,
+    shortKeyWarning,
+    withBacklog,
 )
 from chatweb.limits import Limits
 
@@ -31,22 +35,34 @@ def _exit(message: str) -> None:
 
 _DEFAULTS = Limits()
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installedVersion
+
+    try:
+        return installedVersion("chatweb")
+    except PackageNotFoundError:
+        return "unknown"
+
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Push messages into chat sessions over HTTP (chat.nvim's HTTP API). "
-        "The API key comes from --api-key-file, $CHATWEB_API_KEY or --api-key."
+        "The API key comes from one of --api-key-file (one key per line),"
+        " $CHATWEB_API_KEY or --api-key."
     )
 
     optParameters = [
         ["port", "p", 7777, "TCP port to listen on.", None],
         ["host", None, "127.0.0.1", "Interface to listen on."],
         ["listen", "l", None, "Twisted endpoint to listen on (overrides --port"
-         " and --host), e.g. tcp:7777:interface=::1, unix:/run/chatweb.sock, ssl:..."],
+         " and --host), e.g. tcp:7777:interface=::1, unix:/run/chatweb.sock, ssl:...;"
+         f" backlog={DEFAULT_BACKLOG} is added unless it sets one"],
         ["api-key", None, None, "The API key (visible in ps: prefer the file or"
          " $CHATWEB_API_KEY)."],
-        ["api-key-file", None, None, "A file holding the API key."],
+        ["api-key-file", None, None, "A file holding the API key, or several"
+         " (one per line, to rotate keys)."],
         ["data-dir", "d", None, "Where sessions and the queue are kept"
          " [default: $XDG_DATA_HOME/chatweb or ~/.local/share/chatweb]."],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
@@ -89,6 +105,15 @@ class Options(usage.Options):
             "api-key-file": usage.CompleteFiles(),
         }
     )
+
+    def opt_version(self) -> None:
+        """
+        Print chatweb's and Twisted's versions and exit.
+        """
+        from twisted import version as twistedVersion
+
+        print(f"chatweb {version()} (Twisted {twistedVersion.short()})")
+        sys.exit(0)
 
     def opt_port(self, value: str) -> None:
         try:
@@ -151,9 +176,12 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["key"] = resolveKey(self["api-key"], self["api-key-file"])
+            self["keys"], origin = resolveKeys(self["api-key"], self["api-key-file"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        warning = shortKeyWarning(self["keys"], origin)
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
         if self["data-dir"] is None:
             self["data-dir"] = defaultDataDir()
         if self["listen"] is None:
@@ -163,6 +191,7 @@ class Options(usage.Options):
                 self["port"],
                 quoteStringArgument(self["host"]),
             )
+        self["listen"] = withBacklog(self["listen"])
 
 
 #: The numeric options: their type and least value.
@@ -221,9 +250,14 @@ def makeService(options: Options) -> Any:
     if options["host"] not in ("0.0.0.0", "::", ""):
         allowedHosts.append(options["host"])
     try:
-        return _makeService(options, allowedHosts)
+        service = _makeService(options, allowedHosts)
     except ConfigError as e:
         _exit(str(e))
+    # Listen now, before twistd writes its pidfile or daemonizes: a port in
+    # use is then the same one line and exit status with or without -n, and
+    # leaves no pidfile behind.
+    service.privilegedStartService()
+    return service
 
 
 def _makeService(options: Options, allowedHosts: list[str]) -> Any:
@@ -231,7 +265,7 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
     from chatweb.service import ChatWebService
 
     return ChatWebService(
-        apiKeys=[options["key"]],
+        apiKeys=options["keys"],
         dataDir=options["data-dir"],
         endpoint=options["listen"],
         responder=options["responder"],

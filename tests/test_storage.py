@@ -216,3 +216,86 @@ class IdempotencyJournalTests(StorageTestCase):
         self.assertFalse(later.duplicate)
         pending = yield journal.pending()
         self.assertEqual([m.id for m in pending], [first.id, later.id])
+
+
+class LifecycleTests(TestCase):
+    """
+    What a closed or broken database does: every call fails at once, and
+    no error is left unhandled in a Deferred.
+    """
+
+    def test_everyCallAfterCloseFailsAtOnce(self) -> None:
+        from chatweb.database import DatabaseClosed
+
+        db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        opened = db.open(JOURNAL_SCHEMA)
+        closed = db.close()
+        self.failureResultOf(db.read(lambda c: 1), DatabaseClosed)
+        self.failureResultOf(db.write(lambda c: 1), DatabaseClosed)
+        self.failureResultOf(db.open(JOURNAL_SCHEMA), DatabaseClosed)
+        return gatherResults([opened.addErrback(lambda f: f.trap(DatabaseClosed)), closed])
+
+    @inlineCallbacks
+    def test_readAfterCloseOfAnOpenDatabase(self):
+        from chatweb.database import DatabaseClosed
+
+        db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        yield db.open(JOURNAL_SCHEMA)
+        reading = db.read(lambda c: c.execute("SELECT 1").fetchone()[0])
+        yield db.close()
+        # A read asked for before close finishes first.
+        self.assertEqual((yield reading), 1)
+        self.failureResultOf(db.read(lambda c: 1), DatabaseClosed)
+
+    @inlineCallbacks
+    def test_failedOpenLeavesNoUnhandledError(self):
+        """
+        A schema that cannot be created fails open() and the reads waiting
+        for it; nothing is left for the garbage collector to log.
+        """
+        import gc
+
+        db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        self.addCleanup(db.close)
+        opening = db.open(["CREATE TABLE broken (("])
+        waiting = db.read(lambda c: 1)
+        yield self.assertFailure(opening, sqlite3.OperationalError)
+        yield self.assertFailure(waiting, sqlite3.OperationalError)
+        yield self.assertFailure(db.read(lambda c: 1), sqlite3.OperationalError)
+        del opening, waiting
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class PrivacyTests(TestCase):
+    @inlineCallbacks
+    def test_databaseFilesReadableByOwnerOnly(self):
+        """
+        In a data directory that already exists with a permissive umask, the
+        database and its WAL files are created 0600.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory, mode=0o755)
+        previous = os.umask(0o022)
+        self.addCleanup(os.umask, previous)
+        db = SQLiteDatabase(os.path.join(directory, "chatweb.sqlite3"), reactor)
+        self.addCleanup(db.close)
+        yield db.open(JOURNAL_SCHEMA)
+        yield db.write(lambda c: c.execute("SELECT 1"))
+        names = sorted(os.listdir(directory))
+        self.assertIn("chatweb.sqlite3", names)
+        for name in names:
+            mode = os.stat(os.path.join(directory, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, name)
+
+    def test_readableDataDirIsWarnedAbout(self) -> None:
+        from chatweb.config import dataDirWarning
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o755)
+        warning = dataDirWarning(directory)
+        self.assertIsNotNone(warning)
+        self.assertIn(f"chmod 700 {directory}", warning)
+        os.chmod(directory, 0o700)
+        self.assertIsNone(dataDirWarning(directory))

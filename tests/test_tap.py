@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -15,6 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from chatweb.config import ensureKeyFile
 from chatweb.tap import Options, makeService
 from chatweb.testing import twistdCommand
+
+KEY = "tap-test-key-0123456789"
 
 
 class OptionsTests(SynchronousTestCase):
@@ -35,28 +38,30 @@ class OptionsTests(SynchronousTestCase):
         return message
 
     def test_defaults(self) -> None:
-        options = self.parse("--api-key", "K")
-        self.assertEqual(options["key"], "K")
-        self.assertEqual(options["listen"], "tcp:7777:interface=127.0.0.1")
+        options = self.parse("--api-key", KEY)
+        self.assertEqual(options["keys"], [KEY])
+        self.assertEqual(options["listen"], "tcp:7777:interface=127.0.0.1:backlog=1024")
         self.assertEqual(options["interval"], 5.0)
         self.assertEqual(options["responder"], "none")
         self.assertTrue(options["data-dir"].endswith(os.path.join("share", "chatweb")))
 
     def test_dataDirFollowsXDG(self) -> None:
         os.environ["XDG_DATA_HOME"] = "/srv/data"
-        self.assertEqual(self.parse("--api-key", "K")["data-dir"], "/srv/data/chatweb")
+        self.assertEqual(self.parse("--api-key", KEY)["data-dir"], "/srv/data/chatweb")
 
     def test_hostAndPort(self) -> None:
-        options = self.parse("--api-key", "K", "--port", "8000", "--host", "::1")
-        self.assertEqual(options["listen"], r"tcp:8000:interface=\:\:1")
+        options = self.parse("--api-key", KEY, "--port", "8000", "--host", "::1")
+        self.assertEqual(options["listen"], r"tcp:8000:interface=\:\:1:backlog=1024")
 
     def test_listenOverrides(self) -> None:
-        options = self.parse("--api-key", "K", "--port", "1", "--listen", "unix:/tmp/cw.sock")
-        self.assertEqual(options["listen"], "unix:/tmp/cw.sock")
+        options = self.parse("--api-key", KEY, "--port", "1", "--listen", "unix:/tmp/cw.sock")
+        self.assertEqual(options["listen"], "unix:/tmp/cw.sock:backlog=1024")
+        options = self.parse("--api-key", KEY, "--listen", "tcp:1:backlog=7")
+        self.assertEqual(options["listen"], "tcp:1:backlog=7")
 
     def test_keyFromEnvironment(self) -> None:
-        os.environ["CHATWEB_API_KEY"] = "from-env\n"
-        self.assertEqual(self.parse()["key"], "from-env")
+        os.environ["CHATWEB_API_KEY"] = KEY + "\n"
+        self.assertEqual(self.parse()["keys"], [KEY])
 
     def test_keyFromFile(self) -> None:
         path, created = ensureKeyFile(self.mktemp())
@@ -65,9 +70,61 @@ class OptionsTests(SynchronousTestCase):
         with open(path) as f:
             key = f.read().strip()
         self.assertGreaterEqual(len(key), 32)
-        os.environ["CHATWEB_API_KEY"] = "ignored"
-        self.assertEqual(self.parse("--api-key-file", path)["key"], key)
+        self.assertEqual(self.parse("--api-key-file", path)["keys"], [key])
         self.assertEqual(ensureKeyFile(os.path.dirname(path)), (path, False))
+
+    def test_twoKeySourcesRefused(self) -> None:
+        """
+        Giving the key in two ways is an error that names both, whichever
+        two they are.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(KEY + "\n")
+        message = self.refused("--api-key", KEY, "--api-key-file", path)
+        self.assertIn("--api-key and --api-key-file", message)
+        os.environ["CHATWEB_API_KEY"] = KEY
+        message = self.refused("--api-key-file", path)
+        self.assertIn("--api-key-file and $CHATWEB_API_KEY", message)
+        self.assertIn("--api-key and", self.refused("--api-key", KEY))
+
+    def test_severalKeysInTheFile(self) -> None:
+        """
+        One key per line: each one is accepted (to rotate keys), blank lines
+        are ignored, and a bad line is named.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("old-key-0123456789\n\n  new-key-0123456789  \n")
+        options = self.parse("--api-key-file", path)
+        self.assertEqual(options["keys"], ["old-key-0123456789", "new-key-0123456789"])
+        service = makeService(self.parse(
+            "--api-key-file", path, "--data-dir", self.mktemp(), "--port", "0"))
+        self.addCleanup(service.stopService)
+        from twisted.web.http_headers import Headers
+
+        self.assertEqual(
+            [service.api.headersAuthorized(Headers({b"x-api-key": [k.encode()]}))
+             for k in ("old-key-0123456789", "new-key-0123456789", "other-key-012345")],
+            [True, True, False],
+        )
+        with open(path, "w") as f:
+            f.write("good-key-0123456789\nbad key\n")
+        self.assertIn("line 2", self.refused("--api-key-file", path))
+
+    def test_shortKeyWarnsLoudly(self) -> None:
+        import io
+
+        errors = io.StringIO()
+        self.patch(sys, "stderr", errors)
+        self.parse("--api-key", "a")
+        [line] = errors.getvalue().splitlines()
+        self.assertIn("WARNING", line)
+        self.assertIn("only 1 characters", line)
+        self.assertNotIn(" a ", line)
+        errors.truncate(0)
+        self.parse("--api-key", KEY)
+        self.assertEqual(errors.getvalue().strip("\x00"), "")
 
     def test_noKey(self) -> None:
         message = self.refused()
@@ -75,10 +132,10 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(hint, message)
 
     def test_badValues(self) -> None:
-        self.assertIn("--port", self.refused("--api-key", "K", "--port", "http"))
-        self.assertIn("--port", self.refused("--api-key", "K", "--port", "70000"))
-        self.assertIn("--interval", self.refused("--api-key", "K", "--interval", "0"))
-        self.assertIn("--responder", self.refused("--api-key", "K", "--responder", "gpt"))
+        self.assertIn("--port", self.refused("--api-key", KEY, "--port", "http"))
+        self.assertIn("--port", self.refused("--api-key", KEY, "--port", "70000"))
+        self.assertIn("--interval", self.refused("--api-key", KEY, "--interval", "0"))
+        self.assertIn("--responder", self.refused("--api-key", KEY, "--responder", "gpt"))
         self.assertIn("printable", self.refused("--api-key", "a key"))
         self.assertIn("empty", self.refused("--api-key", ""))
         empty = self.mktemp()
@@ -87,13 +144,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("No such file", self.refused("--api-key-file", "/nonexistent/key"))
 
     def test_badEndpointAndDataDir(self) -> None:
-        options = self.parse("--api-key", "K", "--listen", "carrier-pigeon:1")
+        options = self.parse("--api-key", KEY, "--listen", "carrier-pigeon:1")
         with self.assertRaises(SystemExit) as raised:
             makeService(options)
         self.assertIn("--listen", str(raised.exception.code))
         blocker = self.mktemp()
         open(blocker, "w").close()
-        options = self.parse("--api-key", "K", "--data-dir", os.path.join(blocker, "sub"))
+        options = self.parse("--api-key", KEY, "--data-dir", os.path.join(blocker, "sub"))
         with self.assertRaises(SystemExit) as raised:
             makeService(options)
         self.assertIn("cannot use data directory", str(raised.exception.code))
@@ -108,7 +165,9 @@ class CommandLineTests(SynchronousTestCase):
     What a user sees from the real twistd.
     """
 
-    def twistd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def twistd(
+        self, *args: str, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> subprocess.CompletedProcess:
         environment = {k: v for k, v in os.environ.items() if k != "CHATWEB_API_KEY"}
         environment.update(env or {})
         return subprocess.run(
@@ -116,8 +175,80 @@ class CommandLineTests(SynchronousTestCase):
             capture_output=True,
             text=True,
             env=environment,
+            cwd=cwd,
             timeout=60,
         )
+
+    def test_busyPortWithAndWithoutDaemonMode(self) -> None:
+        """
+        A port in use: with -n or without it (daemon mode), twistd exits
+        non-zero at once with the same one line, and leaves no pidfile.
+        """
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        lines = []
+        for daemon in (False, True):
+            cwd = os.path.abspath(self.mktemp())
+            os.makedirs(cwd)
+            result = self.twistd(
+                *([] if daemon else ["-n"]), "chatweb", "--api-key", KEY,
+                "--data-dir", os.path.join(cwd, "data"), "--port", port, cwd=cwd,
+            )
+            self.assertNotEqual(result.returncode, 0)
+            self.assertNotIn("Traceback", result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            lines.append(line)
+            self.assertFalse(os.path.exists(os.path.join(cwd, "twistd.pid")))
+        self.assertEqual(lines[0], lines[1])
+        self.assertIn("chatweb: cannot listen", lines[0])
+        self.assertIn("Address already in use", lines[0])
+
+    def test_databaseFailingAtStartLeavesNoPidfile(self) -> None:
+        """
+        A database that opens but cannot take chatweb's schema fails once
+        twistd has written its pidfile: the exit is still non-zero, the
+        reason is said once, and the pidfile is removed.
+        """
+        import sqlite3
+
+        cwd = os.path.abspath(self.mktemp())
+        dataDir = os.path.join(cwd, "data")
+        os.makedirs(dataDir, mode=0o700)
+        with sqlite3.connect(os.path.join(dataDir, "chatweb.sqlite3")) as db:
+            db.execute("CREATE TABLE queue (x)")
+        result = self.twistd(
+            "-n", "chatweb", "--api-key", KEY, "--data-dir", dataDir, "--port", "0", cwd=cwd
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        output = result.stdout + result.stderr
+        self.assertEqual(output.count("cannot start on the database"), 1, output)
+        self.assertFalse(os.path.exists(os.path.join(cwd, "twistd.pid")))
+
+    def test_version(self) -> None:
+        from chatweb.tap import version
+
+        result = self.twistd("chatweb", "--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith(f"chatweb {version()} (Twisted "), result.stdout)
+        result = subprocess.run(
+            [sys.executable, "-m", "chatweb", "--version"], capture_output=True, text=True
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith(f"chatweb {version()}"), result.stdout)
+
+    def test_pythonDashMHelpSaysWhatItIs(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "chatweb", "--help"], capture_output=True, text=True
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = " ".join(result.stdout.split())
+        self.assertIn("chat sessions over HTTP", text)
+        self.assertIn("twistd -n chatweb", text)
 
     def test_helpListsChatweb(self) -> None:
         result = self.twistd("--help")
@@ -135,7 +266,7 @@ class CommandLineTests(SynchronousTestCase):
     def test_unwritableDataDirIsOneLine(self) -> None:
         blocker = self.mktemp()
         open(blocker, "w").close()
-        result = self.twistd("-n", "chatweb", "--api-key", "K", "--data-dir", blocker)
+        result = self.twistd("-n", "chatweb", "--api-key", KEY, "--data-dir", blocker)
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertNotIn("Traceback", result.stderr)

@@ -20,7 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from chatweb.service import DATABASE_NAME
 from chatweb.testing import ChatWebProcess
 
-KEY = "e2e-key"
+KEY = "e2e-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
 
 
