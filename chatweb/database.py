@@ -128,7 +128,12 @@ class SQLiteDatabase:
         if self._opened is None:
             raise RuntimeError("SQLiteDatabase.open() was not called")
         done: Deferred[None] = Deferred()
-        self._opened.addBoth(lambda result: (done.callback(result), result)[1])
+
+        def passOn(result: Any) -> Any:
+            done.callback(result)
+            return result
+
+        self._opened.addBoth(passOn)
         return done
 
     def write(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:

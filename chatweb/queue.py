@@ -175,7 +175,13 @@ class MessageQueue:
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
         giveUp = self._clock.callLater(timeout, self._cancelInFlight)
-        drained.addBoth(lambda r: (giveUp.active() and giveUp.cancel(), r)[1])
+
+        def stopWaiting(result: object) -> object:
+            if giveUp.active():
+                giveUp.cancel()
+            return result
+
+        drained.addBoth(stopWaiting)
         return drained
 
     def _delivering(self) -> bool:

@@ -254,7 +254,7 @@ class RunningChatWeb:
     client: HTTPClient
 
     @property
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> dict[bytes | str, bytes | str]:
         return {"X-API-Key": self.apiKey}
 
     def post(self, session: str, content: str, **kwargs: Any) -> Deferred[Any]:
@@ -302,6 +302,7 @@ async def startChatWeb(
     )
     service.startService()
     testCase.addCleanup(lambda: service.running and service.stopService())
+    assert service.listening is not None
     port = await service.listening
     await service.ready
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
