@@ -19,6 +19,8 @@ from chatweb.model import FAILED
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
+from .journals import HeldJournal
+
 
 class QueueTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -39,11 +41,19 @@ class QueueTests(SynchronousTestCase):
 
     def test_postStoresBeforeAnswering(self) -> None:
         """
-        post() fires only with the message stored in the journal.
+        post() fires only once the journal has stored the message: not
+        while the append is under way.
         """
+        self.journal = HeldJournal()
+        self.queue = self.makeQueue()
         self.start()
-        message = self.successResultOf(self.queue.post("ci", "hello"))
+        posted = self.queue.post("ci", "hello")
+        self.assertNoResult(posted)
+        self.assertEqual((self.journal.rows, self.adapter.delivered), ({}, []))
+        self.journal.release()
+        message = self.successResultOf(posted)
         self.assertEqual(self.journal.rows[message.id].content, "hello")
+        self.assertEqual(self.adapter.contents("ci"), ["hello"])
 
     def test_storageFailureFailsThePost(self) -> None:
         self.start()
