@@ -460,6 +460,21 @@ class FailingBackendTests(SynchronousTestCase):
         self.failureResultOf(self.queue.post("other", "once", "key-1"), IdempotencyConflict)
         self.failureResultOf(self.queue.post("ci", "twice", "key-1"), IdempotencyConflict)
 
+    def test_idempotencyKeyForgottenAfterADayOfTheClock(self) -> None:
+        """
+        The queue's clock drives the 24-hour window: a day later the same
+        key and message are a new message, delivered again.
+        """
+        self.successResultOf(self.queue.post("ci", "daily"))
+        first = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.clock.advance(24 * 60 * 60)
+        again = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.assertEqual((again.id, again.duplicate), (first.id, True))
+        self.clock.advance(1)
+        later = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.assertFalse(later.duplicate)
+        self.assertEqual(self.adapter.contents("ci"), ["daily"] * 3)
+
     def test_bookkeepingErrorDoesNotStallTheSession(self) -> None:
         """
         An exception while recording an outcome still frees the session.
