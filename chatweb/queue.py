@@ -534,6 +534,10 @@ class MessageQueue:
                         queue.messages.popleft()
                     else:
                         queue.messages[0] = updated
+                        if len(queue.messages) > 1 and queue.messages[1].id < message.id:
+                            # An older message was retried while this one
+                            # was in flight: it goes first.
+                            queue.messages = deque(sorted(queue.messages, key=lambda m: m.id))
                 if not final and self._running:
                     queue.retryCall = self._clock.callLater(
                         self._retry.delay(attempts, self._rng), self._retryNow, session

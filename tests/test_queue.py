@@ -391,6 +391,27 @@ class FailingBackendTests(SynchronousTestCase):
         self.assertEqual(self.adapter.contents("ci"), ["next", "dead"])
         self.failureResultOf(self.queue.discard(3), WrongState)
 
+    def test_deadLetterRetriedDuringAFailingDeliveryGoesFirst(self) -> None:
+        """
+        A dead letter retried while a newer message of its session is being
+        delivered waits for that delivery; if it fails, the retried (older)
+        message goes first, in its place by id.  (Found by the state
+        machine of test_queue_stateful.)
+        """
+        self.adapter.failures = 5
+        self.successResultOf(self.queue.post("ci", "old"))
+        self.run_until_quiet()
+        self.assertEqual(self.journal.rows[1].state, FAILED)
+        self.adapter.autoComplete = False
+        self.successResultOf(self.queue.post("ci", "new"))
+        self.successResultOf(self.queue.retry(1))
+        self.adapter.failWaiting()
+        self.run_until_quiet()
+        self.assertEqual([d.content for d, _ in self.adapter.waiting], ["old"])
+        self.adapter.complete()
+        self.adapter.complete()
+        self.assertEqual(self.adapter.contents("ci"), ["old", "new"])
+
     def test_discardWhileWaitingToRetry(self) -> None:
         """
         The head message, failing and waiting for its retry, is discarded:
