@@ -37,20 +37,18 @@ class JournalContractMixin:
     assertTrue: Any
     assertFailure: Any
 
-    async def makeJournal(self) -> IJournal:
+    async def makeJournal(self) -> Any:
         """
-        A new, empty journal, closed (if need be) when the test ends.
+        A new, empty journal (an L{IJournal}), closed if need be when the
+        test ends.
         """
         raise NotImplementedError
-
-    async def journal(self) -> Any:
-        return await self.makeJournal()
 
     async def contents(self, journal: Any) -> list[tuple[int, str, str]]:
         return [(m.id, m.content, m.state) for m in await journal.pending()]
 
     async def test_providesIJournal(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         self.assertTrue(verifyObject(IJournal, journal))
 
     async def test_appendStoresAPendingMessage(self) -> None:
@@ -58,7 +56,7 @@ class JournalContractMixin:
         An appended message comes back as stored: its session, content and
         time, pending, no attempts, not a duplicate; ids increase.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         text = "héllo 世界 🎉 \x00 <b>"
         first = await journal.append("セッション", text, T0)
         second = await journal.append("ci", "two", T0 + 1)
@@ -71,7 +69,7 @@ class JournalContractMixin:
         self.assertEqual(await journal.pending(), [first, second])
 
     async def test_pendingInIdOrderAcrossSessions(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         ids = [(await journal.append(s, c, T0)).id for s, c in
                [("a", "1"), ("b", "2"), ("a", "3")]]
         self.assertEqual(await self.contents(journal),
@@ -82,7 +80,7 @@ class JournalContractMixin:
         A delivered message is neither pending nor among its session's
         messages.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         first = await journal.append("ci", "one", T0)
         second = await journal.append("ci", "two", T0)
         await journal.markDelivered(first.id)
@@ -95,7 +93,7 @@ class JournalContractMixin:
         with its error; a final one makes it a dead letter: not pending,
         still among its session's messages, its session listed as failed.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         message = await journal.append("ci", "x", T0)
         once = await journal.recordFailure(message.id, "RuntimeError: no", False)
         self.assertEqual((once.id, once.attempts, once.state, once.lastError),
@@ -110,7 +108,7 @@ class JournalContractMixin:
         self.assertEqual(await journal.failedSessions(), ["ci"])
 
     async def test_messagesOfOneSessionPendingAndFailed(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         failed = await journal.append("ci", "failed", T0)
         await journal.append("other", "elsewhere", T0)
         delivered = await journal.append("ci", "delivered", T0)
@@ -121,7 +119,7 @@ class JournalContractMixin:
         self.assertEqual(await journal.messages("nobody"), [])
 
     async def test_failedSessionsListsEachOnce(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         for session in ("b", "a", "b", "c"):
             message = await journal.append(session, "x", T0)
             if session != "c":
@@ -133,7 +131,7 @@ class JournalContractMixin:
         A requeued message is pending again, its attempts reset, in its
         place by id.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         first = await journal.append("ci", "first", T0)
         second = await journal.append("ci", "second", T0)
         await journal.recordFailure(first.id, "E", True)
@@ -145,7 +143,7 @@ class JournalContractMixin:
         self.assertEqual(again.attempts, 1)
 
     async def test_requeueRefusesWhatIsNotFailed(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         pending = await journal.append("ci", "x", T0)
         delivered = await journal.append("ci", "y", T0)
         await journal.markDelivered(delivered.id)
@@ -159,7 +157,7 @@ class JournalContractMixin:
         A discarded message is kept as discarded, and is neither pending,
         nor among its session's messages, nor a dead letter.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         pending = await journal.append("ci", "p", T0)
         failed = await journal.append("ci", "f", T0)
         await journal.recordFailure(failed.id, "E", True)
@@ -171,7 +169,7 @@ class JournalContractMixin:
         self.assertEqual(await journal.failedSessions(), [])
 
     async def test_discardRefusesWhatIsDoneOrUnknown(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         delivered = await journal.append("ci", "d", T0)
         await journal.markDelivered(delivered.id)
         discarded = await journal.append("ci", "x", T0)
@@ -187,7 +185,7 @@ class JournalContractMixin:
         and answers with the message stored then, marked duplicate, in
         whatever state it is now.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         first = await journal.append("ci", "x", T0, "key")
         again = await journal.append("ci", "x", T0 + 60, "key")
         self.assertEqual((again, again.duplicate), (first, True))
@@ -198,14 +196,14 @@ class JournalContractMixin:
         self.assertEqual(await journal.pending(), [])
 
     async def test_idempotencyKeyWithOtherSessionOrContentConflicts(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         first = await journal.append("ci", "x", T0, "key")
         await self.assertFailure(journal.append("other", "x", T0 + 1, "key"), IdempotencyConflict)
         await self.assertFailure(journal.append("ci", "y", T0 + 1, "key"), IdempotencyConflict)
         self.assertEqual(await journal.pending(), [first])
 
     async def test_idempotencyKeysAreIndependent(self) -> None:
-        journal = await self.journal()
+        journal = await self.makeJournal()
         a = await journal.append("ci", "x", T0, "a")
         b = await journal.append("ci", "x", T0, "b")
         plain = await journal.append("ci", "x", T0)
@@ -218,7 +216,7 @@ class JournalContractMixin:
         the key is new again: the same message is stored anew, and other
         content is no conflict.
         """
-        journal = await self.journal()
+        journal = await self.makeJournal()
         first = await journal.append("ci", "x", T0, "key")
         later = await journal.append("ci", "x", T0 + IDEMPOTENCY_WINDOW + 1, "key")
         self.assertFalse(later.duplicate)
