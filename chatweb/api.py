@@ -17,7 +17,7 @@ import hmac
 import json
 import re
 from urllib.parse import quote, unquote_to_bytes
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 from weakref import WeakKeyDictionary
 
 from klein import Klein
@@ -322,7 +322,9 @@ class ChatWebAPI:
         if not apiKeys or not all(apiKeys):
             raise ValueError("at least one non-empty API key is needed")
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
         self._clock = clock
         self._renders = DeferredSemaphore(RENDER_THREADS)
         #: Requests let in without a key, by the expiry of their verified

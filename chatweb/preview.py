@@ -165,7 +165,7 @@ def _highlighted(code: str, lexer: Lexer, deadline: float) -> str:
     return str(output)
 
 
-class _Output(list):  # type: ignore[type-arg]
+class _Output(list[str]):
     """
     A file-like sink for the formatter that gives back what was written.
     """

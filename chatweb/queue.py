@@ -175,7 +175,13 @@ class MessageQueue:
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
         giveUp = self._clock.callLater(timeout, self._cancelInFlight)
-        drained.addBoth(lambda r: (giveUp.active() and giveUp.cancel(), r)[1])
+
+        def stopWaiting(result: object) -> object:
+            if giveUp.active():
+                giveUp.cancel()
+            return result
+
+        drained.addBoth(stopWaiting)
         return drained
 
     def _delivering(self) -> bool:
@@ -528,6 +534,10 @@ class MessageQueue:
                         queue.messages.popleft()
                     else:
                         queue.messages[0] = updated
+                        if len(queue.messages) > 1 and queue.messages[1].id < message.id:
+                            # An older message was retried while this one
+                            # was in flight: it goes first.
+                            queue.messages = deque(sorted(queue.messages, key=lambda m: m.id))
                 if not final and self._running:
                     queue.retryCall = self._clock.callLater(
                         self._retry.delay(attempts, self._rng), self._retryNow, session

@@ -126,6 +126,7 @@ class ChatWebService(MultiService):
             reactor=reactor,
         )
         self.listening: Deferred[Any] | None = None
+        self._listener: StreamServerEndpointService | None
         if endpoint is not None:
             self._listener = StreamServerEndpointService(
                 serverFromString(reactor, withBacklog(endpoint)), self.site

@@ -17,8 +17,11 @@ import json
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -55,6 +58,9 @@ class LimitedRequest(Request):
 
     _refused = False
     _received = 0
+    # Narrower than Request's own declarations: ChatWebSite builds these.
+    channel: ChatWebChannel
+    content: io.BytesIO  # type: ignore[assignment]  # Request declares None
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site
@@ -115,6 +121,8 @@ class ChatWebChannel(HTTPChannel):
 
     _deadline: IDelayedCall | None = None
     _refused = False
+    #: Set by the site's buildProtocol.
+    site: ChatWebSite
 
     def connectionMade(self) -> None:
         site = self.site
@@ -148,7 +156,7 @@ class ChatWebChannel(HTTPChannel):
         self._cancelDeadline()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.openConnections -= 1
         self._cancelDeadline()
         super().connectionLost(reason)
@@ -183,7 +191,7 @@ class ChatWebChannel(HTTPChannel):
             self._refused = True
             self.transport.write(rawErrorResponse(code, reason, message))
         # Ignore whatever else the client sends until the connection closes.
-        self.dataReceived = self.lineReceived = self.rawDataReceived = (  # type: ignore[method-assign]
+        self.dataReceived = self.lineReceived = self.rawDataReceived = (  # type: ignore[method-assign, assignment]
             lambda *args: None
         )
         self.loseConnection()
@@ -228,7 +236,7 @@ class ChatWebSite(Site):
             return None
         return super().buildProtocol(addr)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         # The query string is left out: it may carry a share token.
         if self.accessLog:
             _log.info(

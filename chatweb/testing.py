@@ -29,6 +29,7 @@ from zope.interface import implementer
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.journal import DISCARD, REQUEUE, Change, changed, contentDigest
+from chatweb.journal import IDEMPOTENCY_WINDOW
 from chatweb.model import (
     DELIVERED,
     FAILED,
@@ -162,13 +163,17 @@ class MemoryJournal:
     """
     A journal in memory, answering at once.  C{failAppends} makes appends
     fail (a full disk, say).
+
+    Like the SQLite journal, it remembers an idempotency key for 24 hours,
+    measured by the C{received} times the queue gives (from its clock, so a
+    L{twisted.internet.task.Clock} drives the window).
     """
 
     def __init__(self) -> None:
         self.rows: dict[int, QueuedMessage] = {}
         self.failAppends = False
-        #: Idempotency key: (session, message id, content digest).
-        self._keys: dict[str, tuple[str, int, str]] = {}
+        #: Idempotency key: (session, message id, content digest, received).
+        self._keys: dict[str, tuple[str, int, str, float]] = {}
         self._next = 1
 
     def append(
@@ -180,15 +185,21 @@ class MemoryJournal:
     ) -> Deferred[Any]:
         if self.failAppends:
             return fail(OSError("disk full"))
+        if idempotencyKey is not None:
+            # Forget the keys older than the window, as the SQLite journal does.
+            oldest = received - IDEMPOTENCY_WINDOW
+            self._keys = {k: v for k, v in self._keys.items() if v[3] >= oldest}
         if idempotencyKey is not None and idempotencyKey in self._keys:
-            keySession, messageId, digest = self._keys[idempotencyKey]
+            keySession, messageId, digest, _ = self._keys[idempotencyKey]
             if keySession != session or digest != contentDigest(content):
                 return fail(IdempotencyConflict(idempotencyKey))
             return succeed(attrs.evolve(self.rows[messageId], duplicate=True))
         message = QueuedMessage(self._next, session, content, received)
         self.rows[message.id] = message
         if idempotencyKey is not None:
-            self._keys[idempotencyKey] = (session, message.id, contentDigest(content))
+            self._keys[idempotencyKey] = (
+                session, message.id, contentDigest(content), received
+            )
         self._next += 1
         return succeed(message)
 
@@ -254,7 +265,7 @@ class RunningChatWeb:
     client: HTTPClient
 
     @property
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> dict[bytes | str, bytes | str]:
         return {"X-API-Key": self.apiKey}
 
     def post(self, session: str, content: str, **kwargs: Any) -> Deferred[Any]:
@@ -302,6 +313,7 @@ async def startChatWeb(
     )
     service.startService()
     testCase.addCleanup(lambda: service.running and service.stopService())
+    assert service.listening is not None
     port = await service.listening
     await service.ready
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from chatweb import ISessionAdapter
 from chatweb.testing import startChatWeb
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "notes_adapter.py")
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "notes_adapter.py")
 
 
 def loadExample():  # type: ignore[no-untyped-def]

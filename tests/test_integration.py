@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from chatweb.limits import Limits
 from chatweb.testing import startChatWeb
-from test_hostile_http import exchange
+from .test_hostile_http import exchange
 
 
 def rawExchange(port: int, data: bytes) -> bytes:

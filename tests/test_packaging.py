@@ -5,29 +5,46 @@ and the templates, and works without this source tree.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: The wheel, built once for all the tests of this module (building it is
+#: most of their time).
+_built: list[str] = []
 
-class WheelTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.out = os.path.abspath(self.mktemp())
+
+def _buildWheel() -> str:
+    if not _built:
+        out = tempfile.mkdtemp(prefix="chatweb-wheel-")
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-             "--no-build-isolation", "--wheel-dir", self.out, ROOT],
+             "--no-build-isolation", "--wheel-dir", out, ROOT],
             check=True,
             capture_output=True,
             timeout=300,
         )
-        [self.wheel] = glob.glob(os.path.join(self.out, "chatweb-*.whl"))
+        [wheel] = glob.glob(os.path.join(out, "chatweb-*.whl"))
+        _built.append(wheel)
+    return _built[0]
+
+
+class WheelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.wheel = _buildWheel()
+        self.out = os.path.abspath(self.mktemp())
+        os.makedirs(self.out)
 
     def test_wheelCarriesPluginAndTemplates(self) -> None:
         names = zipfile.ZipFile(self.wheel).namelist()

@@ -19,6 +19,8 @@ from chatweb.model import FAILED
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
+from .journals import HeldJournal
+
 
 class QueueTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -39,11 +41,19 @@ class QueueTests(SynchronousTestCase):
 
     def test_postStoresBeforeAnswering(self) -> None:
         """
-        post() fires only with the message stored in the journal.
+        post() fires only once the journal has stored the message: not
+        while the append is under way.
         """
+        self.journal = HeldJournal()
+        self.queue = self.makeQueue()
         self.start()
-        message = self.successResultOf(self.queue.post("ci", "hello"))
+        posted = self.queue.post("ci", "hello")
+        self.assertNoResult(posted)
+        self.assertEqual((self.journal.rows, self.adapter.delivered), ({}, []))
+        self.journal.release()
+        message = self.successResultOf(posted)
         self.assertEqual(self.journal.rows[message.id].content, "hello")
+        self.assertEqual(self.adapter.contents("ci"), ["hello"])
 
     def test_storageFailureFailsThePost(self) -> None:
         self.start()
@@ -381,6 +391,27 @@ class FailingBackendTests(SynchronousTestCase):
         self.assertEqual(self.adapter.contents("ci"), ["next", "dead"])
         self.failureResultOf(self.queue.discard(3), WrongState)
 
+    def test_deadLetterRetriedDuringAFailingDeliveryGoesFirst(self) -> None:
+        """
+        A dead letter retried while a newer message of its session is being
+        delivered waits for that delivery; if it fails, the retried (older)
+        message goes first, in its place by id.  (Found by the state
+        machine of test_queue_stateful.)
+        """
+        self.adapter.failures = 5
+        self.successResultOf(self.queue.post("ci", "old"))
+        self.run_until_quiet()
+        self.assertEqual(self.journal.rows[1].state, FAILED)
+        self.adapter.autoComplete = False
+        self.successResultOf(self.queue.post("ci", "new"))
+        self.successResultOf(self.queue.retry(1))
+        self.adapter.failWaiting()
+        self.run_until_quiet()
+        self.assertEqual([d.content for d, _ in self.adapter.waiting], ["old"])
+        self.adapter.complete()
+        self.adapter.complete()
+        self.assertEqual(self.adapter.contents("ci"), ["old", "new"])
+
     def test_discardWhileWaitingToRetry(self) -> None:
         """
         The head message, failing and waiting for its retry, is discarded:
@@ -449,6 +480,21 @@ class FailingBackendTests(SynchronousTestCase):
         self.assertEqual(self.adapter.contents("ci"), ["once"])
         self.failureResultOf(self.queue.post("other", "once", "key-1"), IdempotencyConflict)
         self.failureResultOf(self.queue.post("ci", "twice", "key-1"), IdempotencyConflict)
+
+    def test_idempotencyKeyForgottenAfterADayOfTheClock(self) -> None:
+        """
+        The queue's clock drives the 24-hour window: a day later the same
+        key and message are a new message, delivered again.
+        """
+        self.successResultOf(self.queue.post("ci", "daily"))
+        first = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.clock.advance(24 * 60 * 60)
+        again = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.assertEqual((again.id, again.duplicate), (first.id, True))
+        self.clock.advance(1)
+        later = self.successResultOf(self.queue.post("ci", "daily", "key-1"))
+        self.assertFalse(later.duplicate)
+        self.assertEqual(self.adapter.contents("ci"), ["daily"] * 3)
 
     def test_bookkeepingErrorDoesNotStallTheSession(self) -> None:
         """

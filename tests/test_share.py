@@ -28,7 +28,7 @@ from chatweb.testing import MemoryAdapter, MemoryJournal
 KEY = "test-key"
 AUTH = {"X-API-Key": KEY}
 SECRET = bytes(range(32))
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 HTML = {"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
 
 
