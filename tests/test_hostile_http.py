@@ -273,3 +273,35 @@ class HostileHTTPTests(TestCase):
         self.assertIn("failed authentications", jsonError(answer))
         answer, _ = await deferToThread(exchange, port, post(b'{"session": "a", "content": "b"}'))
         self.assertEqual(status(answer), 429, answer)
+
+
+class ListeningLogTests(TestCase):
+    async def test_unixSocketLoggedAsAPath(self) -> None:
+        import os
+
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from chatweb.service import ChatWebService
+
+        events: list[str] = []
+
+        def observe(event: dict) -> None:  # type: ignore[type-arg]
+            events.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        # A short path: AF_UNIX paths are limited to about 100 bytes.
+        import shutil
+        import tempfile
+
+        socketDir = tempfile.mkdtemp(prefix="cw")
+        self.addCleanup(shutil.rmtree, socketDir)
+        path = os.path.join(socketDir, "s")
+        service = ChatWebService(["test-api-key"], directory, endpoint=f"unix:{path}")
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.listening
+        await service.ready
+        self.assertIn(f"chatweb listening on {path}", events)
