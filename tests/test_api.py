@@ -453,6 +453,15 @@ class APIKeysTests(SynchronousTestCase):
                 self.make(keys)
             self.assertIn("apiKeys=[key]", str(raised.exception))
 
+    def test_serviceRefusesOneString(self) -> None:
+        import os
+
+        from chatweb.service import ChatWebService
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        self.assertRaises(TypeError, ChatWebService, apiKeys="the-key", dataDir=dataDir, endpoint=None)
+
     def test_badKeysRefused(self) -> None:
         for keys in ([b"bytes-key"], [None], [42]):
             self.assertRaises(TypeError, self.make, keys)

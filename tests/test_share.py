@@ -800,6 +800,12 @@ class ShareLogTwistdTests(TestCase):
     """
 
     async def test_noTokenInTwistdLog(self) -> None:
+        await self.checkTwistdLog(["--access-log"])
+
+    async def test_noTokenInTwistdLogWithoutAccessLog(self) -> None:
+        await self.checkTwistdLog([])
+
+    async def checkTwistdLog(self, args: list[str]) -> None:
         from twisted.internet import reactor
         from twisted.web.client import HTTPConnectionPool
 
@@ -809,7 +815,7 @@ class ShareLogTwistdTests(TestCase):
 
         key = "twistd-log-test-key"
         process = ChatWebProcess(
-            os.path.abspath(self.mktemp()), apiKey=key, args=["--access-log"], testCase=self
+            os.path.abspath(self.mktemp()), apiKey=key, args=args, testCase=self
         )
         base = await process.start()
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -828,7 +834,8 @@ class ShareLogTwistdTests(TestCase):
                 await response.content()
         await process.stop()
         output = process.output
-        self.assertIn("HEAD /session 401", output)
+        if args:
+            self.assertIn("HEAD /session 401", output)
         for token in tokens:
             self.assertNotIn(token, output)
         self.assertNotIn(key, output)
