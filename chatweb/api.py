@@ -226,6 +226,14 @@ class _Guard(Resource):
         self._api = api
         self._routes = routes
 
+    @property
+    def chatwebAPI(self) -> ChatWebAPI:
+        """
+        The API this resource serves (how L{chatweb.site.ChatWebSite} finds
+        it in a resource tree).
+        """
+        return self._api
+
     def render(self, request: IRequest) -> Any:
         # Whatever Site logs this request (an access log, Twisted's notes
         # about it) sees no share token.

@@ -62,6 +62,26 @@ def underMount(target: bytes, mount: Sequence[bytes]) -> bool:
     return _segments(target)[: len(mount)] == list(mount)
 
 
+def findAPI(resource: IResource, depth: int = 4) -> tuple[list[bytes], Any] | None:
+    """
+    Where chatweb's API is in a resource tree, among the children put there
+    with C{putChild}: its path's segments and the L{ChatWebAPI}; None if it
+    is not found within C{depth} levels.
+    """
+    level: list[tuple[list[bytes], Any]] = [([], resource)]
+    for _ in range(depth + 1):
+        following = []
+        for path, node in level:
+            api = getattr(node, "chatwebAPI", None)
+            if api is not None:
+                return path, api
+            children = getattr(node, "children", None)
+            if isinstance(children, dict):
+                following.extend((path + [name], child) for name, child in children.items())
+        level = following
+    return None
+
+
 def describeAddress(address: IAddress) -> str:
     """
     A listening or peer address for people: C{host:port}, or a UNIX
@@ -278,6 +298,10 @@ class ChatWebChannel(HTTPChannelHooks):
         self.loseConnection()
 
 
+def _anyHeaders(headers: Any) -> bool:
+    return True
+
+
 class ChatWebSite(Site):
     """
     The site that serves chatweb's resource, or a program's own resource
@@ -299,8 +323,8 @@ class ChatWebSite(Site):
         resource: IResource,
         limits: Limits = Limits(),
         accessLog: bool = False,
-        authorizeHeaders: Callable[[Any], bool] = lambda headers: True,
-        mount: bytes | str = b"/",
+        authorizeHeaders: Callable[[Any], bool] | None = None,
+        mount: bytes | str | None = None,
         refuseBeforeBody: EarlyRefusal | None = None,
         **kwargs: Any,
     ) -> None:
@@ -309,23 +333,35 @@ class ChatWebSite(Site):
             valid key: a request body without one is refused unread.
         @param mount: the path where chatweb's API is in C{resource}
             (C{b"/chat"} for C{root.putChild(b"chat", chatweb.resource)});
-            the body limit and the early refusal apply below it only.  The
-            default, C{"/"}, is the whole site.
+            the body limit and the early refusal apply below it only;
+            C{"/"} is the whole site.  By default, the path where
+            C{putChild} put chatweb's resource in C{resource}, else the
+            whole site.
         @param refuseBeforeBody: instead of C{authorizeHeaders}, a function
             of the request (its headers in) that returns C{(code, reason,
             message)} to refuse it before its body is read, else None
-            (L{chatweb.api.ChatWebAPI.refuseBeforeBody}).
+            (L{chatweb.api.ChatWebAPI.refuseBeforeBody}).  By default, that
+            of the API found in C{resource}.
         """
         super().__init__(
             resource, parsePOSTFormSubmission=False, timeout=limits.idleTimeout, **kwargs
         )
         self.limits = limits
         self.accessLog = accessLog
-        self.authorizeHeaders = authorizeHeaders
+        found = findAPI(resource)
         if isinstance(mount, str):
             mount = mount.encode("utf-8")
         #: The mount path's segments ([] for the whole site).
-        self.mount = [s for s in _segments(mount) if s]
+        self.mount = (
+            [s for s in _segments(mount) if s] if mount is not None
+            else found[0] if found is not None
+            else []
+        )
+        if authorizeHeaders is None:
+            if refuseBeforeBody is None and found is not None:
+                refuseBeforeBody = found[1].refuseBeforeBody
+            authorizeHeaders = _anyHeaders
+        self.authorizeHeaders = authorizeHeaders
         if refuseBeforeBody is None:
 
             def refuseBeforeBody(request: HTTPRequest) -> tuple[int, bytes, str] | None:

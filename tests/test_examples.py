@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from chatweb import ISessionAdapter
+from chatweb.site import ChatWebSite
 from chatweb.testing import startChatWeb
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "notes_adapter.py")
@@ -67,14 +68,21 @@ class EmbeddedSiteTests(TestCase):
     own site, as docs/embedding.md shows it.
     """
 
+    #: Whether ChatWebSite finds the mount and the API by itself.
+    autoMount = False
+
     async def startProgram(self) -> str:
         from chatweb._twisted_compat import listeningDeferred
 
-        program = loadEmbedded().makeService(
+        example = loadEmbedded()
+        program = example.makeService(
             [KEY], os.path.abspath(self.mktemp()), "tcp:0:interface=127.0.0.1"
         )
-        program.startService()
         chatweb, web = list(program)
+        if self.autoMount:
+            web.factory = ChatWebSite(example.makeRoot(chatweb), limits=chatweb.limits)
+            self.assertEqual(web.factory.mount, [b"chat"])
+        program.startService()
         self.addCleanup(self.stopProgram, program, web.factory)
         await chatweb.ready
         port = await listeningDeferred(web)
@@ -140,3 +148,12 @@ class EmbeddedSiteTests(TestCase):
                 response.headers.getRawHeaders("content-type"), ["application/json"]
             )
             await response.content()
+
+
+class EmbeddedSiteAutoMountTests(EmbeddedSiteTests):
+    """
+    The same, with C{ChatWebSite(root)} finding where chatweb's resource was
+    put and its API.
+    """
+
+    autoMount = True
