@@ -397,6 +397,10 @@ class ChatWebProcess:
     @ivar output: everything the process printed.
     """
 
+    #: The line that says it listens (whole: a port split across two reads
+    #: must not be read as a shorter one).
+    LISTENING = rb"chatweb listening on 127\.0\.0\.1:(\d+)\r?\n"
+
     def __init__(
         self,
         dataDir: str,
@@ -459,7 +463,7 @@ class ChatWebProcess:
         self._protocol.ended.addBoth(ended)
         if self.testCase is not None:
             self.testCase.addCleanup(self.stop)
-        listening = self._protocol.waitFor(rb"chatweb listening on 127\.0\.0\.1:(\d+)")
+        listening = self._protocol.waitFor(self.LISTENING)
         listening.addTimeout(timeout, reactor)
         match = await listening
         self.url = f"http://127.0.0.1:{int(match.group(1))}"

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from chatweb.testing import startChatWeb
+from chatweb.testing import ChatWebProcess, startChatWeb
 
 
 class StartChatWebTests(TestCase):
@@ -76,3 +76,21 @@ class ChatWebProcessTests(TestCase):
         # The child is gone (its parent reaped it, or it was never a zombie
         # of ours): signalling it fails.
         self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+
+class ProcessOutputTests(TestCase):
+    def test_portSplitAcrossReads(self) -> None:
+        """
+        The listening line may arrive in pieces: the port is read once the
+        line is whole.
+        """
+        from chatweb.testing import _ProcessOutput
+
+        output = _ProcessOutput()
+        process = ChatWebProcess("/nonexistent")
+        process._protocol = output
+        found = output.waitFor(process.LISTENING)
+        output.outReceived(b"... chatweb listening on 127.0.0.1:3")
+        self.assertNoResult(found)
+        output.outReceived(b"6231\n")
+        self.assertEqual(self.successResultOf(found).group(1), b"36231")
