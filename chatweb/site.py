@@ -394,17 +394,32 @@ class ChatWebSite(Site):
             for d in waiting:
                 d.callback(None)
 
-    def closeConnections(self) -> Deferred[None]:
+    def closeConnections(self, timeout: float = 5.0) -> Deferred[None]:
         """
-        Close every open connection (once what is being written has been
-        sent); fires when all are closed.
+        Close every open connection once what is being written has been
+        sent, or at once after C{timeout} seconds (a client that reads
+        nothing); fires when all are closed.
         """
         if not self.channels:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._allClosed.append(d)
-        for channel in list(self.channels):
+        channels = list(self.channels)
+        for channel in channels:
             channel.loseConnection()
+
+        def abort() -> None:
+            for channel in channels:
+                if channel in self.channels and channel.transport is not None:
+                    channel.transport.abortConnection()
+
+        later = self.reactor.callLater(timeout, abort)
+
+        def closed(result: None) -> None:
+            if later.active():
+                later.cancel()
+
+        d.addCallback(closed)
         return d
 
     def log(self, request: Request) -> None:

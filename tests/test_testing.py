@@ -68,7 +68,7 @@ class ChatWebProcessTests(TestCase):
             env=env,
             path=directory,
             reactor=reactor,
-        )
+        ).addTimeout(120, reactor)
         self.assertEqual(code, 1, out + err)
         self.assertIn(b"failing before stop()", out)
         with open(pidFile) as f:
