@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import IntegerConverter, RequestRedirect
 
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
 from chatweb.hosts import LOOPBACK_HOSTS, hostName, normalizeAllowedHost
@@ -47,7 +48,8 @@ from chatweb.preview import (
     renderSessionInline,
 )
 from chatweb.queue import MessageQueue
-from chatweb.share import InvalidToken, ShareLinks
+from chatweb.share import InvalidToken, ShareLinks, redactTokens
+from chatweb.throttle import FailureThrottle, clientKey
 from chatweb.validation import (
     BadRequest,
     parseMessage,
@@ -64,6 +66,46 @@ INDEX_SCOPE = "\0index"
 _SHARE_BUCKET = b"\0share-link"
 
 _log = Logger()
+
+#: Reason phrases Twisted does not know.
+_REASONS = {
+    421: b"Misdirected Request",
+    422: b"Unprocessable Content",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+class _AsciiInteger(IntegerConverter):
+    """
+    werkzeug's C{int} converter, for ASCII digits only (C{\\d} and C{int()}
+    take any Unicode digit: C{/queue/١} would be message 1).
+    """
+
+    regex = r"[0-9]+"
+
+
+def _checkKeys(apiKeys: Sequence[str]) -> list[bytes]:
+    """
+    The keys as bytes, checked as twistd checks its own: a sequence (not a
+    string) of non-empty strings of printable ASCII without spaces.
+
+    @raise TypeError: if C{apiKeys} is a string, or holds something else.
+    @raise ValueError: if a key is empty or not printable ASCII.
+    """
+    if isinstance(apiKeys, (str, bytes)):
+        raise TypeError(
+            "apiKeys must be a sequence of keys, not one string: apiKeys=[key]"
+        )
+    keys = list(apiKeys)
+    if not keys:
+        raise ValueError("at least one API key is needed")
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"each API key must be a str, not {type(key).__name__}")
+        if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
+            raise ValueError("each API key must be non-empty printable ASCII without spaces")
+    return [key.encode("ascii") for key in keys]
 
 
 class _Refused(Exception):
@@ -138,7 +180,7 @@ def _idempotencyKey(request: IRequest) -> str | None:
 
 
 def _error(request: IRequest, code: int, message: str) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _REASONS.get(code))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return json.dumps({"error": message}).encode("utf-8")
@@ -251,10 +293,35 @@ class _Guard(Resource):
         self._api = api
         self._routes = routes
 
+    @property
+    def chatwebAPI(self) -> ChatWebAPI:
+        """
+        The API this resource serves (how L{chatweb.site.ChatWebSite} finds
+        it in a resource tree).
+        """
+        return self._api
+
     def render(self, request: IRequest) -> Any:
+        # Whatever Site logs this request (an access log, Twisted's notes
+        # about it) sees no share token.
+        request.uri = redactTokens(request.uri)
+        body = self._render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes):
+            # No body for HEAD (Twisted would log the request, URI and all,
+            # while it drops one).
+            return b""
+        return body
+
+    def _render(self, request: IRequest) -> Any:
+        client = clientKey(request.getClientAddress())
+        refused = self._api._refuseThrottled(request, client)
+        if refused is not None:
+            return refused
         key = self._api._authorized(request)
         if key is None:
             if not _isShareRequest(request):
+                if request.requestHeaders.hasHeader(b"x-api-key"):
+                    self._api._authFailures.failed(client)
                 return _error(request, 401, "missing or invalid X-API-Key header")
             # Check the token before it costs anything; each valid one has a
             # rate-limit bucket of its own.
@@ -263,6 +330,7 @@ class _Guard(Resource):
                 return scope
             verified = self._api._verifyToken(request, scope)
             if isinstance(verified, bytes):
+                self._api._authFailures.failed(client)
                 return verified
             # The route trusts this: the token is checked once.
             self._api._shareExpiry[request] = verified
@@ -278,10 +346,19 @@ class _Guard(Resource):
             return _error(request, 400, "the request's path or Host is not valid UTF-8")
         try:
             return self._routes.render(request)
+        except RequestRedirect:
+            return _notFound(request)
         except HTTPException as e:
             # werkzeug refuses some requests (a malformed Host, say) before
             # any route or error handler sees them.
             return _error(request, 400, f"bad request: {e.description or e.name}")
+
+
+def _throttledMessage(wait: float) -> str:
+    return (
+        "too many failed authentications from this address; retry in"
+        f" {retryAfter(wait).decode()} seconds"
+    )
 
 
 __all__ = [
@@ -295,6 +372,19 @@ __all__ = [
 ]
 
 
+def _notFound(request: IRequest) -> bytes:
+    """
+    A 404; for a path that werkzeug would redirect (C{/chat} for the API
+    mounted at C{/chat/}, C{//}), with a hint.
+    """
+    return _error(
+        request,
+        404,
+        "not found (the API's paths have no empty segments, and its root ends"
+        " with a slash: POST /chat/ where it is mounted at /chat)",
+    )
+
+
 class ChatWebAPI:
     """
     The routes, over a L{MessageQueue} (for posting) and an
@@ -302,6 +392,7 @@ class ChatWebAPI:
     """
 
     app = Klein()
+    app.url_map.converters["int"] = _AsciiInteger
 
     def __init__(
         self,
@@ -319,8 +410,7 @@ class ChatWebAPI:
         @param allowedHosts: host names (no port) that pages are served to,
             besides L{LOOPBACK_HOSTS}, which always are; C{"*"} allows any.
         """
-        if not apiKeys or not all(apiKeys):
-            raise ValueError("at least one non-empty API key is needed")
+        keys = _checkKeys(apiKeys)
         if clock is None:
             from twisted.internet import reactor
 
@@ -336,9 +426,11 @@ class ChatWebAPI:
         }
         self._queue = queue
         self._adapter = adapter
-        self._keys = [key.encode("utf-8") for key in apiKeys]
+        self._keys = keys
         self._limits = limits
         self._rateLimiter = RateLimiter(limits.rateLimit, limits.rateBurst, clock)
+        #: Failed authentications, per client address.
+        self._authFailures = FailureThrottle(clock)
 
     def resource(self) -> IResource:
         """
@@ -354,6 +446,32 @@ class ChatWebAPI:
         refuses bodies without one before reading them).
         """
         return self._keyIn(headers) is not None
+
+    def refuseBeforeBody(self, request: IRequest) -> tuple[int, bytes, str] | None:
+        """
+        For L{chatweb.site.ChatWebSite}: C{(code, reason, message)} to
+        refuse a request whose body is not read yet (its client is
+        throttled, or it carries no valid key), else None.
+        """
+        client = clientKey(request.getClientAddress())
+        wait = self._authFailures.wait(client)
+        if wait:
+            return 429, _REASONS[429], _throttledMessage(wait)
+        if self._authorized(request) is not None:
+            return None
+        if request.requestHeaders.hasHeader(b"x-api-key"):
+            self._authFailures.failed(client)
+        return 401, b"Unauthorized", "missing or invalid X-API-Key header"
+
+    def _refuseThrottled(self, request: IRequest, client: str) -> bytes | None:
+        """
+        A 429 if C{client} has failed to authenticate too often, else None.
+        """
+        wait = self._authFailures.wait(client)
+        if not wait:
+            return None
+        request.setHeader(b"Retry-After", retryAfter(wait))
+        return _error(request, 429, _throttledMessage(wait))
 
     def _authorized(self, request: IRequest) -> bytes | None:
         """
@@ -844,6 +962,11 @@ class ChatWebAPI:
     @app.handle_errors(NotFound, MethodNotAllowed)
     def notFound(self, request: IRequest, failure: Any) -> bytes:
         return _error(request, 404, "not found")
+
+    @app.handle_errors(RequestRedirect)
+    def redirected(self, request: IRequest, failure: Any) -> bytes:
+        # werkzeug would redirect to a URL built from the Host header.
+        return _notFound(request)
 
     @app.handle_errors(Exception)
     def internalError(self, request: IRequest, failure: Any) -> bytes:

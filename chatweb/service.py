@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from chatweb._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
 from chatweb.api import ChatWebAPI
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
@@ -29,7 +30,7 @@ from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.journal import SQLiteJournal
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
-from chatweb.site import ChatWebSite
+from chatweb.site import ChatWebSite, describeAddress
 
 DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
@@ -122,7 +123,7 @@ class ChatWebService(MultiService):
             self.resource,
             limits=limits,
             accessLog=accessLog,
-            authorizeHeaders=self.api.headersAuthorized,
+            refuseBeforeBody=self.api.refuseBeforeBody,
             reactor=reactor,
         )
         self.listening: Deferred[Any] | None = None
@@ -131,7 +132,7 @@ class ChatWebService(MultiService):
             self._listener = StreamServerEndpointService(
                 serverFromString(reactor, withBacklog(endpoint)), self.site
             )
-            self._listener._raiseSynchronously = True
+            raiseListenErrorsSynchronously(self._listener)
             self._listener.setServiceParent(self)
         else:
             self._listener = None
@@ -232,7 +233,7 @@ class ChatWebService(MultiService):
         with self._listenFailuresExit():
             super().startService()
         if self._listener is not None:
-            self.listening = self._listener._waitingForPort
+            self.listening = listeningDeferred(self._listener)
             if self.listening is not None:
                 self.listening.addCallback(self._announce)
 
@@ -247,13 +248,7 @@ class ChatWebService(MultiService):
         self._reactor.stop()
 
     def _announce(self, port: Any) -> Any:
-        address = port.getHost()
-        where = getattr(address, "port", None)
-        host = getattr(address, "host", None) or getattr(address, "name", "")
-        if where is not None:
-            _log.info("chatweb listening on {host}:{port}", host=host, port=where)
-        else:
-            _log.info("chatweb listening on {where}", where=host)
+        _log.info("chatweb listening on {where}", where=describeAddress(port.getHost()))
         return port
 
     def stopService(self) -> Deferred[None]:

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import struct
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -29,6 +30,28 @@ _LABEL = b"chatweb share link v1\0"
 _EXPIRY = struct.Struct(">Q")
 _TOKEN_BYTES = _EXPIRY.size + hashlib.sha256().digest_size
 _TOKEN_CHARS = (_TOKEN_BYTES * 4 + 2) // 3
+
+
+#: What a share token is replaced with in a request's URI.
+REDACTED = b"REDACTED"
+
+
+def redactTokens(uri: bytes) -> bytes:
+    """
+    C{uri} with the value of every C{token} query parameter (however its
+    name is spelled with percent escapes) replaced by L{REDACTED}: what a
+    log may show of a share-link request.
+    """
+    path, question, query = uri.partition(b"?")
+    if not question:
+        return uri
+    pieces = []
+    for piece in query.split(b"&"):
+        name = piece.split(b"=", 1)[0]
+        if unquote_to_bytes(name.replace(b"+", b" ")).strip().lower() == b"token":
+            piece = name + b"=" + REDACTED
+        pieces.append(piece)
+    return path + question + b"&".join(pieces)
 
 
 class InvalidToken(Exception):

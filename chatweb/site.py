@@ -6,7 +6,13 @@ The HTTP site: Twisted's L{Site} hardened for clients that misbehave.
     request gets a JSON 400 before the connection is closed;
   - a request must arrive whole within C{requestTimeout} seconds of its
     first byte (408), so slow clients cannot hold the server;
-  - no tracebacks in responses, and access logging only by choice.
+  - no tracebacks in responses, access logging only by choice, and a
+    C{Server} header that names no version.
+
+When chatweb's API is mounted below a path of a larger site (C{mount}),
+the body limit and the early refusal of requests without a key apply
+under that path only: the host program's own routes keep Twisted's
+behaviour.
 """
 
 from __future__ import annotations
@@ -14,20 +20,83 @@ from __future__ import annotations
 import io
 import json
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web import http
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from chatweb._twisted_compat import HTTPChannelHooks
 from chatweb.limits import Limits
 
 _log = Logger()
+
+#: The C{Server} header of every response: a name, no version.
+SERVER_NAME = b"chatweb"
+
+#: C{request -> (code, reason, message)} or None: an answer for a request
+#: that is refused as soon as its headers are in, before its body is read.
+EarlyRefusal = Callable[[Any], "tuple[int, bytes, str] | None"]
+
+
+def _segments(path: bytes) -> list[bytes]:
+    """
+    The path's segments as Twisted's resource tree sees them (each one
+    percent-decoded).
+    """
+    return [unquote_to_bytes(segment) for segment in path.split(b"?", 1)[0][1:].split(b"/")]
+
+
+def underMount(target: bytes, mount: Sequence[bytes]) -> bool:
+    """
+    Whether a request target is at or below the path whose segments are
+    C{mount} (C{[]}: the whole site).  A target that is not a path (C{*},
+    an absolute URL) counts as under it.
+    """
+    if not mount or not target.startswith(b"/"):
+        return True
+    return _segments(target)[: len(mount)] == list(mount)
+
+
+def findAPI(resource: IResource, depth: int = 4) -> tuple[list[bytes], Any] | None:
+    """
+    Where chatweb's API is in a resource tree, among the children put there
+    with C{putChild}: its path's segments and the L{ChatWebAPI}; None if it
+    is not found within C{depth} levels.
+    """
+    level: list[tuple[list[bytes], Any]] = [([], resource)]
+    for _ in range(depth + 1):
+        following: list[tuple[list[bytes], Any]] = []
+        for path, node in level:
+            api = getattr(node, "chatwebAPI", None)
+            if api is not None:
+                return path, api
+            children = getattr(node, "children", None)
+            if isinstance(children, dict):
+                following.extend((path + [name], child) for name, child in children.items())
+        level = following
+    return None
+
+
+def describeAddress(address: IAddress) -> str:
+    """
+    A listening or peer address for people: C{host:port}, or a UNIX
+    socket's path as text.
+    """
+    port = getattr(address, "port", None)
+    if port is not None:
+        return f"{getattr(address, 'host', '')}:{port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return str(name if name is not None else address)
 
 
 def rawErrorResponse(code: int, reason: bytes, message: str) -> bytes:
@@ -61,20 +130,29 @@ class LimitedRequest(Request):
     # Narrower than Request's own declarations: ChatWebSite builds these.
     channel: ChatWebChannel
     content: io.BytesIO  # type: ignore[assignment]  # Request declares None
+    #: Whether chatweb's limits apply: the request is under its mount.
+    _guarded = True
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site
+        self._guarded = underMount(self.channel.currentTarget, site.mount)
+        if not self._guarded:
+            super().gotLength(length)
+            return
         self.content = io.BytesIO()
         if length is not None and length > site.limits.maxBodySize:
             self._refuseTooLarge()
         # A body from a client without a valid key is refused before it is
         # read (no request without a key has one).
-        elif (length is None or length > 0) and not site.authorizeHeaders(
-            self.requestHeaders
-        ):
-            self._refuse(401, b"Unauthorized", "missing or invalid X-API-Key header")
+        elif length is None or length > 0:
+            refusal = site.refuseBeforeBody(self)
+            if refusal is not None:
+                self._refuse(*refusal)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if not self._guarded:
+            super().handleContentChunk(data)
+            return
         if self._refused:
             return
         self._received += len(data)
@@ -101,6 +179,14 @@ class LimitedRequest(Request):
             return
         super().process()
 
+    def write(self, data: bytes) -> None:
+        # The headers go out with the first write: name no version in them.
+        if not self.startedWriting:
+            site = getattr(self, "site", None)
+            name = getattr(site, "serverName", SERVER_NAME)
+            self.responseHeaders.setRawHeaders(b"server", [name])
+        super().write(data)
+
     def _refuseTooLarge(self) -> None:
         limit = self.channel.site.limits.maxBodySize
         self._refuse(
@@ -113,37 +199,53 @@ class LimitedRequest(Request):
         self.channel._refuse(code, reason, message)
 
 
-class ChatWebChannel(HTTPChannel):
+class ChatWebChannel(HTTPChannelHooks):
     """
     An HTTP channel that answers bad requests in JSON and gives each request
     a deadline.
+
+    @ivar currentTarget: the request target (path and query) of the request
+        being received.
     """
 
     _deadline: IDelayedCall | None = None
     _refused = False
     #: Set by the site's buildProtocol.
     site: ChatWebSite
+    #: Whether a request is whole and being answered.
+    _processing = False
+    #: Bytes of the request line and headers received so far.
+    _headerBytes = 0
+    currentTarget = b"/"
 
     def connectionMade(self) -> None:
-        site = self.site
-        site.openConnections += 1
-        self.totalHeadersSize = self.MAX_LENGTH = site.limits.maxHeaderSize
+        self.site.channelOpened(self)
+        self.totalHeadersSize = self.MAX_LENGTH = self.site.limits.maxHeaderSize
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._handlingRequest:
+        if self._deadline is None and not self._processing:
             self._deadline = self.callLater(self.site.limits.requestTimeout, self._tooSlow)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        # Only the request line and headers come here (bodies are raw data).
+        self._headerBytes += len(line)
+        if self._headerBytes > self.totalHeadersSize:
             self._refuse(
                 431,
                 b"Request Header Fields Too Large",
                 f"the request line and headers exceed {self.totalHeadersSize} bytes",
             )
             return
+        requests = len(self.requests)
         super().lineReceived(line)
+        if len(self.requests) > requests:
+            # That was a request line: remember its target.
+            parts = line.split(b" ")
+            self.currentTarget = parts[1] if len(parts) == 3 else b""
+        if not line:
+            self._headerBytes = 0
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(
@@ -154,12 +256,21 @@ class ChatWebChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._cancelDeadline()
+        self._processing = True
+        self._headerBytes = 0
         super().allContentReceived()
 
+    def requestDone(self, request: Any) -> None:
+        if self.persistent:
+            self._processing = False
+        super().requestDone(request)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.site.openConnections -= 1
         self._cancelDeadline()
-        super().connectionLost(reason)
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.site.channelClosed(self)
 
     def _cancelDeadline(self) -> None:
         if self._deadline is not None:
@@ -167,22 +278,20 @@ class ChatWebChannel(HTTPChannel):
                 self._deadline.cancel()
             self._deadline = None
 
-    def _send100Continue(self) -> None:
+    def shouldContinue(self) -> bool:
         # Not for a request already refused.
-        if self.requests and self.requests[-1]._refused:
-            return
-        super()._send100Continue()
+        return not (self.requests and self.requests[-1]._refused)
 
     def _tooSlow(self) -> None:
         self._deadline = None
-        if not self._handlingRequest:
+        if not self._processing:
             self._refuse(
                 408,
                 b"Request Timeout",
                 f"the request did not arrive within {self.site.limits.requestTimeout:g} seconds",
             )
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def badRequest(self) -> None:
         self._refuse(400, b"Bad Request", "malformed HTTP request")
 
     def _refuse(self, code: int, reason: bytes, message: str) -> None:
@@ -197,44 +306,131 @@ class ChatWebChannel(HTTPChannel):
         self.loseConnection()
 
 
-def _channelFactory() -> _GenericHTTPChannelProtocol:
-    return _GenericHTTPChannelProtocol(ChatWebChannel())
+def _anyHeaders(headers: Any) -> bool:
+    return True
 
 
 class ChatWebSite(Site):
     """
-    The site that serves chatweb's resource.
+    The site that serves chatweb's resource, or a program's own resource
+    tree with chatweb's API mounted in it (C{mount}).
+
+    @ivar serverName: the C{Server} header of every response.
     """
 
     displayTracebacks = False
     requestFactory = LimitedRequest
-    protocol = staticmethod(_channelFactory)
+    # HTTP/1.1 only: the limits above are written for it (Twisted's default
+    # would switch a TLS connection that negotiates HTTP/2 to a protocol
+    # that enforces none of them).
+    protocol = ChatWebChannel  # type: ignore[assignment]  # a class is a factory
+    serverName = SERVER_NAME
 
     def __init__(
         self,
         resource: IResource,
         limits: Limits = Limits(),
         accessLog: bool = False,
-        authorizeHeaders: Callable[[Any], bool] = lambda headers: True,
+        authorizeHeaders: Callable[[Any], bool] | None = None,
+        mount: bytes | str | None = None,
+        refuseBeforeBody: EarlyRefusal | None = None,
         **kwargs: Any,
     ) -> None:
         """
         @param authorizeHeaders: C{Headers -> bool}, whether they carry a
             valid key: a request body without one is refused unread.
+        @param mount: the path where chatweb's API is in C{resource}
+            (C{b"/chat"} for C{root.putChild(b"chat", chatweb.resource)});
+            the body limit and the early refusal apply below it only;
+            C{"/"} is the whole site.  By default, the path where
+            C{putChild} put chatweb's resource in C{resource}, else the
+            whole site.
+        @param refuseBeforeBody: instead of C{authorizeHeaders}, a function
+            of the request (its headers in) that returns C{(code, reason,
+            message)} to refuse it before its body is read, else None
+            (L{chatweb.api.ChatWebAPI.refuseBeforeBody}).  By default, that
+            of the API found in C{resource}.
         """
         super().__init__(
             resource, parsePOSTFormSubmission=False, timeout=limits.idleTimeout, **kwargs
         )
         self.limits = limits
         self.accessLog = accessLog
+        found = findAPI(resource)
+        if isinstance(mount, str):
+            mount = mount.encode("utf-8")
+        #: The mount path's segments ([] for the whole site).
+        self.mount = (
+            [s for s in _segments(mount) if s] if mount is not None
+            else found[0] if found is not None
+            else []
+        )
+        if authorizeHeaders is None:
+            if refuseBeforeBody is None and found is not None:
+                refuseBeforeBody = found[1].refuseBeforeBody
+            authorizeHeaders = _anyHeaders
         self.authorizeHeaders = authorizeHeaders
-        self.openConnections = 0
+        if refuseBeforeBody is None:
+
+            def refuseBeforeBody(request: HTTPRequest) -> tuple[int, bytes, str] | None:
+                if self.authorizeHeaders(request.requestHeaders):
+                    return None
+                return 401, b"Unauthorized", "missing or invalid X-API-Key header"
+
+        self.refuseBeforeBody = refuseBeforeBody
+        #: The open connections.
+        self.channels: set[ChatWebChannel] = set()
+        self._allClosed: list[Deferred[None]] = []
+
+    @property
+    def openConnections(self) -> int:
+        return len(self.channels)
 
     def buildProtocol(self, addr: Any) -> Any:
         # Past the limit, a new connection is closed at once (None).
         if self.openConnections >= self.limits.maxConnections:
             return None
         return super().buildProtocol(addr)
+
+    def channelOpened(self, channel: ChatWebChannel) -> None:
+        self.channels.add(channel)
+
+    def channelClosed(self, channel: ChatWebChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._allClosed = self._allClosed, []
+            for d in waiting:
+                d.callback(None)
+
+    def closeConnections(self, timeout: float = 5.0) -> Deferred[None]:
+        """
+        Close every open connection once what is being written has been
+        sent, or at once after C{timeout} seconds (a client that reads
+        nothing); fires when all are closed.
+        """
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._allClosed.append(d)
+        channels = list(self.channels)
+        for channel in channels:
+            channel.loseConnection()
+
+        def abort() -> None:
+            for channel in channels:
+                if channel in self.channels and channel.transport is not None:
+                    # Every TCP/TLS/UNIX transport can abort; loseConnection otherwise.
+                    transport = channel.transport
+                    getattr(transport, "abortConnection", transport.loseConnection)()
+
+        later = self.reactor.callLater(timeout, abort)
+
+        def closed(result: None) -> None:
+            if later.active():
+                later.cancel()
+
+        d.addCallback(closed)
+        return d
 
     def log(self, request: http.Request) -> None:
         # The query string is left out: it may carry a share token.

@@ -8,13 +8,16 @@ Helpers for tests of programs that use chatweb (and of chatweb itself).
     queue tests driven by L{twisted.internet.task.Clock}.
   - L{startChatWeb}: a real L{ChatWebService} listening on 127.0.0.1 (a free
     port) for the length of one trial test, with a treq client for it.
-  - L{ChatWebProcess}: the real C{twistd -n chatweb} as a child process.
+  - L{ChatWebProcess}: the real C{twistd -n chatweb} as a child process,
+    ended when the test ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -312,12 +315,29 @@ async def startChatWeb(
         [apiKey], dataDir, endpoint="tcp:0:interface=127.0.0.1", **kwargs
     )
     service.startService()
-    testCase.addCleanup(lambda: service.running and service.stopService())
+    testCase.addCleanup(_stopChatWeb, service)
     assert service.listening is not None
     port = await service.listening
     await service.ready
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
     return RunningChatWeb(service, f"http://127.0.0.1:{port.getHost().port}", apiKey, client)
+
+
+async def _stopChatWeb(service: Any) -> None:
+    """
+    Stop a service started by L{startChatWeb}, and close every connection
+    to it, including those that treq's default (persistent) connection pool
+    keeps open, so that trial finds the reactor clean.
+    """
+    import treq.api
+
+    globalPool = treq.api.get_global_pool()
+    if globalPool is not None:
+        await globalPool.closeCachedConnections()
+    await service.site.closeConnections()
+    if service.running:
+        await service.stopService()
+    await service.site.closeConnections()
 
 
 class _ProcessOutput(ProcessProtocol):
@@ -362,14 +382,36 @@ def twistdCommand() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+#: The processes started and not yet ended, by pid: killed at exit, should a
+#: test have left one running.
+_running: dict[int, Any] = {}
+
+
+@atexit.register
+def _killLeftovers() -> None:
+    for pid in list(_running):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 class ChatWebProcess:
     """
     The real C{twistd -n chatweb}, as a child process on 127.0.0.1 (a free
     port), for end-to-end tests.
 
+    Pass the test as C{testCase}: the process is then stopped when the test
+    ends, whether or not it called L{stop}.  (A process left running anyway
+    is killed when the Python process exits.)
+
     @ivar url: set by L{start}.
     @ivar output: everything the process printed.
     """
+
+    #: The line that says it listens (whole: a port split across two reads
+    #: must not be read as a shorter one).
+    LISTENING = rb"chatweb listening on 127\.0\.0\.1:(\d+)\r?\n"
 
     def __init__(
         self,
@@ -377,7 +419,9 @@ class ChatWebProcess:
         apiKey: str = "test-api-key",
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        testCase: TestCase | None = None,
     ) -> None:
+        self.testCase = testCase
         self.dataDir = dataDir
         self.apiKey = apiKey
         self.args = list(args)
@@ -387,6 +431,13 @@ class ChatWebProcess:
         self.listen = "tcp:0:interface=127.0.0.1"
         self._protocol: _ProcessOutput | None = None
         self._process: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The process id, once started.
+        """
+        return self._process.pid if self._process is not None else None
 
     @property
     def output(self) -> str:
@@ -414,7 +465,17 @@ class ChatWebProcess:
         self._process = reactor.spawnProcess(
             self._protocol, command[0], command, env=env
         )
-        listening = self._protocol.waitFor(rb"chatweb listening on 127\.0\.0\.1:(\d+)")
+        pid = self._process.pid
+        _running[pid] = self
+
+        def ended(result: object) -> object:
+            _running.pop(pid, None)
+            return result
+
+        self._protocol.ended.addBoth(ended)
+        if self.testCase is not None:
+            self.testCase.addCleanup(self.stop)
+        listening = self._protocol.waitFor(self.LISTENING)
         listening.addTimeout(timeout, reactor)
         match = await listening
         self.url = f"http://127.0.0.1:{int(match.group(1))}"

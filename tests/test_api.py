@@ -485,3 +485,185 @@ class ReliabilityAPITests(APITestCase):
         for host in ("a" * 70 + ".com", "..", "a..b"):
             response, body = self.request("GET", "/sessions", headers=dict(AUTH, Host=host))
             self.assertError(response, body, 400, "bad request")
+
+
+class APIKeysTests(SynchronousTestCase):
+    """
+    Keys are checked where they enter the API, as twistd checks its own.
+    """
+
+    def make(self, keys: object) -> ChatWebAPI:
+        journal, adapter = MemoryJournal(), MemoryAdapter()
+        queue = MessageQueue(journal, adapter, Clock())
+        return ChatWebAPI(queue, adapter, keys, clock=Clock())  # type: ignore[arg-type]
+
+    def test_oneStringIsRefused(self) -> None:
+        # Otherwise each of its characters would be a valid key.
+        for keys in ("abc", b"abc"):
+            with self.assertRaises(TypeError) as raised:
+                self.make(keys)
+            self.assertIn("apiKeys=[key]", str(raised.exception))
+
+    def test_serviceRefusesOneString(self) -> None:
+        import os
+
+        from chatweb.service import ChatWebService
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        self.assertRaises(TypeError, ChatWebService, apiKeys="the-key", dataDir=dataDir, endpoint=None)
+
+    def test_badKeysRefused(self) -> None:
+        for keys in ([b"bytes-key"], [None], [42]):
+            self.assertRaises(TypeError, self.make, keys)
+        for keys in ([], [""], ["with space"], ["caf\u00e9"], ["tab\there"]):
+            self.assertRaises(ValueError, self.make, keys)
+
+    def test_severalKeys(self) -> None:
+        api = self.make(("first-key", "second-key"))
+        treq = StubTreq(api.resource())
+        for key in ("first-key", "second-key"):
+            response = self.successResultOf(
+                treq.get("http://127.0.0.1/sessions", headers={"X-API-Key": key})
+            )
+            self.assertEqual(response.code, 200)
+
+
+class RoutingTests(APITestCase):
+    def test_messageIdsAreASCIIDigits(self) -> None:
+        """
+        Arabic-Indic or full-width digits do not name message 1.
+        """
+        self.adapter.setBusy("ci")
+        self.post({"session": "ci", "content": "waiting"})
+        for digit in ("\u0661", "\uff11", "\u00b9", "\U0001d7cf"):
+            response, body = self.request("DELETE", f"/queue/{digit}")
+            self.assertError(response, body, 404)
+            response, body = self.request("POST", f"/queue/{digit}/retry")
+            self.assertError(response, body, 404)
+        self.assertEqual(self.journal.rows[1].state, "pending")
+        response, body = self.request("DELETE", "/queue/1")
+        self.assertEqual(response.code, 204)
+
+    def test_pathsWerkzeugWouldRedirectAre404(self) -> None:
+        """
+        werkzeug answers a path with an empty segment with a redirect
+        (built from the Host header) that Klein turns into a 500.
+        """
+        for method, path in [
+            ("GET", "/session//raw"),
+            ("POST", "/session//share"),
+            ("GET", "//"),
+            ("GET", "/queue//"),
+            ("DELETE", "/queue//1"),
+        ]:
+            response, body = self.request(method, path, headers=dict(AUTH, Host="evil.example"))
+            error = self.assertError(response, body, 404)
+            self.assertNotIn("evil", error["error"])
+
+    def test_misdirectedRequestPhrase(self) -> None:
+        response, _ = self.request("GET", "/session?id=ci", headers=dict(AUTH, Host="evil.example"))
+        self.assertEqual((response.code, response.phrase), (421, b"Misdirected Request"))
+
+
+class AuthThrottleTests(APITestCase):
+    """
+    Failed authentication is throttled per client address.
+    """
+
+    def test_wrongKeysAreThrottled(self) -> None:
+        from chatweb.throttle import FAILURE_BURST, FAILURE_RATE
+
+        wrong = {"X-API-Key": "wrong-key"}
+        for _ in range(FAILURE_BURST):
+            response, body = self.request("GET", "/sessions", headers=wrong)
+            self.assertError(response, body, 401)
+        response, body = self.request("GET", "/sessions", headers=wrong)
+        self.assertError(response, body, 429, "failed authentications")
+        retry = int(response.headers.getRawHeaders("retry-after")[0])
+        self.assertEqual(retry, round(1 / FAILURE_RATE))
+        # While throttled, the address is refused whatever it sends: a right
+        # key answered differently would tell a guesser it was right.
+        response, body = self.request("GET", "/sessions")
+        self.assertError(response, body, 429)
+        self.request("POST", "/", headers=wrong, data=b'{"session": "x", "content": "y"}')
+        self.clock.advance(retry)
+        response, body = self.request("GET", "/sessions")
+        self.assertEqual(response.code, 200, body)
+        # One failure earned back: one more wrong key, then throttled again.
+        response, body = self.request("GET", "/sessions", headers=wrong)
+        self.assertError(response, body, 401)
+        response, body = self.request("GET", "/sessions", headers=wrong)
+        self.assertError(response, body, 429)
+
+    def test_rightKeysAndMissingKeysAreNotCounted(self) -> None:
+        from chatweb.throttle import FAILURE_BURST
+
+        for _ in range(FAILURE_BURST * 5):
+            response, _ = self.request("GET", "/sessions")
+            self.assertEqual(response.code, 200)
+            response, body = self.request("GET", "/sessions", headers={})
+            self.assertError(response, body, 401)
+        self.assertEqual(len(self.api._authFailures), 0)
+
+    def test_forgedShareTokensAreThrottled(self) -> None:
+        from chatweb.throttle import FAILURE_BURST
+
+        api = ChatWebAPI(self.queue, self.adapter, [KEY], clock=self.clock, shareSecret=bytes(32))
+        treq = StubTreq(api.resource())
+        for n in range(FAILURE_BURST + 1):
+            response = self.successResultOf(
+                treq.get("http://127.0.0.1/session?id=ci&token=" + "A" * 54)
+            )
+            self.successResultOf(response.content())
+        self.assertEqual(response.code, 429)
+
+
+class FailureThrottleTests(SynchronousTestCase):
+    def test_perAddress(self) -> None:
+        from chatweb.throttle import FailureThrottle
+
+        clock = Clock()
+        throttle = FailureThrottle(clock, burst=3, rate=1.0)
+        for _ in range(3):
+            self.assertEqual(throttle.wait("10.0.0.1"), 0)
+            throttle.failed("10.0.0.1")
+        self.assertEqual(throttle.wait("10.0.0.1"), 1.0)
+        self.assertEqual(throttle.wait("10.0.0.2"), 0)
+        clock.advance(0.5)
+        self.assertEqual(throttle.wait("10.0.0.1"), 0.5)
+        clock.advance(0.5)
+        self.assertEqual(throttle.wait("10.0.0.1"), 0)
+        # Once its bucket is full again, an address is forgotten.
+        clock.advance(10)
+        self.assertEqual(throttle.wait("10.0.0.1"), 0)
+        self.assertEqual(len(throttle), 0)
+
+    def test_memoryIsBounded(self) -> None:
+        from chatweb.throttle import FailureThrottle
+
+        throttle = FailureThrottle(Clock(), burst=1, rate=1.0, maxAddresses=100)
+        for n in range(10_000):
+            throttle.failed(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+        self.assertEqual(len(throttle), 100)
+        # The newest are kept.
+        self.assertGreater(throttle.wait("10.0.39.15"), 0)
+        self.assertEqual(throttle.wait("10.0.0.0"), 0)
+
+    def test_clientKeys(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        from chatweb.throttle import clientKey
+
+        self.assertEqual(clientKey(IPv4Address("TCP", "192.0.2.1", 5)), "192.0.2.1")
+        # A host has a whole /64 to pick addresses from.
+        self.assertEqual(
+            clientKey(IPv6Address("TCP", "2001:db8::1", 5)),
+            clientKey(IPv6Address("TCP", "2001:db8::ffff:1", 6)),
+        )
+        self.assertNotEqual(
+            clientKey(IPv6Address("TCP", "2001:db8::1", 5)),
+            clientKey(IPv6Address("TCP", "2001:db8:0:1::1", 5)),
+        )
+        self.assertEqual(clientKey(IPv6Address("TCP", "::ffff:192.0.2.1", 5)), "192.0.2.1")
+        self.assertEqual(clientKey(UNIXAddress(b"/tmp/s")), "UNIXAddress")

@@ -7,11 +7,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import treq
 from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from chatweb import ISessionAdapter
+from chatweb.site import ChatWebSite
 from chatweb.testing import startChatWeb
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "notes_adapter.py")
@@ -43,3 +46,114 @@ class NotesAdapterTests(TestCase):
         self.assertEqual(await response.json(), ["notes"])
         response = await chatweb.get("/session?id=notes")
         self.assertIn("note 2", await response.text())
+
+
+EMBEDDED = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "embedded_site.py"
+)
+KEY = "embedded-test-key"
+
+
+def loadEmbedded():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("embedded_site", EMBEDDED)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class EmbeddedSiteTests(TestCase):
+    """
+    docs/examples/embedded_site.py: chatweb mounted at /chat/ of a program's
+    own site, as docs/embedding.md shows it.
+    """
+
+    #: Whether ChatWebSite finds the mount and the API by itself.
+    autoMount = False
+
+    async def startProgram(self) -> str:
+        from chatweb._twisted_compat import listeningDeferred
+
+        example = loadEmbedded()
+        program = example.makeService(
+            [KEY], os.path.abspath(self.mktemp()), "tcp:0:interface=127.0.0.1"
+        )
+        chatweb, web = list(program)
+        if self.autoMount:
+            web.factory = ChatWebSite(example.makeRoot(chatweb), limits=chatweb.limits)
+            self.assertEqual(web.factory.mount, [b"chat"])
+        program.startService()
+        self.addCleanup(self.stopProgram, program, web.factory)
+        await chatweb.ready
+        port = await listeningDeferred(web)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    async def stopProgram(self, program, site) -> None:  # type: ignore[no-untyped-def]
+        await site.closeConnections()
+        await program.stopService()
+
+    async def test_programRoutesKeepTheirOwnRules(self) -> None:
+        url = await self.startProgram()
+        response = await treq.get(url + "/", pool=self.pool)
+        self.assertEqual((response.code, await response.text()), (200, "my program\n"))
+        # No key, and larger than chatweb's body limit: the program's route
+        # takes it.
+        body = b"x" * (2 * 1024 * 1024)
+        response = await treq.post(url + "/upload", data=body, pool=self.pool)
+        self.assertEqual(
+            (response.code, await response.text()), (200, f"{len(body)} bytes\n")
+        )
+
+    async def test_chatwebRulesUnderItsMount(self) -> None:
+        url = await self.startProgram()
+        auth = {"X-API-Key": KEY}
+        response = await treq.post(
+            url + "/chat/", json={"session": "ci", "content": "hi"}, headers=auth, pool=self.pool
+        )
+        self.assertEqual(response.code, 204)
+        await response.content()
+        response = await treq.post(
+            url + "/chat/", json={"session": "ci", "content": "hi"}, pool=self.pool
+        )
+        self.assertEqual(response.code, 401)
+        self.assertIn("X-API-Key", (await response.json())["error"])
+        response = await treq.post(
+            url + "/chat/", data=b"x" * (2 * 1024 * 1024), headers=auth, pool=self.pool
+        )
+        self.assertEqual(response.code, 413)
+        await response.content()
+
+    async def test_nothingUnderTheMountIs500(self) -> None:
+        url = await self.startProgram()
+        auth = {"X-API-Key": KEY}
+        for method, path in [
+            ("POST", "/chat"),
+            ("GET", "/chat"),
+            ("HEAD", "/chat"),
+            ("GET", "/chat//"),
+            ("GET", "/chat//sessions"),
+            ("GET", "/chat/session//raw"),
+            ("POST", "/chat/session//share"),
+            ("GET", "/chat/sessions/"),
+            ("DELETE", "/chat/queue/\u0661"),
+            ("POST", "/chat/queue/\uff11/retry"),
+        ]:
+            response = await treq.request(
+                method, url + path, json={"session": "ci", "content": "hi"}, headers=auth,
+                pool=self.pool,
+            )
+            self.assertLess(response.code, 500, (method, path))
+            self.assertEqual(
+                response.headers.getRawHeaders("content-type"), ["application/json"]
+            )
+            await response.content()
+
+
+class EmbeddedSiteAutoMountTests(EmbeddedSiteTests):
+    """
+    The same, with C{ChatWebSite(root)} finding where chatweb's resource was
+    put and its API.
+    """
+
+    autoMount = True

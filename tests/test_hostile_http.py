@@ -214,3 +214,94 @@ class HostileHTTPTests(TestCase):
         for _ in range(10):
             await gatherResults([Deferred.fromCoroutine(one()) for _ in range(10)])
         await self.stillAnswers()
+
+    async def test_serverHeaderNamesNoVersion(self) -> None:
+        import twisted
+
+        port = await self.startServer()
+        for request in (
+            b"GET /sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY
+            + b"\r\nConnection: close\r\n\r\n",
+            b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            b"HEAD /sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        ):
+            answer, _ = await deferToThread(exchange, port, request)
+            head = answer.partition(b"\r\n\r\n")[0].lower()
+            self.assertIn(b"\r\nserver: chatweb\r\n", head)
+            self.assertNotIn(twisted.__version__.encode(), head)
+
+    async def test_misdirectedRequestStatusLine(self) -> None:
+        port = await self.startServer()
+        answer, _ = await deferToThread(
+            exchange,
+            port,
+            b"GET /session?id=ci HTTP/1.1\r\nHost: evil.example\r\nX-API-Key: " + KEY
+            + b"\r\nConnection: close\r\n\r\n",
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), answer)
+
+    async def test_emptySegmentsAre404(self) -> None:
+        port = await self.startServer()
+        for line in (b"GET /session//raw?id=ci", b"POST /session//share", b"GET //"):
+            answer, _ = await deferToThread(
+                exchange,
+                port,
+                line + b" HTTP/1.1\r\nHost: attacker.example\r\nX-API-Key: " + KEY
+                + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            )
+            self.assertEqual(status(answer), 404, answer)
+            self.assertNotIn(b"attacker", answer)
+
+    async def test_failedKeysThrottledBeforeBodies(self) -> None:
+        """
+        Wrong keys on requests with bodies (refused before the body is
+        read) count too; a throttled address gets 429 before its body is
+        read, even with the right key.
+        """
+        from chatweb.throttle import FAILURE_BURST
+
+        port = await self.startServer()
+        wrong = (
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: wrong\r\n"
+            b"Content-Length: 10\r\n\r\n"
+        )
+        for _ in range(FAILURE_BURST):
+            answer, _ = await deferToThread(exchange, port, wrong)
+            self.assertEqual(status(answer), 401, answer)
+        answer, _ = await deferToThread(exchange, port, wrong)
+        self.assertEqual(status(answer), 429, answer)
+        self.assertIn("failed authentications", jsonError(answer))
+        answer, _ = await deferToThread(exchange, port, post(b'{"session": "a", "content": "b"}'))
+        self.assertEqual(status(answer), 429, answer)
+
+
+class ListeningLogTests(TestCase):
+    async def test_unixSocketLoggedAsAPath(self) -> None:
+        import os
+
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from chatweb.service import ChatWebService
+
+        events: list[str] = []
+
+        def observe(event: dict) -> None:  # type: ignore[type-arg]
+            events.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        # A short path: AF_UNIX paths are limited to about 100 bytes.
+        import shutil
+        import tempfile
+
+        socketDir = tempfile.mkdtemp(prefix="cw")
+        self.addCleanup(shutil.rmtree, socketDir)
+        path = os.path.join(socketDir, "s")
+        service = ChatWebService(["test-api-key"], directory, endpoint=f"unix:{path}")
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.listening
+        await service.ready
+        self.assertIn(f"chatweb listening on {path}", events)

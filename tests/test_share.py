@@ -681,3 +681,161 @@ class AccessLogTests(TestCase):
         self.assertIn("GET /session 200", logged)
         self.assertNotIn(token, logged)
         self.assertNotIn(KEY, logged)
+
+
+class RedactTokensTests(SynchronousTestCase):
+    def test_redacted(self) -> None:
+        from chatweb.share import redactTokens
+
+        self.assertEqual(
+            redactTokens(b"/session?id=ci&token=SECRET"), b"/session?id=ci&token=REDACTED"
+        )
+        self.assertEqual(
+            redactTokens(b"/s?token=A&token=B&x=token%3DC"),
+            b"/s?token=REDACTED&token=REDACTED&x=token%3DC",
+        )
+        # However the name is spelled, as Twisted decodes it.
+        self.assertEqual(redactTokens(b"/s?tok%65n=SECRET"), b"/s?tok%65n=REDACTED")
+        self.assertEqual(redactTokens(b"/s?token"), b"/s?token=REDACTED")
+        for uri in (b"/session", b"/session?id=ci", b"/?"):
+            self.assertEqual(redactTokens(uri), uri)
+
+
+class ShareLogTests(TestCase):
+    """
+    Over real ports, whatever Site serves the API: no log line holds a
+    share token or the key after share-link requests, HEAD included (link
+    preview bots send HEAD).
+    """
+
+    def setUp(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.events: list[str] = []
+
+        def observe(event: dict) -> None:  # type: ignore[type-arg]
+            self.events.append(formatEvent(event) + repr(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def serve(self, makeSite) -> str:  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+
+        journal = MemoryJournal()
+        adapter = MemoryAdapter()
+        adapter.sessions["ci"] = Session(id="ci")
+        queue = MessageQueue(journal, adapter, reactor)
+        await queue.start()
+        self.addCleanup(queue.stop, 1.0)
+        api = ChatWebAPI(queue, adapter, [KEY], shareSecret=SECRET)
+        root = Resource()
+        root.putChild(b"chat", api.resource())
+        port = reactor.listenTCP(0, makeSite(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    async def shareRequests(self, base: str) -> list[str]:
+        """
+        Make share links for a session and the index, and open each with
+        GET and HEAD; their tokens.
+        """
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        import treq
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        tokens = []
+        for path, payload in (("/chat/session/share", {"session": "ci"}), ("/chat/sessions/share", {})):
+            response = await treq.post(base + path, json=payload, headers=AUTH, pool=pool)
+            url = (await response.json())["url"]
+            tokens.append(parse_qs(urlsplit(url).query)["token"][0])
+            for method in ("GET", "HEAD"):
+                response = await treq.request(method, base + url, pool=pool)
+                # HEAD is not a method of the API.
+                self.assertEqual(response.code, 200 if method == "GET" else 401, (method, url))
+                await response.content()
+        return tokens
+
+    def assertNothingLogged(self, tokens: list[str], logged: str) -> None:
+        for token in tokens:
+            self.assertNotIn(token, logged)
+        self.assertNotIn(KEY, logged)
+        self.assertNotIn("I think I'll eat it", logged)
+
+    async def test_chatWebSite(self) -> None:
+        from chatweb.site import ChatWebSite
+
+        for accessLog in (False, True):
+            del self.events[:]
+            base = await self.serve(lambda root: ChatWebSite(root, accessLog=accessLog))
+            tokens = await self.shareRequests(base)
+            logged = "\n".join(self.events)
+            if accessLog:
+                self.assertIn("GET /chat/session 200", logged)
+            self.assertNothingLogged(tokens, logged)
+
+    async def test_plainSiteWithAccessLog(self) -> None:
+        """
+        A plain Site writes the whole request URI to its access log: the
+        API redacts the token in it.
+        """
+        from twisted.web.server import Site
+
+        logPath = os.path.abspath(self.mktemp())
+        base = await self.serve(lambda root: Site(root, logPath=logPath))
+        tokens = await self.shareRequests(base)
+        with open(logPath, encoding="utf-8") as f:
+            accessLog = f.read()
+        self.assertIn('"HEAD /chat/session?id=ci&token=REDACTED HTTP/1.1" 401', accessLog)
+        self.assertNothingLogged(tokens, accessLog + "\n".join(self.events))
+
+
+class ShareLogTwistdTests(TestCase):
+    """
+    The real twistd, with --access-log: share links opened with GET and
+    HEAD leave no token or key in its output.
+    """
+
+    async def test_noTokenInTwistdLog(self) -> None:
+        await self.checkTwistdLog(["--access-log"])
+
+    async def test_noTokenInTwistdLogWithoutAccessLog(self) -> None:
+        await self.checkTwistdLog([])
+
+    async def checkTwistdLog(self, args: list[str]) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        import treq
+
+        from chatweb.testing import ChatWebProcess
+
+        key = "twistd-log-test-key"
+        process = ChatWebProcess(
+            os.path.abspath(self.mktemp()), apiKey=key, args=args, testCase=self
+        )
+        base = await process.start()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        auth = {"X-API-Key": key}
+        response = await treq.post(
+            base + "/", json={"session": "ci", "content": "hello"}, headers=auth, pool=pool
+        )
+        self.assertEqual(response.code, 204)
+        tokens = []
+        for path, payload in (("/session/share", {"session": "ci"}), ("/sessions/share", {})):
+            response = await treq.post(base + path, json=payload, headers=auth, pool=pool)
+            url = (await response.json())["url"]
+            tokens.append(parse_qs(urlsplit(url).query)["token"][0])
+            for method in ("GET", "HEAD", "GET"):
+                response = await treq.request(method, base + url, pool=pool)
+                await response.content()
+        await process.stop()
+        output = process.output
+        if args:
+            self.assertIn("HEAD /session 401", output)
+        for token in tokens:
+            self.assertNotIn(token, output)
+        self.assertNotIn(key, output)

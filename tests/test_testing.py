@@ -1,0 +1,96 @@
+"""
+chatweb.testing's helpers clean up after the test that uses them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from chatweb.testing import ChatWebProcess, startChatWeb
+
+
+class StartChatWebTests(TestCase):
+    async def test_treqDefaultPool(self) -> None:
+        """
+        treq's module functions keep connections open in a global pool;
+        the helper closes them when the test ends, so trial finds the
+        reactor clean (this test errors if it does not).
+        """
+        chatweb = await startChatWeb(self)
+        for _ in range(2):
+            response = await treq.get(chatweb.url + "/sessions", headers=chatweb.headers)
+            self.assertEqual(await response.json(), [])
+        response = await treq.post(
+            chatweb.url + "/", json={"session": "ci", "content": "hi"}, headers=chatweb.headers
+        )
+        self.assertEqual(response.code, 204)
+
+
+FAILING_TEST = '''
+import os
+from twisted.trial.unittest import TestCase
+from chatweb.testing import ChatWebProcess
+
+
+class Failing(TestCase):
+    async def test_failsBeforeStop(self):
+        process = ChatWebProcess(os.path.abspath(self.mktemp()), testCase=self)
+        await process.start()
+        with open(os.environ["PID_FILE"], "w") as f:
+            f.write(str(process.pid))
+        self.fail("failing before stop()")
+'''
+
+
+class ChatWebProcessTests(TestCase):
+    async def test_failingTestLeavesNoTwistd(self) -> None:
+        """
+        A test that fails before stop() leaves no twistd running once trial
+        has exited.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "test_failing.py"), "w") as f:
+            f.write(textwrap.dedent(FAILING_TEST))
+        pidFile = os.path.join(directory, "pid")
+        env = dict(os.environ, PID_FILE=pidFile)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "twisted.trial", "--temp-directory", os.path.join(directory, "_trial_temp"),
+             "test_failing"],
+            env=env,
+            path=directory,
+            reactor=reactor,
+        ).addTimeout(120, reactor)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn(b"failing before stop()", out)
+        with open(pidFile) as f:
+            pid = int(f.read())
+        # The child is gone (its parent reaped it, or it was never a zombie
+        # of ours): signalling it fails.
+        self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+
+class ProcessOutputTests(TestCase):
+    def test_portSplitAcrossReads(self) -> None:
+        """
+        The listening line may arrive in pieces: the port is read once the
+        line is whole.
+        """
+        from chatweb.testing import _ProcessOutput
+
+        output = _ProcessOutput()
+        process = ChatWebProcess("/nonexistent")
+        process._protocol = output
+        found = output.waitFor(process.LISTENING)
+        output.outReceived(b"... chatweb listening on 127.0.0.1:3")
+        self.assertNoResult(found)
+        output.outReceived(b"6231\n")
+        self.assertEqual(self.successResultOf(found).group(1), b"36231")

@@ -1,0 +1,102 @@
+"""
+chatweb._twisted_compat holds every private Twisted name chatweb uses:
+these tests fail, naming it, when a Twisted release changes one.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+
+from chatweb._twisted_compat import (
+    PRIVATE_NAMES,
+    HTTPChannelHooks,
+    listeningDeferred,
+    raiseListenErrorsSynchronously,
+)
+
+
+class _Endpoint:
+    def __init__(self, result: Deferred) -> None:  # type: ignore[type-arg]
+        self.result = result
+
+    def listen(self, factory: object) -> Deferred:  # type: ignore[type-arg]
+        return self.result
+
+
+class PrivateNamesTests(SynchronousTestCase):
+    def test_namesExist(self) -> None:
+        service = StreamServerEndpointService(_Endpoint(succeed(None)), Factory())
+        owners = {HTTPChannel: HTTPChannel(), StreamServerEndpointService: service}
+        for owner, names in PRIVATE_NAMES.items():
+            for name in names:
+                self.assertTrue(
+                    hasattr(owner, name) or hasattr(owners[owner], name),
+                    f"Twisted's {owner.__name__} has no {name} any more:"
+                    " update chatweb/_twisted_compat.py",
+                )
+
+
+class _Hooks(HTTPChannelHooks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.continueAllowed = True
+
+    def badRequest(self) -> None:
+        self.calls.append("badRequest")
+        super().badRequest()
+
+    def shouldContinue(self) -> bool:
+        self.calls.append("shouldContinue")
+        return self.continueAllowed
+
+
+class ChannelHooksTests(SynchronousTestCase):
+    def connect(self) -> tuple[_Hooks, StringTransport]:
+        channel = _Hooks()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_badRequestHook(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GARBAGE\r\n\r\n")
+        self.assertEqual(channel.calls, ["badRequest"])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+
+    def test_continueHook(self) -> None:
+        request = (
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 4\r\n\r\n"
+        )
+        channel, transport = self.connect()
+        channel.dataReceived(request)
+        self.assertEqual(channel.calls, ["shouldContinue"])
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        channel, transport = self.connect()
+        channel.continueAllowed = False
+        channel.dataReceived(request)
+        self.assertEqual(channel.calls, ["shouldContinue"])
+        self.assertEqual(transport.value(), b"")
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_listenErrorsRaised(self) -> None:
+        service = StreamServerEndpointService(
+            _Endpoint(fail(CannotListenError("127.0.0.1", 1, OSError("busy")))), Factory()
+        )
+        raiseListenErrorsSynchronously(service)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_listeningDeferred(self) -> None:
+        listening: Deferred[object] = Deferred()
+        service = StreamServerEndpointService(_Endpoint(listening), Factory())
+        self.assertIsNone(listeningDeferred(service))
+        service.startService()
+        self.assertIs(listeningDeferred(service), listening)
