@@ -85,7 +85,7 @@ class _AsciiInteger(IntegerConverter):
     regex = r"[0-9]+"
 
 
-def _checkKeys(apiKeys: Sequence[str]) -> list[bytes]:
+def checkAPIKeys(apiKeys: Sequence[str]) -> list[bytes]:
     """
     The keys as bytes, checked as twistd checks its own: a sequence (not a
     string) of non-empty strings of printable ASCII without spaces.
@@ -410,7 +410,7 @@ class ChatWebAPI:
         @param allowedHosts: host names (no port) that pages are served to,
             besides L{LOOPBACK_HOSTS}, which always are; C{"*"} allows any.
         """
-        keys = _checkKeys(apiKeys)
+        keys = checkAPIKeys(apiKeys)
         if clock is None:
             from twisted.internet import reactor
 

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
 from chatweb._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
-from chatweb.api import ChatWebAPI
+from chatweb.api import ChatWebAPI, checkAPIKeys
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
@@ -83,6 +83,8 @@ class ChatWebService(MultiService):
         reactor: Any = None,
     ) -> None:
         super().__init__()
+        # Before anything starts threads or writes files.
+        checkAPIKeys(apiKeys)
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 

@@ -512,6 +512,9 @@ class APIKeysTests(SynchronousTestCase):
         dataDir = os.path.abspath(self.mktemp())
         os.makedirs(dataDir)
         self.assertRaises(TypeError, ChatWebService, apiKeys="the-key", dataDir=dataDir, endpoint=None)
+        # Refused before anything was created (no database threads left
+        # running, no files).
+        self.assertEqual(os.listdir(dataDir), [])
 
     def test_badKeysRefused(self) -> None:
         for keys in ([b"bytes-key"], [None], [42]):
