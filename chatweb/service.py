@@ -209,7 +209,7 @@ class ChatWebService(MultiService):
         self._refuseRestart()
         warning = dataDirWarning(self.dataDir)
         if warning is not None:
-            _log.warn("chatweb: {warning}", warning=warning)
+            _log.warn("chatweb: {text}", text=warning)
 
         def started(_: object) -> None:
             self._settleReady(True)
