@@ -8,7 +8,7 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 
-from chatweb.share import SECRET_SIZE as SHARE_SECRET_SIZE
+from chatweb.web._share import SECRET_SIZE as SHARE_SECRET_SIZE
 
 API_KEY_ENV = "CHATWEB_API_KEY"
 KEY_FILE_NAME = "api-key"

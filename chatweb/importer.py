@@ -22,8 +22,8 @@ import sys
 import unicodedata
 from typing import Any, Iterable, Iterator, Mapping
 
-from chatweb.model import Session
-from chatweb.validation import sessionIdProblem
+from chatweb.model._values import Session
+from chatweb.web._validation import sessionIdProblem
 
 #: The largest session file read, in bytes.  chat.nvim's biggest sessions
 #: (long tool outputs) are a few megabytes.
@@ -314,8 +314,8 @@ async def runImport(
     from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
     from chatweb.backends.local import LocalBackend
     from chatweb.config import ensureDataDir
-    from chatweb.database import SQLiteDatabase
-    from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
+    from chatweb.store._sqlite import SQLiteDatabase
+    from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
     from chatweb.service import DATABASE_NAME
 
     ensureDataDir(dataDir)

@@ -18,19 +18,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
-from chatweb._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
-from chatweb.api import ChatWebAPI, checkAPIKeys
+from chatweb.web._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
+from chatweb.web._api import ChatWebAPI, checkAPIKeys
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
 from chatweb.config import dataDirWarning, ensureShareSecret, withBacklog
-from chatweb.database import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
-from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
-from chatweb.journal import SQLiteJournal
-from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.store._journal import SQLiteJournal
+from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
-from chatweb.site import ChatWebSite, describeAddress
+from chatweb.web._site import ChatWebSite, describeAddress
 
 DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"

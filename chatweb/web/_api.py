@@ -32,12 +32,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import IntegerConverter, RequestRedirect
 
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
-from chatweb.hosts import LOOPBACK_HOSTS, hostName, normalizeAllowedHost
+from chatweb.web._hosts import LOOPBACK_HOSTS, hostName, normalizeAllowedHost
 from chatweb.importer import exportSession
 from chatweb.interfaces import ISessionAdapter
 from chatweb.limits import Limits, RateLimiter, retryAfter
-from chatweb.model import FAILED, PENDING, QueuedMessage, Session
-from chatweb.preview import (
+from chatweb.model._values import FAILED, PENDING, QueuedMessage, Session
+from chatweb.render._preview import (
     SECURITY_HEADERS,
     inBackground,
     messageSize,
@@ -47,10 +47,10 @@ from chatweb.preview import (
     renderSession,
     renderSessionInline,
 )
-from chatweb.queue import MessageQueue
-from chatweb.share import InvalidToken, ShareLinks, redactTokens
-from chatweb.throttle import FailureThrottle, clientKey
-from chatweb.validation import (
+from chatweb.queue._queue import MessageQueue
+from chatweb.web._share import InvalidToken, ShareLinks, redactTokens
+from chatweb.web._throttle import FailureThrottle, clientKey
+from chatweb.web._validation import (
     BadRequest,
     parseMessage,
     parseShareRequest,
@@ -296,7 +296,7 @@ class _Guard(Resource):
     @property
     def chatwebAPI(self) -> ChatWebAPI:
         """
-        The API this resource serves (how L{chatweb.site.ChatWebSite} finds
+        The API this resource serves (how L{chatweb.web._site.ChatWebSite} finds
         it in a resource tree).
         """
         return self._api
@@ -449,7 +449,7 @@ class ChatWebAPI:
 
     def refuseBeforeBody(self, request: IRequest) -> tuple[int, bytes, str] | None:
         """
-        For L{chatweb.site.ChatWebSite}: C{(code, reason, message)} to
+        For L{chatweb.web._site.ChatWebSite}: C{(code, reason, message)} to
         refuse a request whose body is not read yet (its client is
         throttled, or it carries no valid key), else None.
         """

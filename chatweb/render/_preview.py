@@ -35,7 +35,7 @@ from pygments.lexers import get_lexer_by_name
 from pygments.lexers.data import JsonLexer
 from pygments.util import ClassNotFound
 
-from chatweb.model import FAILED, ROLES, Message, QueuedMessage, Session, Usage
+from chatweb.model._values import FAILED, ROLES, Message, QueuedMessage, Session, Usage
 
 #: Headers of every HTML page: no scripts, nothing loaded from elsewhere.
 SECURITY_HEADERS = {
@@ -634,7 +634,7 @@ def _safeHref(url: str) -> str | None:
 # -- pages
 
 _environment = Environment(
-    loader=PackageLoader("chatweb", "templates"),
+    loader=PackageLoader("chatweb.render", "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
     trim_blocks=True,
     lstrip_blocks=True,

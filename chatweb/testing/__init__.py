@@ -31,9 +31,9 @@ from zope.interface import implementer
 
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.journal import DISCARD, REQUEUE, Change, changed, contentDigest
-from chatweb.journal import IDEMPOTENCY_WINDOW
-from chatweb.model import (
+from chatweb.store._journal import DISCARD, REQUEUE, Change, changed, contentDigest
+from chatweb.store._journal import IDEMPOTENCY_WINDOW
+from chatweb.model._values import (
     DELIVERED,
     FAILED,
     PENDING,
