@@ -23,7 +23,7 @@ from chatweb.web._api import ChatWebAPI, checkAPIKeys
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
-from chatweb.config import dataDirWarning, ensureShareSecret, withBacklog
+from chatweb.config import DATABASE_NAME, dataDirWarning, ensureShareSecret, withBacklog
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
@@ -32,7 +32,6 @@ from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
 
-DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
 _log = Logger()

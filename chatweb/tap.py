@@ -228,7 +228,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from chatweb.service import DATABASE_NAME
+    from chatweb.config import DATABASE_NAME
 
     try:
         ensureDataDir(options["data-dir"])

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from chatweb import ISessionAdapter
-from chatweb.web._site import ChatWebSite
+from chatweb.web import ChatWebSite
 from chatweb.testing import startChatWeb
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "notes_adapter.py")

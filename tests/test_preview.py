@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from chatweb.importer import readSessionFile
 from chatweb.model import FAILED, Message, QueuedMessage, Session
 from chatweb.render import _preview as preview
+from chatweb.web._pages import renderSessionInThread
 from chatweb.render._preview import (
     PYGMENTS_CSS,
     SECURITY_HEADERS,
@@ -25,7 +26,6 @@ from chatweb.render._preview import (
     renderIndex,
     renderMarkdown,
     renderSession,
-    renderSessionInThread,
 )
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -649,7 +649,7 @@ class AccessLogTests(TestCase):
 
         import treq
 
-        from chatweb.web._site import ChatWebSite
+        from chatweb.web import ChatWebSite
 
         journal = MemoryJournal()
         adapter = MemoryAdapter()
@@ -766,7 +766,7 @@ class ShareLogTests(TestCase):
         self.assertNotIn("I think I'll eat it", logged)
 
     async def test_chatWebSite(self) -> None:
-        from chatweb.web._site import ChatWebSite
+        from chatweb.web import ChatWebSite
 
         for accessLog in (False, True):
             del self.events[:]

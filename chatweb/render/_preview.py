@@ -24,8 +24,6 @@ from urllib.parse import urlsplit
 
 import attrs
 from jinja2 import Environment, PackageLoader, select_autoescape
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markupsafe import Markup
@@ -777,23 +775,6 @@ def renderSessionInline(
         return None
     finally:
         _local.inlineDeadline = None
-
-
-def renderSessionInThread(
-    session: Session,
-    queued: Sequence[QueuedMessage] = (),
-    before: int | None = None,
-    pageURL: Callable[[int | None], str] | None = None,
-) -> Deferred[str]:
-    """
-    L{renderSession} on the reactor's thread pool.  Rendering is pure CPU
-    work that grows with the session (about a third of a millisecond per
-    message: see bench/render.py), too long for the reactor thread once a
-    session has thousands of messages.
-    """
-    return deferToThread(
-        inBackground, renderSession, session, tuple(queued), before, pageURL
-    )
 
 
 def renderIndex(sessionIds: Sequence[str], links: Mapping[str, str]) -> str:
