@@ -92,6 +92,7 @@ class ChatWebService(MultiService):
         self.dataDir = dataDir
         self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
         self.journal = SQLiteJournal(self.database)
+        self._ownsAdapter = adapter is None
         if adapter is None:
             if isinstance(responder, str):
                 responder = makeResponder(responder, reactor)
@@ -108,6 +109,9 @@ class ChatWebService(MultiService):
             maxPendingTotal=limits.maxPendingTotal,
         )
         self.limits = limits
+        self._shareLinks = shareLinks
+        #: The tables to create: the local backend's only when it is in use.
+        self._schema = JOURNAL_SCHEMA + (SESSIONS_SCHEMA if self._ownsAdapter else [])
         self.shutdownTimeout = shutdownTimeout
         self.exitOnFailure = exitOnFailure
         self.api = ChatWebAPI(
@@ -116,7 +120,8 @@ class ChatWebService(MultiService):
             apiKeys,
             limits=limits,
             clock=reactor,
-            shareSecret=ensureShareSecret(dataDir) if shareLinks else None,
+            # Read (or created) when the service starts, not here.
+            shareSecret=None,
             allowedHosts=allowedHosts,
         )
         self.resource: IResource = self.api.resource()
@@ -139,6 +144,7 @@ class ChatWebService(MultiService):
             self._listener = None
         self._stopped = False
         self._privilegedStarted = False
+        self._shareSecretRead = False
         #: What startService came to: None while starting, True once ready,
         #: or the Failure it stopped on.
         self._readyResult: bool | Failure | None = None
@@ -189,9 +195,20 @@ class ChatWebService(MultiService):
         if self._privilegedStarted:
             return
         self._refuseRestart()
+        self._readShareSecret()
         self._privilegedStarted = True
         with self._listenFailuresExit():
             super().privilegedStartService()
+
+    def _readShareSecret(self) -> None:
+        """
+        Read the share secret of the data directory, or create it (as
+        root under twistd, before privileges are dropped, when the plugin
+        calls privilegedStartService first).  Once per service.
+        """
+        if self._shareLinks and not self._shareSecretRead:
+            self.api.useShareSecret(ensureShareSecret(self.dataDir))
+            self._shareSecretRead = True
 
     def _refuseRestart(self) -> None:
         if self._stopped:
@@ -206,6 +223,7 @@ class ChatWebService(MultiService):
         after stopService, startService raises RuntimeError.
         """
         self._refuseRestart()
+        self._readShareSecret()
         warning = dataDirWarning(self.dataDir)
         if warning is not None:
             _log.warn("chatweb: {warning}", warning=warning)
@@ -227,7 +245,7 @@ class ChatWebService(MultiService):
                 )
             self._settleReady(failure)
 
-        self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
+        self.database.open(self._schema).addCallback(
             lambda _: self.queue.start()
         ).addCallbacks(started, failed)
         self._privilegedStarted = True

@@ -432,6 +432,13 @@ class ChatWebAPI:
         #: Failed authentications, per client address.
         self._authFailures = FailureThrottle(clock)
 
+    def useShareSecret(self, shareSecret: bytes) -> None:
+        """
+        Sign share links with C{shareSecret} from now on (for a service that
+        reads its secret when it starts, not when it is built).
+        """
+        self._shareLinks = ShareLinks(shareSecret, self._clock)
+
     def resource(self) -> IResource:
         """
         The L{IResource} that serves the API.
