@@ -226,7 +226,9 @@ class ChatWebService(MultiService):
         self._readShareSecret()
         warning = dataDirWarning(self.dataDir)
         if warning is not None:
-            _log.warn("chatweb: {warning}", warning=warning)
+            # Not a field named "warning": trial takes such an event for a
+            # Python warning (and fails on its missing "filename").
+            _log.warn("chatweb: {problem}", problem=warning)
 
         def started(_: object) -> None:
             self._settleReady(True)
