@@ -40,7 +40,7 @@ def serve() -> None:
     from twisted.internet import reactor
     from twisted.web.server import Site
 
-    from chatweb.api import ChatWebAPI
+    from chatweb.web._api import ChatWebAPI
     from chatweb.model import Message, Session
     from chatweb.queue import MessageQueue
     from chatweb.testing import MemoryAdapter, MemoryJournal

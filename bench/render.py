@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from chatweb.importer import readSessionFile  # noqa: E402
 from chatweb.model import Message, Session  # noqa: E402
-from chatweb import preview  # noqa: E402
-from chatweb.preview import renderSession  # noqa: E402
+from chatweb.render import _preview as preview  # noqa: E402
+from chatweb.render._preview import renderSession  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(HERE), "tests", "fixtures")
 

@@ -8,11 +8,14 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 
-from chatweb.share import SECRET_SIZE as SHARE_SECRET_SIZE
 
 API_KEY_ENV = "CHATWEB_API_KEY"
 KEY_FILE_NAME = "api-key"
 SHARE_SECRET_FILE_NAME = "share-secret"
+# Bytes of the secret that signs share links (chatweb.web checks it too).
+SHARE_SECRET_SIZE = 32
+# The SQLite file in the data directory.
+DATABASE_NAME = "chatweb.sqlite3"
 
 
 #: The listen backlog when the endpoint names none: room for a burst of

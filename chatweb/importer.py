@@ -22,8 +22,7 @@ import sys
 import unicodedata
 from typing import Any, Iterable, Iterator, Mapping
 
-from chatweb.model import Session
-from chatweb.validation import sessionIdProblem
+from chatweb.model._values import Session
 
 #: The largest session file read, in bytes.  chat.nvim's biggest sessions
 #: (long tool outputs) are a few megabytes.
@@ -87,6 +86,9 @@ def sessionFromJSON(data: Any, fallbackId: str) -> Session:
         raise SessionFileError(
             "not a chat.nvim session: it has no 'id' and 'messages'"
         )
+    # Imported here: chatweb.web imports this module (for the export).
+    from chatweb.web._validation import sessionIdProblem
+
     sessionId = data["id"]
     problem = sessionIdProblem(sessionId)
     if problem is not None:
@@ -314,9 +316,9 @@ async def runImport(
     from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
     from chatweb.backends.local import LocalBackend
     from chatweb.config import ensureDataDir
-    from chatweb.database import SQLiteDatabase
-    from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
-    from chatweb.service import DATABASE_NAME
+    from chatweb.store._sqlite import SQLiteDatabase
+    from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+    from chatweb.config import DATABASE_NAME
 
     ensureDataDir(dataDir)
     database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)

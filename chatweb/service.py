@@ -18,21 +18,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
-from chatweb._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
-from chatweb.api import ChatWebAPI, checkAPIKeys
+from chatweb.web._twisted_compat import listeningDeferred, raiseListenErrorsSynchronously
+from chatweb.web._api import ChatWebAPI, checkAPIKeys
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
-from chatweb.config import dataDirWarning, ensureShareSecret, withBacklog
-from chatweb.database import SQLiteDatabase
+from chatweb.config import DATABASE_NAME, dataDirWarning, ensureShareSecret, withBacklog
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
-from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
-from chatweb.journal import SQLiteJournal
-from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.store._journal import SQLiteJournal
+from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
-from chatweb.site import ChatWebSite, describeAddress
+from chatweb.web._site import ChatWebSite, describeAddress
 
-DATABASE_NAME = "chatweb.sqlite3"
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
 _log = Logger()
@@ -93,6 +92,7 @@ class ChatWebService(MultiService):
         self.dataDir = dataDir
         self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
         self.journal = SQLiteJournal(self.database)
+        self._ownsAdapter = adapter is None
         if adapter is None:
             if isinstance(responder, str):
                 responder = makeResponder(responder, reactor)
@@ -109,6 +109,9 @@ class ChatWebService(MultiService):
             maxPendingTotal=limits.maxPendingTotal,
         )
         self.limits = limits
+        self._shareLinks = shareLinks
+        #: The tables to create: the local backend's only when it is in use.
+        self._schema = JOURNAL_SCHEMA + (SESSIONS_SCHEMA if self._ownsAdapter else [])
         self.shutdownTimeout = shutdownTimeout
         self.exitOnFailure = exitOnFailure
         self.api = ChatWebAPI(
@@ -117,7 +120,8 @@ class ChatWebService(MultiService):
             apiKeys,
             limits=limits,
             clock=reactor,
-            shareSecret=ensureShareSecret(dataDir) if shareLinks else None,
+            # Read (or created) when the service starts, not here.
+            shareSecret=None,
             allowedHosts=allowedHosts,
         )
         self.resource: IResource = self.api.resource()
@@ -140,6 +144,7 @@ class ChatWebService(MultiService):
             self._listener = None
         self._stopped = False
         self._privilegedStarted = False
+        self._shareSecretRead = False
         #: What startService came to: None while starting, True once ready,
         #: or the Failure it stopped on.
         self._readyResult: bool | Failure | None = None
@@ -190,9 +195,20 @@ class ChatWebService(MultiService):
         if self._privilegedStarted:
             return
         self._refuseRestart()
+        self._readShareSecret()
         self._privilegedStarted = True
         with self._listenFailuresExit():
             super().privilegedStartService()
+
+    def _readShareSecret(self) -> None:
+        """
+        Read the share secret of the data directory, or create it (as
+        root under twistd, before privileges are dropped, when the plugin
+        calls privilegedStartService first).  Once per service.
+        """
+        if self._shareLinks and not self._shareSecretRead:
+            self.api.useShareSecret(ensureShareSecret(self.dataDir))
+            self._shareSecretRead = True
 
     def _refuseRestart(self) -> None:
         if self._stopped:
@@ -207,9 +223,12 @@ class ChatWebService(MultiService):
         after stopService, startService raises RuntimeError.
         """
         self._refuseRestart()
+        self._readShareSecret()
         warning = dataDirWarning(self.dataDir)
         if warning is not None:
-            _log.warn("chatweb: {text}", text=warning)
+            # Not a field named "warning": trial takes such an event for a
+            # Python warning (and fails on its missing "filename").
+            _log.warn("chatweb: {problem}", problem=warning)
 
         def started(_: object) -> None:
             self._settleReady(True)
@@ -228,7 +247,7 @@ class ChatWebService(MultiService):
                 )
             self._settleReady(failure)
 
-        self.database.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA).addCallback(
+        self.database.open(self._schema).addCallback(
             lambda _: self.queue.start()
         ).addCallbacks(started, failed)
         self._privilegedStarted = True

@@ -228,7 +228,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from chatweb.service import DATABASE_NAME
+    from chatweb.config import DATABASE_NAME
 
     try:
         ensureDataDir(options["data-dir"])
@@ -239,7 +239,7 @@ def makeService(options: Options) -> Any:
         serverFromString(reactor, options["listen"])
     except Exception as e:
         _exit(f"bad --listen endpoint {options['listen']!r}: {e}")
-    from chatweb.api import normalizeAllowedHost
+    from chatweb.web._api import normalizeAllowedHost
 
     allowedHosts = list(options["allowed-hosts"])
     for name in allowedHosts:
@@ -261,7 +261,7 @@ def makeService(options: Options) -> Any:
 
 
 def _makeService(options: Options, allowedHosts: list[str]) -> Any:
-    from chatweb.queue import RetryPolicy
+    from chatweb.queue._queue import RetryPolicy
     from chatweb.service import ChatWebService
 
     return ChatWebService(

@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from chatweb.api import ChatWebAPI
+from chatweb.web._api import ChatWebAPI
 from chatweb.limits import Limits
 from chatweb.queue import MessageQueue
 from chatweb.testing import MemoryAdapter, MemoryJournal
@@ -575,7 +575,7 @@ class AuthThrottleTests(APITestCase):
     """
 
     def test_wrongKeysAreThrottled(self) -> None:
-        from chatweb.throttle import FAILURE_BURST, FAILURE_RATE
+        from chatweb.web._throttle import FAILURE_BURST, FAILURE_RATE
 
         wrong = {"X-API-Key": "wrong-key"}
         for _ in range(FAILURE_BURST):
@@ -600,7 +600,7 @@ class AuthThrottleTests(APITestCase):
         self.assertError(response, body, 429)
 
     def test_rightKeysAndMissingKeysAreNotCounted(self) -> None:
-        from chatweb.throttle import FAILURE_BURST
+        from chatweb.web._throttle import FAILURE_BURST
 
         for _ in range(FAILURE_BURST * 5):
             response, _ = self.request("GET", "/sessions")
@@ -610,7 +610,7 @@ class AuthThrottleTests(APITestCase):
         self.assertEqual(len(self.api._authFailures), 0)
 
     def test_forgedShareTokensAreThrottled(self) -> None:
-        from chatweb.throttle import FAILURE_BURST
+        from chatweb.web._throttle import FAILURE_BURST
 
         api = ChatWebAPI(self.queue, self.adapter, [KEY], clock=self.clock, shareSecret=bytes(32))
         treq = StubTreq(api.resource())
@@ -624,7 +624,7 @@ class AuthThrottleTests(APITestCase):
 
 class FailureThrottleTests(SynchronousTestCase):
     def test_perAddress(self) -> None:
-        from chatweb.throttle import FailureThrottle
+        from chatweb.web._throttle import FailureThrottle
 
         clock = Clock()
         throttle = FailureThrottle(clock, burst=3, rate=1.0)
@@ -643,7 +643,7 @@ class FailureThrottleTests(SynchronousTestCase):
         self.assertEqual(len(throttle), 0)
 
     def test_memoryIsBounded(self) -> None:
-        from chatweb.throttle import FailureThrottle
+        from chatweb.web._throttle import FailureThrottle
 
         throttle = FailureThrottle(Clock(), burst=1, rate=1.0, maxAddresses=100)
         for n in range(10_000):
@@ -656,7 +656,7 @@ class FailureThrottleTests(SynchronousTestCase):
     def test_clientKeys(self) -> None:
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-        from chatweb.throttle import clientKey
+        from chatweb.web._throttle import clientKey
 
         self.assertEqual(clientKey(IPv4Address("TCP", "192.0.2.1", 5)), "192.0.2.1")
         # A host has a whole /64 to pick addresses from.

@@ -33,7 +33,7 @@ from urllib.parse import quote
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from chatweb.importer import readSessionFile
-from chatweb.preview import SECURITY_HEADERS, renderIndex, renderSession
+from chatweb.render._preview import SECURITY_HEADERS, renderIndex, renderSession
 from chatweb.testing import twistdCommand
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

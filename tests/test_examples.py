@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from chatweb import ISessionAdapter
-from chatweb.site import ChatWebSite
+from chatweb.web import ChatWebSite
 from chatweb.testing import startChatWeb
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "notes_adapter.py")
@@ -72,7 +72,7 @@ class EmbeddedSiteTests(TestCase):
     autoMount = False
 
     async def startProgram(self) -> str:
-        from chatweb._twisted_compat import listeningDeferred
+        from chatweb.web._twisted_compat import listeningDeferred
 
         example = loadEmbedded()
         program = example.makeService(

@@ -258,7 +258,7 @@ class HostileHTTPTests(TestCase):
         read) count too; a throttled address gets 429 before its body is
         read, even with the right key.
         """
-        from chatweb.throttle import FAILURE_BURST
+        from chatweb.web._throttle import FAILURE_BURST
 
         port = await self.startServer()
         wrong = (

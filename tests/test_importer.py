@@ -19,16 +19,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
-from chatweb.database import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.importer import (
     SessionFileError,
     exportSession,
     importFiles,
     readSessionFile,
 )
-from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.model import Message, Session
-from chatweb.preview import renderSession
+from chatweb.render._preview import renderSession
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OLD_FORM = os.path.join(FIXTURES, "2024-01-15-10-30-00.json")

@@ -15,10 +15,10 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from chatweb.database import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
-from chatweb.journal import IDEMPOTENCY_WINDOW, SCHEMA, SQLiteJournal
+from chatweb.store._journal import IDEMPOTENCY_WINDOW, SCHEMA, SQLiteJournal
 from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING
 from chatweb.testing import MemoryJournal
 

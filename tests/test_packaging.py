@@ -49,7 +49,9 @@ class WheelTests(SynchronousTestCase):
     def test_wheelCarriesPluginAndTemplates(self) -> None:
         names = zipfile.ZipFile(self.wheel).namelist()
         self.assertIn("twisted/plugins/chatweb_plugin.py", names)
-        self.assertIn("chatweb/templates/session.html", names)
+        self.assertIn("chatweb/render/templates/session.html", names)
+        for package in ("web", "render", "model", "store", "queue", "testing", "backends"):
+            self.assertIn(f"chatweb/{package}/__init__.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertFalse([n for n in names if n.startswith("tests/")])
@@ -66,7 +68,7 @@ class WheelTests(SynchronousTestCase):
             [unpacked, sysconfig.get_paths()["purelib"]]))
         # -S: no site, so no .pth puts the source tree on the path.
         script = (
-            "import sys, chatweb, chatweb.preview as p;"
+            "import sys, chatweb, chatweb.render._preview as p;"
             "assert chatweb.__file__.startswith(sys.argv[1]), chatweb.__file__;"
             "from chatweb.model import Session;"
             "assert 'x-session' in p.renderSession(Session(id='x-session'));"

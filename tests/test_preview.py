@@ -17,15 +17,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatweb.importer import readSessionFile
 from chatweb.model import FAILED, Message, QueuedMessage, Session
-from chatweb import preview
-from chatweb.preview import (
+from chatweb.render import _preview as preview
+from chatweb.web._pages import renderSessionInThread
+from chatweb.render._preview import (
     PYGMENTS_CSS,
     SECURITY_HEADERS,
     highlightCode,
     renderIndex,
     renderMarkdown,
     renderSession,
-    renderSessionInThread,
 )
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -842,7 +842,7 @@ class PagedViewTests(TestCase):
         from twisted.web.server import Site
         from treq.client import HTTPClient
 
-        from chatweb.api import ChatWebAPI
+        from chatweb.web._api import ChatWebAPI
         from chatweb.queue import MessageQueue
         from chatweb.testing import MemoryAdapter, MemoryJournal
 
@@ -898,7 +898,7 @@ class PagedViewTests(TestCase):
         from twisted.internet.task import deferLater
         from twisted.internet.defer import ensureDeferred, gatherResults
 
-        from chatweb import api
+        from chatweb.web import _api as api
 
         release = threading.Event()
         self.addCleanup(release.set)

@@ -16,13 +16,13 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from chatweb.api import ChatWebAPI, hostName, normalizeAllowedHost
+from chatweb.web._api import ChatWebAPI, hostName, normalizeAllowedHost
 from chatweb.config import ConfigError, ensureShareSecret
 from chatweb.importer import exportSession, readSessionFile
 from chatweb.limits import Limits
 from chatweb.model import Message, Session
 from chatweb.queue import MessageQueue
-from chatweb.share import MAX_LIFETIME, InvalidToken, ShareLinks
+from chatweb.web._share import MAX_LIFETIME, InvalidToken, ShareLinks
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
 KEY = "test-key"
@@ -649,7 +649,7 @@ class AccessLogTests(TestCase):
 
         import treq
 
-        from chatweb.site import ChatWebSite
+        from chatweb.web import ChatWebSite
 
         journal = MemoryJournal()
         adapter = MemoryAdapter()
@@ -685,7 +685,7 @@ class AccessLogTests(TestCase):
 
 class RedactTokensTests(SynchronousTestCase):
     def test_redacted(self) -> None:
-        from chatweb.share import redactTokens
+        from chatweb.web._share import redactTokens
 
         self.assertEqual(
             redactTokens(b"/session?id=ci&token=SECRET"), b"/session?id=ci&token=REDACTED"
@@ -766,7 +766,7 @@ class ShareLogTests(TestCase):
         self.assertNotIn("I think I'll eat it", logged)
 
     async def test_chatWebSite(self) -> None:
-        from chatweb.site import ChatWebSite
+        from chatweb.web import ChatWebSite
 
         for accessLog in (False, True):
             del self.events[:]

@@ -15,9 +15,9 @@ from twisted.trial.unittest import TestCase
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend, sessionIdFor
 from chatweb.backends.responders import EchoResponder
-from chatweb.database import SQLiteDatabase
-from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
-from chatweb.journal import SQLiteJournal
+from chatweb.store._sqlite import SQLiteDatabase
+from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.store._journal import SQLiteJournal
 from chatweb.model import DELIVERED, FAILED, Delivery
 
 
@@ -47,16 +47,16 @@ class DatabaseTests(StorageTestCase):
         Writes asked for while a commit is under way are grouped into the
         next transaction; each caller still gets its own result.
         """
-        import chatweb.database
+        import chatweb.store._sqlite
 
         batches = []
-        original = chatweb.database._runBatch
+        original = chatweb.store._sqlite._runBatch
 
         def countingRunBatch(connection, batch):
             batches.append(len(batch))
             return original(connection, batch)
 
-        self.patch(chatweb.database, "_runBatch", countingRunBatch)
+        self.patch(chatweb.store._sqlite, "_runBatch", countingRunBatch)
 
         def insert(cursor, n):
             cursor.execute("INSERT INTO sessions (id, created) VALUES (?, 0)", (str(n),))
@@ -225,7 +225,7 @@ class LifecycleTests(TestCase):
     """
 
     def test_everyCallAfterCloseFailsAtOnce(self) -> None:
-        from chatweb.database import DatabaseClosed
+        from chatweb.store._sqlite import DatabaseClosed
 
         db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
         opened = db.open(JOURNAL_SCHEMA)
@@ -237,7 +237,7 @@ class LifecycleTests(TestCase):
 
     @inlineCallbacks
     def test_readAfterCloseOfAnOpenDatabase(self):
-        from chatweb.database import DatabaseClosed
+        from chatweb.store._sqlite import DatabaseClosed
 
         db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
         yield db.open(JOURNAL_SCHEMA)

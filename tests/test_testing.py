@@ -84,7 +84,7 @@ class ProcessOutputTests(TestCase):
         The listening line may arrive in pieces: the port is read once the
         line is whole.
         """
-        from chatweb.testing import _ProcessOutput
+        from chatweb.testing._process import _ProcessOutput
 
         output = _ProcessOutput()
         process = ChatWebProcess("/nonexistent")

@@ -1,5 +1,5 @@
 """
-chatweb._twisted_compat holds every private Twisted name chatweb uses:
+chatweb.web._twisted_compat holds every private Twisted name chatweb uses:
 these tests fail, naming it, when a Twisted release changes one.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 
-from chatweb._twisted_compat import (
+from chatweb.web._twisted_compat import (
     PRIVATE_NAMES,
     HTTPChannelHooks,
     listeningDeferred,

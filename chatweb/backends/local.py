@@ -14,9 +14,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from chatweb.database import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
-from chatweb.model import Delivery, Message, Session
+from chatweb.model._values import Delivery, Message, Session
 from chatweb.backends.responders import NoResponder
 
 SCHEMA = [

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from chatweb.interfaces import IResponder
-from chatweb.model import Message, Session
+from chatweb.model._values import Message, Session
 
 
 @implementer(IResponder)

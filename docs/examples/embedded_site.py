@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from chatweb import ChatWebService
-from chatweb.site import ChatWebSite
+from chatweb.web import ChatWebSite
 
 
 class Home(Resource):

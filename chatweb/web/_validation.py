@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from chatweb.share import DEFAULT_LIFETIME, MAX_LIFETIME
+from chatweb.web._share import DEFAULT_LIFETIME, MAX_LIFETIME
 
 MAX_SESSION_ID = 256
 

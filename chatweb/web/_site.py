@@ -33,7 +33,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from chatweb._twisted_compat import HTTPChannelHooks
+from chatweb.web._twisted_compat import HTTPChannelHooks
 from chatweb.limits import Limits
 
 _log = Logger()
@@ -348,7 +348,7 @@ class ChatWebSite(Site):
         @param refuseBeforeBody: instead of C{authorizeHeaders}, a function
             of the request (its headers in) that returns C{(code, reason,
             message)} to refuse it before its body is read, else None
-            (L{chatweb.api.ChatWebAPI.refuseBeforeBody}).  By default, that
+            (L{chatweb.web.ChatWebAPI.refuseBeforeBody}).  By default, that
             of the API found in C{resource}.
         """
         super().__init__(

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote
 from typing import Any, Sequence, cast
 from weakref import WeakKeyDictionary
 
@@ -27,17 +26,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import IntegerConverter, RequestRedirect
 
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
-from chatweb.hosts import LOOPBACK_HOSTS, hostName, normalizeAllowedHost
+from chatweb.web._hosts import LOOPBACK_HOSTS, hostName, normalizeAllowedHost
 from chatweb.importer import exportSession
 from chatweb.interfaces import ISessionAdapter
 from chatweb.limits import Limits, RateLimiter, retryAfter
-from chatweb.model import FAILED, PENDING, QueuedMessage, Session
-from chatweb.preview import (
+from chatweb.model._values import FAILED, PENDING, QueuedMessage, Session
+from chatweb.render._preview import (
     SECURITY_HEADERS,
     inBackground,
     messageSize,
@@ -47,10 +46,13 @@ from chatweb.preview import (
     renderSession,
     renderSessionInline,
 )
-from chatweb.queue import MessageQueue
-from chatweb.share import InvalidToken, ShareLinks, redactTokens
-from chatweb.throttle import FailureThrottle, clientKey
-from chatweb.validation import (
+from chatweb.queue._queue import MessageQueue
+from chatweb.web._share import InvalidToken, ShareLinks
+from chatweb.web._throttle import FailureThrottle, clientKey
+from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
+from chatweb.web._guard import _Guard, checkAPIKeys
+from chatweb.web._json import _exportJSON, _json
+from chatweb.web._validation import (
     BadRequest,
     parseMessage,
     parseShareRequest,
@@ -62,18 +64,8 @@ INDEX_LINK_LIFETIME = 15 * 60
 #: What an index share link is signed for: no session id can be this (ids
 #: have no control characters), so an index token opens no session page.
 INDEX_SCOPE = "\0index"
-#: The rate-limit bucket of requests that come with a share token, no key.
-_SHARE_BUCKET = b"\0share-link"
 
 _log = Logger()
-
-#: Reason phrases Twisted does not know.
-_REASONS = {
-    421: b"Misdirected Request",
-    422: b"Unprocessable Content",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-}
 
 
 class _AsciiInteger(IntegerConverter):
@@ -83,29 +75,6 @@ class _AsciiInteger(IntegerConverter):
     """
 
     regex = r"[0-9]+"
-
-
-def checkAPIKeys(apiKeys: Sequence[str]) -> list[bytes]:
-    """
-    The keys as bytes, checked as twistd checks its own: a sequence (not a
-    string) of non-empty strings of printable ASCII without spaces.
-
-    @raise TypeError: if C{apiKeys} is a string, or holds something else.
-    @raise ValueError: if a key is empty or not printable ASCII.
-    """
-    if isinstance(apiKeys, (str, bytes)):
-        raise TypeError(
-            "apiKeys must be a sequence of keys, not one string: apiKeys=[key]"
-        )
-    keys = list(apiKeys)
-    if not keys:
-        raise ValueError("at least one API key is needed")
-    for key in keys:
-        if not isinstance(key, str):
-            raise TypeError(f"each API key must be a str, not {type(key).__name__}")
-        if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
-            raise ValueError("each API key must be non-empty printable ASCII without spaces")
-    return [key.encode("ascii") for key in keys]
 
 
 class _Refused(Exception):
@@ -179,39 +148,6 @@ def _idempotencyKey(request: IRequest) -> str | None:
     return value.decode("ascii")
 
 
-def _error(request: IRequest, code: int, message: str) -> bytes:
-    request.setResponseCode(code, _REASONS.get(code))
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps({"error": message}).encode("utf-8")
-
-
-def _exportJSON(session: Session) -> bytes:
-    """
-    C{session} as a chat.nvim session file, in JSON (safe on a thread): the
-    same bytes as one C{json.dumps}, made a message at a time, so that the
-    reactor's thread gets the GIL in between.
-    """
-    fields = []
-    for key, value in exportSession(session).items():
-        if key == "messages" and isinstance(value, list):
-            parts = []
-            for message in value:
-                pause()
-                parts.append(json.dumps(message, ensure_ascii=False))
-            text = "[" + ", ".join(parts) + "]"
-        else:
-            text = json.dumps(value, ensure_ascii=False)
-        fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
-    return ("{" + ", ".join(fields) + "}").encode("utf-8")
-
-
-def _json(request: IRequest, value: Any) -> bytes:
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(value, ensure_ascii=False).encode("utf-8")
-
-
 def _heavy(
     session: Session, undelivered: Sequence[QueuedMessage], start: int, end: int
 ) -> bool:
@@ -263,104 +199,6 @@ def _mountPrefix(request: IRequest) -> str:
     return quote(scriptName.rstrip("/"), safe="/")
 
 
-def _isShareRequest(request: IRequest) -> bool:
-    """
-    Whether C{request} is C{GET /session?...&token=...}, the path taken
-    relative to where the resource is mounted (Twisted has decoded its
-    percent escapes, as werkzeug does for routing: both see the same path).
-    """
-    return (
-        request.method == b"GET"
-        and request.postpath in ([b"session"], [b"sessions"])
-        and bool(request.args.get(b"token"))
-    )
-
-
-class _Guard(Resource):
-    """
-    Answers, in JSON, the requests that cannot reach a route: a key that is
-    missing or wrong (401) and a path that is not UTF-8 (400).
-
-    The requests that may come without a key are C{GET /session} and
-    C{GET /sessions} with a C{token} query parameter (share links); those
-    routes check the token.
-    """
-
-    isLeaf = True
-
-    def __init__(self, api: ChatWebAPI, routes: IResource) -> None:
-        super().__init__()
-        self._api = api
-        self._routes = routes
-
-    @property
-    def chatwebAPI(self) -> ChatWebAPI:
-        """
-        The API this resource serves (how L{chatweb.site.ChatWebSite} finds
-        it in a resource tree).
-        """
-        return self._api
-
-    def render(self, request: IRequest) -> Any:
-        # Whatever Site logs this request (an access log, Twisted's notes
-        # about it) sees no share token.
-        request.uri = redactTokens(request.uri)
-        body = self._render(request)
-        if request.method == b"HEAD" and isinstance(body, bytes):
-            # No body for HEAD (Twisted would log the request, URI and all,
-            # while it drops one).
-            return b""
-        return body
-
-    def _render(self, request: IRequest) -> Any:
-        client = clientKey(request.getClientAddress())
-        refused = self._api._refuseThrottled(request, client)
-        if refused is not None:
-            return refused
-        key = self._api._authorized(request)
-        if key is None:
-            if not _isShareRequest(request):
-                if request.requestHeaders.hasHeader(b"x-api-key"):
-                    self._api._authFailures.failed(client)
-                return _error(request, 401, "missing or invalid X-API-Key header")
-            # Check the token before it costs anything; each valid one has a
-            # rate-limit bucket of its own.
-            scope = self._api._shareScope(request)
-            if isinstance(scope, bytes):
-                return scope
-            verified = self._api._verifyToken(request, scope)
-            if isinstance(verified, bytes):
-                self._api._authFailures.failed(client)
-                return verified
-            # The route trusts this: the token is checked once.
-            self._api._shareExpiry[request] = verified
-            key = _SHARE_BUCKET + hashlib.sha256(request.args[b"token"][0]).digest()
-        wait = self._api._rateLimiter.take(key)
-        if wait:
-            request.setHeader(b"Retry-After", retryAfter(wait))
-            return _error(request, 429, "too many requests for this API key; slow down")
-        try:
-            unquote_to_bytes(request.path).decode("utf-8")
-            (request.getHeader(b"host") or b"").decode("utf-8")
-        except UnicodeError:
-            return _error(request, 400, "the request's path or Host is not valid UTF-8")
-        try:
-            return self._routes.render(request)
-        except RequestRedirect:
-            return _notFound(request)
-        except HTTPException as e:
-            # werkzeug refuses some requests (a malformed Host, say) before
-            # any route or error handler sees them.
-            return _error(request, 400, f"bad request: {e.description or e.name}")
-
-
-def _throttledMessage(wait: float) -> str:
-    return (
-        "too many failed authentications from this address; retry in"
-        f" {retryAfter(wait).decode()} seconds"
-    )
-
-
 __all__ = [
     "ChatWebAPI",
     "BadRequest",
@@ -370,19 +208,6 @@ __all__ = [
     "parseMessage",
     "validateSessionId",
 ]
-
-
-def _notFound(request: IRequest) -> bytes:
-    """
-    A 404; for a path that werkzeug would redirect (C{/chat} for the API
-    mounted at C{/chat/}, C{//}), with a hint.
-    """
-    return _error(
-        request,
-        404,
-        "not found (the API's paths have no empty segments, and its root ends"
-        " with a slash: POST /chat/ where it is mounted at /chat)",
-    )
 
 
 class ChatWebAPI:
@@ -432,6 +257,13 @@ class ChatWebAPI:
         #: Failed authentications, per client address.
         self._authFailures = FailureThrottle(clock)
 
+    def useShareSecret(self, shareSecret: bytes) -> None:
+        """
+        Sign share links with C{shareSecret} from now on (for a service that
+        reads its secret when it starts, not when it is built).
+        """
+        self._shareLinks = ShareLinks(shareSecret, self._clock)
+
     def resource(self) -> IResource:
         """
         The L{IResource} that serves the API.
@@ -449,7 +281,7 @@ class ChatWebAPI:
 
     def refuseBeforeBody(self, request: IRequest) -> tuple[int, bytes, str] | None:
         """
-        For L{chatweb.site.ChatWebSite}: C{(code, reason, message)} to
+        For L{chatweb.web._site.ChatWebSite}: C{(code, reason, message)} to
         refuse a request whose body is not read yet (its client is
         throttled, or it carries no valid key), else None.
         """

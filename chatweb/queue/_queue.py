@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.model import FAILED, QueuedMessage
+from chatweb.model._values import FAILED, QueuedMessage
 
 _log = Logger()
 

@@ -13,10 +13,10 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from chatweb.database import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
-from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING, QueuedMessage
+from chatweb.model._values import DELIVERED, DISCARDED, FAILED, PENDING, QueuedMessage
 
 SCHEMA = [
     """

@@ -24,8 +24,6 @@ from urllib.parse import urlsplit
 
 import attrs
 from jinja2 import Environment, PackageLoader, select_autoescape
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markupsafe import Markup
@@ -35,7 +33,7 @@ from pygments.lexers import get_lexer_by_name
 from pygments.lexers.data import JsonLexer
 from pygments.util import ClassNotFound
 
-from chatweb.model import FAILED, ROLES, Message, QueuedMessage, Session, Usage
+from chatweb.model._values import FAILED, ROLES, Message, QueuedMessage, Session, Usage
 
 #: Headers of every HTML page: no scripts, nothing loaded from elsewhere.
 SECURITY_HEADERS = {
@@ -634,7 +632,7 @@ def _safeHref(url: str) -> str | None:
 # -- pages
 
 _environment = Environment(
-    loader=PackageLoader("chatweb", "templates"),
+    loader=PackageLoader("chatweb.render", "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
     trim_blocks=True,
     lstrip_blocks=True,
@@ -777,23 +775,6 @@ def renderSessionInline(
         return None
     finally:
         _local.inlineDeadline = None
-
-
-def renderSessionInThread(
-    session: Session,
-    queued: Sequence[QueuedMessage] = (),
-    before: int | None = None,
-    pageURL: Callable[[int | None], str] | None = None,
-) -> Deferred[str]:
-    """
-    L{renderSession} on the reactor's thread pool.  Rendering is pure CPU
-    work that grows with the session (about a third of a millisecond per
-    message: see bench/render.py), too long for the reactor thread once a
-    session has thousands of messages.
-    """
-    return deferToThread(
-        inBackground, renderSession, session, tuple(queued), before, pageURL
-    )
 
 
 def renderIndex(sessionIds: Sequence[str], links: Mapping[str, str]) -> str:

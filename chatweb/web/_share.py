@@ -19,12 +19,14 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 
+from chatweb.config import SHARE_SECRET_SIZE
+
 #: Seconds a share link lives unless the caller chooses.
 DEFAULT_LIFETIME = 3600
 #: The longest life a caller may ask for: seven days.
 MAX_LIFETIME = 7 * 24 * 3600
 #: Bytes of a new server secret; a shorter secret is refused.
-SECRET_SIZE = 32
+SECRET_SIZE = SHARE_SECRET_SIZE
 
 _LABEL = b"chatweb share link v1\0"
 _EXPIRY = struct.Struct(">Q")

@@ -1,0 +1,107 @@
+"""
+A journal in memory that answers synchronously: L{MemoryJournal}, for
+queue tests driven by L{twisted.internet.task.Clock}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
+from chatweb.interfaces import IJournal
+from chatweb.store._journal import DISCARD, REQUEUE, Change, changed, contentDigest
+from chatweb.store._journal import IDEMPOTENCY_WINDOW
+from chatweb.model import DELIVERED, FAILED, PENDING, QueuedMessage
+
+
+@implementer(IJournal)
+class MemoryJournal:
+    """
+    A journal in memory, answering at once.  C{failAppends} makes appends
+    fail (a full disk, say).
+
+    Like the SQLite journal, it remembers an idempotency key for 24 hours,
+    measured by the C{received} times the queue gives (from its clock, so a
+    L{twisted.internet.task.Clock} drives the window).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[int, QueuedMessage] = {}
+        self.failAppends = False
+        #: Idempotency key: (session, message id, content digest, received).
+        self._keys: dict[str, tuple[str, int, str, float]] = {}
+        self._next = 1
+
+    def append(
+        self,
+        session: str,
+        content: str,
+        received: float,
+        idempotencyKey: str | None = None,
+    ) -> Deferred[Any]:
+        if self.failAppends:
+            return fail(OSError("disk full"))
+        if idempotencyKey is not None:
+            # Forget the keys older than the window, as the SQLite journal does.
+            oldest = received - IDEMPOTENCY_WINDOW
+            self._keys = {k: v for k, v in self._keys.items() if v[3] >= oldest}
+        if idempotencyKey is not None and idempotencyKey in self._keys:
+            keySession, messageId, digest, _ = self._keys[idempotencyKey]
+            if keySession != session or digest != contentDigest(content):
+                return fail(IdempotencyConflict(idempotencyKey))
+            return succeed(attrs.evolve(self.rows[messageId], duplicate=True))
+        message = QueuedMessage(self._next, session, content, received)
+        self.rows[message.id] = message
+        if idempotencyKey is not None:
+            self._keys[idempotencyKey] = (
+                session, message.id, contentDigest(content), received
+            )
+        self._next += 1
+        return succeed(message)
+
+    def failedSessions(self) -> Deferred[list[str]]:
+        return succeed(sorted({m.session for m in self.rows.values() if m.state == FAILED}))
+
+    def _change(self, messageId: int, change: Change) -> Deferred[Any]:
+        try:
+            row = changed(self.rows.get(messageId), messageId, change)
+        except (UnknownMessage, WrongState) as e:
+            return fail(e)
+        self.rows[messageId] = row
+        return succeed(row)
+
+    def requeue(self, messageId: int) -> Deferred[Any]:
+        return self._change(messageId, REQUEUE)
+
+    def discard(self, messageId: int) -> Deferred[Any]:
+        return self._change(messageId, DISCARD)
+
+    def pending(self) -> Deferred[list[QueuedMessage]]:
+        return succeed([m for _, m in sorted(self.rows.items()) if m.state == PENDING])
+
+    def markDelivered(self, messageId: int) -> Deferred[None]:
+        self.rows[messageId] = attrs.evolve(self.rows[messageId], state=DELIVERED)
+        return succeed(None)
+
+    def recordFailure(self, messageId: int, error: str, final: bool) -> Deferred[Any]:
+        row = self.rows[messageId]
+        row = attrs.evolve(
+            row,
+            attempts=row.attempts + 1,
+            lastError=error,
+            state=FAILED if final else PENDING,
+        )
+        self.rows[messageId] = row
+        return succeed(row)
+
+    def messages(self, session: str) -> Deferred[list[QueuedMessage]]:
+        return succeed(
+            [
+                m
+                for _, m in sorted(self.rows.items())
+                if m.session == session and m.state in (PENDING, FAILED)
+            ]
+        )

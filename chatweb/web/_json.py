@@ -1,0 +1,40 @@
+"""
+JSON answers, and a session exported as a chat.nvim session file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from chatweb.importer import exportSession
+from chatweb.model._values import Session
+from chatweb.render._preview import pause
+
+
+def _json(request: IRequest, value: Any) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _exportJSON(session: Session) -> bytes:
+    """
+    C{session} as a chat.nvim session file, in JSON (safe on a thread): the
+    same bytes as one C{json.dumps}, made a message at a time, so that the
+    reactor's thread gets the GIL in between.
+    """
+    fields = []
+    for key, value in exportSession(session).items():
+        if key == "messages" and isinstance(value, list):
+            parts = []
+            for message in value:
+                pause()
+                parts.append(json.dumps(message, ensure_ascii=False))
+            text = "[" + ", ".join(parts) + "]"
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
+    return ("{" + ", ".join(fields) + "}").encode("utf-8")

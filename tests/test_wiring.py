@@ -1,0 +1,57 @@
+"""
+Building a ChatWebService wires objects together and does nothing more: the
+files of the data directory are read or created when the service starts,
+and an embedder's own adapter gets no tables of the local backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from twisted.trial.unittest import TestCase
+
+from chatweb.config import DATABASE_NAME, SHARE_SECRET_FILE_NAME
+from chatweb.service import ChatWebService
+from chatweb.testing import MemoryAdapter
+
+KEY = "k" * 32
+
+
+class WiringTests(TestCase):
+    def dataDir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    async def test_shareSecretWhenStarted(self) -> None:
+        """
+        The share secret is created when the service starts, not when it is
+        built: a service built and never started leaves no secret behind.
+        """
+        dataDir = self.dataDir()
+        service = ChatWebService(apiKeys=[KEY], dataDir=dataDir, endpoint=None)
+        secret = os.path.join(dataDir, SHARE_SECRET_FILE_NAME)
+        self.assertFalse(os.path.exists(secret))
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        self.assertTrue(os.path.exists(secret))
+
+    async def test_ownAdapterNoLocalTables(self) -> None:
+        """
+        With the embedder's own adapter, the database holds the queue's
+        tables and none of the local backend's (no sessions table).
+        """
+        dataDir = self.dataDir()
+        service = ChatWebService(
+            apiKeys=[KEY], dataDir=dataDir, endpoint=None, adapter=MemoryAdapter()
+        )
+        service.startService()
+        await service.ready
+        await service.stopService()
+        with sqlite3.connect(os.path.join(dataDir, DATABASE_NAME)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertIn("queue", tables)
+        self.assertNotIn("sessions", tables)
+        self.assertNotIn("messages", tables)
