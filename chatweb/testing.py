@@ -32,12 +32,14 @@ from zope.interface import implementer
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.journal import DISCARD, REQUEUE, Change, changed, contentDigest
-from chatweb.journal import IDEMPOTENCY_WINDOW
+from chatweb.journal import IDEMPOTENCY_WINDOW, EventSink, changeEvent, failureEventData
 from chatweb.model import (
     DELIVERED,
     FAILED,
     PENDING,
     Delivery,
+    Event,
+    EventKind,
     Message,
     QueuedMessage,
     Session,
@@ -172,12 +174,66 @@ class MemoryJournal:
     L{twisted.internet.task.Clock} drives the window).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, now: Any = None, eventSink: EventSink | None = None) -> None:
         self.rows: dict[int, QueuedMessage] = {}
         self.failAppends = False
         #: Idempotency key: (session, message id, content digest, received).
         self._keys: dict[str, tuple[str, int, str, float]] = {}
         self._next = 1
+        #: The event log, in id order.
+        self.events: list[Event] = []
+        self._nextEvent = 1
+        self._now = now or (lambda: 0.0)
+        self.eventSink = eventSink
+
+    def _event(self, kind: EventKind, session: str, when: float, data: dict[str, Any]) -> Event:
+        event = Event(self._nextEvent, kind, session, when, data)
+        self._nextEvent += 1
+        self.events.append(event)
+        if self.eventSink is not None:
+            self.eventSink(event)
+        return event
+
+    def logEvent(
+        self, kind: EventKind, session: str, data: dict[str, Any] | None = None
+    ) -> Deferred[Any]:
+        return succeed(self._event(EventKind(kind), session, self._now(), data or {}))
+
+    def eventsSince(
+        self, afterId: int, session: str | None = None, limit: int = 1000
+    ) -> Deferred[list[Event]]:
+        return succeed(
+            [
+                e
+                for e in self.events
+                if e.id > afterId and (session is None or e.session == session)
+            ][:limit]
+        )
+
+    def pruneEvents(self, before: float) -> Deferred[int]:
+        kept = [e for e in self.events if e.time >= before]
+        dropped = len(self.events) - len(kept)
+        self.events = kept
+        return succeed(dropped)
+
+    def pendingSessions(self) -> Deferred[dict[str, int]]:
+        counts: dict[str, int] = {}
+        for m in self.rows.values():
+            if m.state == PENDING:
+                counts[m.session] = counts.get(m.session, 0) + 1
+        return succeed(counts)
+
+    def nextPending(self, session: str) -> Deferred[QueuedMessage | None]:
+        return succeed(
+            next(
+                (
+                    m
+                    for _, m in sorted(self.rows.items())
+                    if m.session == session and m.state == PENDING
+                ),
+                None,
+            )
+        )
 
     def append(
         self,
@@ -204,6 +260,7 @@ class MemoryJournal:
                 session, message.id, contentDigest(content), received
             )
         self._next += 1
+        self._event(EventKind.MESSAGE_QUEUED, session, received, {"message": message.id})
         return succeed(message)
 
     def failedSessions(self) -> Deferred[list[str]]:
@@ -215,6 +272,8 @@ class MemoryJournal:
         except (UnknownMessage, WrongState) as e:
             return fail(e)
         self.rows[messageId] = row
+        kind, data = changeEvent(row)
+        self._event(kind, row.session, self._now(), data)
         return succeed(row)
 
     def requeue(self, messageId: int) -> Deferred[Any]:
@@ -227,7 +286,13 @@ class MemoryJournal:
         return succeed([m for _, m in sorted(self.rows.items()) if m.state == PENDING])
 
     def markDelivered(self, messageId: int) -> Deferred[None]:
-        self.rows[messageId] = attrs.evolve(self.rows[messageId], state=DELIVERED)
+        row = self.rows[messageId] = attrs.evolve(self.rows[messageId], state=DELIVERED)
+        self._event(
+            EventKind.DELIVERY_DONE,
+            row.session,
+            self._now(),
+            {"message": messageId, "attempt": row.attempts + 1},
+        )
         return succeed(None)
 
     def recordFailure(self, messageId: int, error: str, final: bool) -> Deferred[Any]:
@@ -239,6 +304,9 @@ class MemoryJournal:
             state=FAILED if final else PENDING,
         )
         self.rows[messageId] = row
+        self._event(
+            EventKind.DELIVERY_FAILED, row.session, self._now(), failureEventData(row, final)
+        )
         return succeed(row)
 
     def messages(self, session: str) -> Deferred[list[QueuedMessage]]:
