@@ -125,6 +125,11 @@ def _insertEvent(
     return Event(eventId, kind, session, when, data)
 
 
+#: For other tables' writers (the local backend) that record events in the
+#: same transaction as their change.
+insertEvent = _insertEvent
+
+
 def _logEvent(
     cursor: sqlite3.Cursor,
     kind: EventKind,

@@ -10,7 +10,7 @@ without loss: keys this version does not know are kept in C{extra}.
 from __future__ import annotations
 
 import enum
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -279,12 +279,18 @@ class Delivery:
     C{id} is unique and stable across restarts: a message may be handed over
     again after a crash, and an adapter that records C{id} can ignore the
     repeat (the default backend does).
+
+    C{emit}, when set, takes partial answer text as it is made (a streaming
+    model's tokens): each call records and publishes a C{delivery.text}
+    event of this delivery.  Backends call it if they stream; it is not
+    part of equality.
     """
 
     id: int
     session: str
     content: str
     received: float
+    emit: Callable[[str], Any] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class _StrEnum(str, enum.Enum):

@@ -32,7 +32,8 @@ from twisted.python.failure import Failure
 
 from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.model import FAILED, QueuedMessage
+from chatweb.journal import EVENT_RETENTION
+from chatweb.model import FAILED, EventKind, QueuedMessage
 
 _log = Logger()
 
@@ -66,6 +67,8 @@ class _SessionQueue:
     idleWait: Deferred[Any] | None = None
     woken: bool = False
     retryCall: IDelayedCall | None = None
+    #: When the delivery in flight started (the clock's seconds).
+    startedAt: float = 0.0
 
     def cancelRetry(self) -> None:
         if self.retryCall is not None and self.retryCall.active():
@@ -99,6 +102,7 @@ class MessageQueue:
         rng: random.Random | None = None,
         maxPendingPerSession: int | None = None,
         maxPendingTotal: int | None = None,
+        eventRetention: float = EVENT_RETENTION,
     ) -> None:
         self._journal = journal
         self._adapter = adapter
@@ -118,6 +122,9 @@ class MessageQueue:
         self._kickAgain: set[str] = set()
         self._drained: list[Deferred[None]] = []
         self._emptyWaiters: list[Deferred[None]] = []
+        #: Events older than this many seconds are pruned by the sweep.
+        self.eventRetention = eventRetention
+        self._lastPrune: float | None = None
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
         self.interval = interval
@@ -245,6 +252,12 @@ class MessageQueue:
             return message
         queue = self._queues.setdefault(message.session, _SessionQueue())
         queue.messages.append(message)
+        _log.info(
+            "Message {id} queued for session {session!r}",
+            id=message.id,
+            session=message.session,
+            attempt=message.attempts,
+        )
         # The message is on disk: whatever delivery does now, the post
         # succeeded (the sweep tries again).
         try:
@@ -262,6 +275,12 @@ class MessageQueue:
         """
 
         def requeued(message: QueuedMessage) -> QueuedMessage:
+            _log.info(
+                "Message {id} to session {session!r} queued again by hand",
+                id=message.id,
+                session=message.session,
+                attempt=message.attempts,
+            )
             queue = self._queues.setdefault(message.session, _SessionQueue())
             self._insertInOrder(queue, message)
             self._kick(message.session)
@@ -376,6 +395,19 @@ class MessageQueue:
                 self._kick(session)
             except Exception:
                 _log.failure("Sweep of session {session!r} failed", session=session)
+        self._pruneEvents()
+
+    def _pruneEvents(self) -> None:
+        # At most once a minute (each prune is a write).
+        now = self._clock.seconds()
+        if self._lastPrune is not None and now - self._lastPrune < 60:
+            return
+        self._lastPrune = now
+        prune = getattr(self._journal, "pruneEvents", None)
+        if prune is not None:
+            maybeDeferred(prune, now - self.eventRetention).addErrback(
+                lambda f: _log.failure("Could not prune old events", f)
+            )
 
     def _kick(self, session: str) -> None:
         # Deliveries that complete synchronously come back here; loop rather
@@ -443,7 +475,21 @@ class MessageQueue:
         self, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> None:
         queue.delivering = message
-        d = maybeDeferred(self._adapter.deliver, message.delivery())
+        queue.startedAt = self._clock.seconds()
+        logEvent = getattr(self._journal, "logEvent", None)
+        if logEvent is not None:
+            maybeDeferred(
+                logEvent,
+                EventKind.DELIVERY_STARTED,
+                session,
+                {"message": message.id, "attempt": message.attempts + 1},
+            ).addErrback(
+                lambda f: _log.failure("Could not record a delivery start", f)
+            )
+        delivery = attrs.evolve(
+            message.delivery(), emit=self._emitter(session, message.id)
+        )
+        d = maybeDeferred(self._adapter.deliver, delivery)
         if self._deliveryTimeout is not None:
             d.addTimeout(self._deliveryTimeout, self._clock)
         # Set before the callbacks are added: they clear it, even at once.
@@ -458,10 +504,32 @@ class MessageQueue:
             lambda f: _log.failure("Delivery bookkeeping failed", f)
         )
 
+    def _emitter(self, session: str, messageId: int) -> Any:
+        logEvent = getattr(self._journal, "logEvent", None)
+
+        def emit(text: str) -> None:
+            if logEvent is None:
+                return
+            maybeDeferred(
+                logEvent,
+                EventKind.DELIVERY_TEXT,
+                session,
+                {"message": messageId, "text": text},
+            ).addErrback(lambda f: _log.failure("Could not record streamed text", f))
+
+        return emit
+
     def _delivered(
         self, _: object, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> Deferred[None]:
         queue.inFlight = None
+        _log.info(
+            "Message {id} delivered to session {session!r}",
+            id=message.id,
+            session=session,
+            attempt=message.attempts + 1,
+            duration=self._clock.seconds() - queue.startedAt,
+        )
 
         def recordFailed(failure: Failure) -> None:
             # The adapter has the message; at worst it sees it again after
@@ -512,6 +580,8 @@ class MessageQueue:
                 id=message.id,
                 session=session,
                 attempts=attempts,
+                attempt=attempts,
+                duration=self._clock.seconds() - queue.startedAt,
                 error=error,
             )
         else:
@@ -521,6 +591,8 @@ class MessageQueue:
                 id=message.id,
                 session=session,
                 attempts=attempts,
+                attempt=attempts,
+                duration=self._clock.seconds() - queue.startedAt,
                 error=error,
             )
 

@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from chatweb.database import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
-from chatweb.model import Delivery, Message, Session
+from chatweb.journal import EventSink, insertEvent
+from chatweb.model import Delivery, Event, EventKind, Message, Session
 from chatweb.backends.responders import NoResponder
 
 SCHEMA = [
@@ -70,18 +71,41 @@ def _ensureSession(cursor: sqlite3.Cursor, sessionId: str, created: float) -> No
     )
 
 
-def _recordDelivery(cursor: sqlite3.Cursor, delivery: Delivery, now: float) -> bool:
+def _recordDelivery(
+    cursor: sqlite3.Cursor, delivery: Delivery, now: float, withEvents: bool
+) -> tuple[bool, list[Event]]:
     """
     Add the delivered message to its session, unless this delivery id is
-    already there (a redelivery after a crash).  True if it was added.
+    already there (a redelivery after a crash).  True if it was added; the
+    events it records (when C{withEvents}), in the same transaction.
     """
+    events: list[Event] = []
     _ensureSession(cursor, delivery.session, now)
+    if cursor.rowcount == 1 and withEvents:
+        events.append(
+            insertEvent(cursor, EventKind.SESSION_CREATED, delivery.session, now, {})
+        )
     message = Message(role="user", content=delivery.content, created=delivery.received)
     cursor.execute(
         "INSERT OR IGNORE INTO messages (session, delivery, data) VALUES (?, ?, ?)",
         (delivery.session, delivery.id, _dumps(message.asDict())),
     )
-    return cursor.rowcount == 1
+    added = cursor.rowcount == 1
+    if added and withEvents:
+        events.append(_messageAdded(cursor, delivery.session, delivery.id, message, now))
+    return added, events
+
+
+def _messageAdded(
+    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, message: Message, now: float
+) -> Event:
+    return insertEvent(
+        cursor,
+        EventKind.MESSAGE_ADDED,
+        sessionId,
+        now,
+        {"delivery": deliveryId, "message": message.asDict()},
+    )
 
 
 def _appendMessages(
@@ -94,12 +118,20 @@ def _appendMessages(
 
 
 def _appendReplies(
-    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, messages: list[Message]
-) -> None:
+    cursor: sqlite3.Cursor,
+    sessionId: str,
+    deliveryId: int,
+    messages: list[Message],
+    now: float,
+    withEvents: bool,
+) -> tuple[None, list[Event]]:
     cursor.executemany(
         "INSERT INTO messages (session, reply_to, data) VALUES (?, ?, ?)",
         [(sessionId, deliveryId, _dumps(m.asDict())) for m in messages],
     )
+    if not withEvents:
+        return None, []
+    return None, [_messageAdded(cursor, sessionId, deliveryId, m, now) for m in messages]
 
 
 def _answered(cursor: sqlite3.Cursor, deliveryId: int) -> bool:
@@ -171,9 +203,14 @@ class LocalBackend:
         database: SQLiteDatabase,
         clock: IReactorTime,
         responder: IResponder | None = None,
+        eventSink: EventSink | None = None,
     ) -> None:
         self._db = database
         self._clock = clock
+        #: Given each message.added and session.created event once committed
+        #: (they are recorded in the journal's events table, which must be in
+        #: the same database); None: no events are recorded.
+        self.eventSink = eventSink
         self.responder = responder if responder is not None else NoResponder()
         self._busy: set[str] = set()
         self._idleWaiters: dict[str, list[Deferred[None]]] = {}
@@ -222,7 +259,14 @@ class LocalBackend:
         return d.addBoth(idle)
 
     async def _process(self, delivery: Delivery) -> None:
-        added = await self._db.write(_recordDelivery, delivery, self._clock.seconds())
+        added = self._published(
+            await self._db.write(
+                _recordDelivery,
+                delivery,
+                self._clock.seconds(),
+                self.eventSink is not None,
+            )
+        )
         if not self.responder.answers:
             return
         # A redelivery after a crash: answer only if no answer was stored.
@@ -233,9 +277,23 @@ class LocalBackend:
             return
         replies = await self.responder.respond(session, session.messages[-1])
         if replies:
-            await self._db.write(
-                _appendReplies, delivery.session, delivery.id, list(replies)
+            self._published(
+                await self._db.write(
+                    _appendReplies,
+                    delivery.session,
+                    delivery.id,
+                    list(replies),
+                    self._clock.seconds(),
+                    self.eventSink is not None,
+                )
             )
+
+    def _published(self, result: tuple[Any, list[Event]]) -> Any:
+        value, events = result
+        if self.eventSink is not None:
+            for event in events:
+                self.eventSink(event)
+        return value
 
     def createSession(self, **metadata: Any) -> Deferred[str]:
         """
