@@ -132,13 +132,14 @@ class IJournal(Interface):
     def pendingSessions():
         """
         @return: a L{Deferred} firing with a C{dict}: each session that has
-            pending messages, to how many.
+            pending messages, to C{(how many, the highest of their ids)}.
         """
 
-    def nextPending(session):
+    def nextPending(session, afterId=0):
         """
         @return: a L{Deferred} firing with the session's oldest pending
-            L{chatweb.model.QueuedMessage}, or L{None}.
+            L{chatweb.model.QueuedMessage} whose id is above C{afterId}, or
+            L{None}.
         """
 
     eventSink = Attribute(

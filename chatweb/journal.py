@@ -315,7 +315,9 @@ def changed(message: QueuedMessage | None, messageId: int, change: Change) -> Qu
     if message.state not in allowed:
         raise WrongState(message.state)
     attempts = 0 if state == PENDING else message.attempts
-    return attrs.evolve(message, state=state, attempts=attempts)
+    return attrs.evolve(
+        message, state=state, attempts=attempts, previousState=message.state
+    )
 
 
 def changeEvent(message: QueuedMessage) -> tuple[EventKind, dict[str, Any]]:
@@ -339,19 +341,21 @@ def _changeState(
     return message, [_insertEvent(cursor, kind, message.session, now, data)]
 
 
-def _pendingSessions(cursor: sqlite3.Cursor) -> dict[str, int]:
+def _pendingSessions(cursor: sqlite3.Cursor) -> dict[str, tuple[int, int]]:
     cursor.execute(
-        "SELECT session, COUNT(*) FROM queue WHERE state = ? GROUP BY session",
+        "SELECT session, COUNT(*), MAX(id) FROM queue WHERE state = ? GROUP BY session",
         (PENDING,),
     )
-    return dict(cursor.fetchall())
+    return {session: (count, last) for session, count, last in cursor.fetchall()}
 
 
-def _nextPending(cursor: sqlite3.Cursor, session: str) -> QueuedMessage | None:
+def _nextPending(
+    cursor: sqlite3.Cursor, session: str, afterId: int
+) -> QueuedMessage | None:
     cursor.execute(
-        f"SELECT {_COLUMNS} FROM queue WHERE session = ? AND state = ?"
+        f"SELECT {_COLUMNS} FROM queue WHERE session = ? AND state = ? AND id > ?"
         " ORDER BY id LIMIT 1",
-        (session, PENDING),
+        (session, PENDING, afterId),
     )
     row = cursor.fetchone()
     return _row(row) if row else None
@@ -409,8 +413,8 @@ class SQLiteJournal:
     def pendingSessions(self) -> Deferred:
         return self._db.read(_pendingSessions)
 
-    def nextPending(self, session: str) -> Deferred:
-        return self._db.read(_nextPending, session)
+    def nextPending(self, session: str, afterId: int = 0) -> Deferred:
+        return self._db.read(_nextPending, session, afterId)
 
     def markDelivered(self, messageId: int) -> Deferred:
         return self._write(_markDelivered, messageId, self._now())

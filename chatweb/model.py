@@ -387,6 +387,8 @@ class QueuedMessage:
     #: True when the journal answered with a message stored earlier under
     #: the same idempotency key.
     duplicate: bool = attrs.field(default=False, eq=False)
+    #: After a requeue or discard: the state it was in before.
+    previousState: MessageState | None = attrs.field(default=None, eq=False)
 
     def asDict(self) -> dict[str, Any]:
         """

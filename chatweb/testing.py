@@ -216,20 +216,23 @@ class MemoryJournal:
         self.events = kept
         return succeed(dropped)
 
-    def pendingSessions(self) -> Deferred[dict[str, int]]:
-        counts: dict[str, int] = {}
+    def pendingSessions(self) -> Deferred[dict[str, tuple[int, int]]]:
+        counts: dict[str, tuple[int, int]] = {}
         for m in self.rows.values():
             if m.state == PENDING:
-                counts[m.session] = counts.get(m.session, 0) + 1
+                count, last = counts.get(m.session, (0, 0))
+                counts[m.session] = (count + 1, max(last, m.id))
         return succeed(counts)
 
-    def nextPending(self, session: str) -> Deferred[QueuedMessage | None]:
+    def nextPending(
+        self, session: str, afterId: int = 0
+    ) -> Deferred[QueuedMessage | None]:
         return succeed(
             next(
                 (
                     m
                     for _, m in sorted(self.rows.items())
-                    if m.session == session and m.state == PENDING
+                    if m.session == session and m.state == PENDING and m.id > afterId
                 ),
                 None,
             )

@@ -304,7 +304,7 @@ class JournalContractMixin:
         a2 = await journal.append("a", "2", T0)
         b1 = await journal.append("b", "3", T0)
         await journal.recordFailure(b1.id, "x", True)
-        self.assertEqual(await journal.pendingSessions(), {"a": 2})
+        self.assertEqual(await journal.pendingSessions(), {"a": (2, a2.id)})
         self.assertEqual(await journal.nextPending("a"), a1)
         await journal.markDelivered(a1.id)
         self.assertEqual(await journal.nextPending("a"), a2)

@@ -65,7 +65,7 @@ class QueueTests(SynchronousTestCase):
         self.start()
         self.post("ci", "one")
         self.assertEqual(self.adapter.contents("ci"), ["one"])
-        self.assertEqual(self.queue.pendingFor("ci"), [])
+        self.assertEqual(self.successResultOf(self.queue.pendingFor("ci")), [])
 
     def test_fifoPerSessionOneInFlight(self) -> None:
         """
@@ -91,7 +91,7 @@ class QueueTests(SynchronousTestCase):
         self.post("free", "goes")
         self.assertEqual(self.adapter.contents("free"), ["goes"])
         self.assertEqual(self.adapter.contents("busy"), [])
-        self.assertEqual([m.content for m in self.queue.pendingFor("busy")], ["held"])
+        self.assertEqual([m.content for m in self.successResultOf(self.queue.pendingFor("busy"))], ["held"])
 
     def test_deliveredWhenAdapterReportsIdle(self) -> None:
         """
@@ -179,15 +179,16 @@ class QueueTests(SynchronousTestCase):
         """
         self.journal.append("ci", "old", 0)
         loading: Deferred = Deferred()
-        self.journal.pending = lambda: loading  # type: ignore[method-assign]
+        self.journal.pendingSessions = lambda: loading  # type: ignore[method-assign]
         self.queue.start()
         self.post("ci", "new")
+        self.post("later", "x")
         self.assertEqual(self.adapter.delivered, [])
-        loading.callback(
-            [m for m in self.journal.rows.values() if m.content == "old"]
-            + [m for m in self.journal.rows.values() if m.content == "new"]
-        )
+        # Counted before "new" was stored: it is counted when it comes.
+        loading.callback({"ci": (1, 1)})
         self.assertEqual(self.adapter.contents("ci"), ["old", "new"])
+        self.assertEqual(self.adapter.contents("later"), ["x"])
+        self.assertEqual(self.queue.pendingCount(), 0)
 
     def test_retriedWithBackoffThenDelivered(self) -> None:
         self.adapter.failures = 3
@@ -442,11 +443,12 @@ class FailingBackendTests(SynchronousTestCase):
         journal = MemoryJournal()
         journal.append("ci", "old", 0)
         loading: Deferred = Deferred()
-        journal.pending = lambda: loading  # type: ignore[method-assign]
+        journal.pendingSessions = lambda: loading  # type: ignore[method-assign]
         queue = MessageQueue(journal, self.adapter, self.clock)
         queue.start()
-        self.successResultOf(queue.discard(1))
-        loading.callback([attrs.evolve(journal.rows[1], state="pending")])
+        discarded = queue.discard(1)
+        loading.callback({"ci": (1, 1)})
+        self.successResultOf(discarded)
         self.assertEqual(self.adapter.delivered, [])
         self.assertEqual(journal.rows[1].state, "discarded")
 
