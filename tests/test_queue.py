@@ -530,3 +530,62 @@ class FailingBackendTests(SynchronousTestCase):
     def test_hugeAttemptCountsDoNotOverflow(self) -> None:
         policy = RetryPolicy(maxAttempts=100000, maxDelay=60, jitter=0)
         self.assertEqual(policy.delay(5000, random.Random()), 60)
+
+
+class StoreIsTheTruthTests(SynchronousTestCase):
+    """
+    The queue keeps per session only counts and the next message; it reads
+    the rest from the journal when it needs it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = MessageQueue(self.journal, self.adapter, self.clock)
+
+    def test_startReadsCountsNotBodies(self) -> None:
+        """
+        Starting does not load every pending message; what is pending is
+        still delivered, in order, and counted for the limits.
+        """
+        for n in range(3):
+            self.journal.append("busy", f"m{n}", 0)
+
+        def everything() -> None:
+            raise AssertionError("the queue loaded every pending message")
+
+        self.journal.pending = everything  # type: ignore[method-assign]
+        self.adapter.setBusy("busy")
+        self.successResultOf(self.queue.start())
+        self.assertEqual(self.queue.pendingCount(), 3)
+        self.assertEqual(self.queue.sessionsWithPending(), {"busy"})
+        self.adapter.setBusy("busy", False)
+        self.assertEqual(self.adapter.contents("busy"), ["m0", "m1", "m2"])
+        self.assertEqual(self.queue.pendingCount(), 0)
+
+    def test_discardDuringAHeadReadIsNotDelivered(self) -> None:
+        """
+        A message discarded while the queue reads it as the next one is
+        never delivered; the one after it is.
+        """
+        self.successResultOf(self.queue.start())
+        reads: list[Deferred] = []
+        original = self.journal.nextPending
+
+        def slow(session: str, afterId: int = 0) -> Deferred:
+            # Read now (a snapshot), answered later.
+            snapshot = self.successResultOf(original(session, afterId))
+            d: Deferred = Deferred()
+            reads.append(d)
+            d.addCallback(lambda _: snapshot)
+            return d
+
+        self.journal.nextPending = slow  # type: ignore[method-assign]
+        first = self.successResultOf(self.queue.post("ci", "discard me"))
+        self.successResultOf(self.queue.post("ci", "keep"))
+        self.successResultOf(self.queue.discard(first.id))
+        while reads:
+            reads.pop(0).callback(None)
+        self.assertEqual(self.adapter.contents("ci"), ["keep"])
+        self.assertEqual(self.journal.rows[first.id].state, "discarded")
