@@ -53,7 +53,7 @@ UPGRADES = Upgrades(
     )
 )
 
-SCHEMA = [
+SCHEMA: list[str | Upgrades] = [
     """
     CREATE TABLE IF NOT EXISTS queue (
         id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -138,6 +138,37 @@ class QueueEventTests(SynchronousTestCase):
         self.assertEqual(ids, sorted(set(ids)))
         self.assertEqual(self.successResultOf(self.journal.eventsSince(0)), self.got)
 
+    def test_eachOutcomeIsOneLogEventWithFieldsNotContent(self) -> None:
+        """
+        Queued, delivered, failed, dead-lettered and retried messages are
+        each logged once with the session, message id, attempt (and
+        duration when delivered or failed); never their content.
+        """
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        ok = self.successResultOf(self.queue.post("s", "secret-one"))
+        self.clock.advance(3)
+        self.adapter.complete()
+        bad = self.successResultOf(self.queue.post("s", "secret-two"))
+        self.adapter.failWaiting()
+        self.clock.advance(1)
+        self.adapter.failWaiting()
+        self.successResultOf(self.queue.retry(bad.id))
+        mine = [e for e in logged if e.get("id") in (ok.id, bad.id)]
+        kinds = [(e["log_format"].split(" {")[0], e["id"]) for e in mine]
+        self.assertEqual(
+            [k[1] for k in kinds], [ok.id, ok.id, bad.id, bad.id, bad.id, bad.id]
+        )
+        for e in mine:
+            self.assertEqual(e["session"], "s")
+            self.assertIn("attempt", e)
+        delivered = mine[1]
+        self.assertEqual(delivered["duration"], 3)
+        self.assertEqual(mine[4]["log_level"].name, "error")
+        text = repr(mine)
+        self.assertNotIn("secret", text)
+
     def test_sweepPrunesOldEvents(self) -> None:
         """
         Events older than the retention are forgotten by the sweep; newer

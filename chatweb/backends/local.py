@@ -14,13 +14,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from chatweb.database import SQLiteDatabase
+from chatweb.database import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.journal import EventSink, insertEvent
 from chatweb.model import Delivery, Event, EventKind, Message, Session
 from chatweb.backends.responders import NoResponder
 
-SCHEMA = [
+SCHEMA: list[str | Upgrades] = [
     """
     CREATE TABLE IF NOT EXISTS sessions (
         id TEXT PRIMARY KEY,
