@@ -20,7 +20,7 @@ from chatweb.database import SQLiteDatabase
 from chatweb.events import EventHub
 from chatweb.journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.journal import SQLiteJournal
-from chatweb.model import Delivery, Event, EventKind
+from chatweb.model import Delivery, Event, EventKind, Session
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
@@ -212,3 +212,22 @@ class LocalBackendEventTests(TestCase):
         self.assertEqual(got[1].data["message"]["content"], "hi")
         self.assertEqual(got[2].data["message"]["role"], "assistant")
         self.assertEqual(await SQLiteJournal(db).eventsSince(0), got)
+
+    async def test_createdAndImportedSessions(self) -> None:
+        db = SQLiteDatabase(os.path.abspath(self.mktemp()) + ".sqlite3", reactor)
+        self.addCleanup(db.close)
+        await db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+        got: list[Event] = []
+        backend = LocalBackend(db, reactor, eventSink=got.append)
+        made = await backend.createSession(model="m")
+        self.assertTrue(await backend.importSession(Session(id="imported")))
+        self.assertFalse(await backend.importSession(Session(id="imported")))
+        self.assertTrue(await backend.importSession(Session(id="imported"), replace=True))
+        self.assertEqual(
+            [(e.kind.value, e.session) for e in got],
+            [
+                ("session.created", made),
+                ("session.created", "imported"),
+                ("session.changed", "imported"),
+            ],
+        )

@@ -181,6 +181,27 @@ def _createSession(
         candidate = f"{base}-{n}"
 
 
+def _withEvent(
+    cursor: sqlite3.Cursor,
+    operation: Any,
+    withEvents: bool,
+    kindOf: Any,
+    *args: Any,
+) -> tuple[Any, list[Event]]:
+    """
+    Run C{operation(cursor, *args)}; if C{withEvents}, record the event
+    C{kindOf(result)} gives (C{(kind, session)} or None) in its transaction.
+    """
+    result = operation(cursor, *args)
+    if not withEvents:
+        return result, []
+    what = kindOf(result)
+    if what is None:
+        return result, []
+    kind, sessionId, now = what
+    return result, [insertEvent(cursor, kind, sessionId, now, {})]
+
+
 def sessionIdFor(when: float) -> str:
     """
     chat.nvim's form of a server-made session id: the local time,
@@ -301,7 +322,15 @@ class LocalBackend:
         and the given chat.nvim metadata (provider, model, cwd, ...).
         """
         now = self._clock.seconds()
-        return self._db.write(_createSession, sessionIdFor(now), now, metadata)
+        return self._db.write(
+            _withEvent,
+            _createSession,
+            self.eventSink is not None,
+            lambda sessionId: (EventKind.SESSION_CREATED, sessionId, now),
+            sessionIdFor(now),
+            now,
+            metadata,
+        ).addCallback(self._published)
 
     def importSession(self, session: Session, replace: bool = False) -> Deferred[bool]:
         """
@@ -309,4 +338,20 @@ class LocalBackend:
         transaction.  Fires with False, writing nothing, when a session of
         that id exists and C{replace} is false.
         """
-        return self._db.write(_importSession, session, replace, self._clock.seconds())
+        now = self._clock.seconds()
+
+        def kindOf(written: bool) -> tuple[EventKind, str, float] | None:
+            if not written:
+                return None
+            kind = EventKind.SESSION_CHANGED if replace else EventKind.SESSION_CREATED
+            return kind, session.id, now
+
+        return self._db.write(
+            _withEvent,
+            _importSession,
+            self.eventSink is not None,
+            kindOf,
+            session,
+            replace,
+            now,
+        ).addCallback(self._published)
