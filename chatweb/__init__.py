@@ -7,13 +7,18 @@ L{ISessionAdapter}, and test with L{chatweb.testing}.
 """
 
 from chatweb.interfaces import IJournal, IResponder, ISessionAdapter
-from chatweb.model import Delivery, Message, QueuedMessage, Session, Usage
+from chatweb.events import EventHub
+from chatweb.model import Delivery, Event, EventKind, Message, QueuedMessage, Session, Usage
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.service import ChatWebService
+from chatweb.sessions import Sessions, SessionView
 
 __all__ = [
     "ChatWebService",
     "Delivery",
+    "Event",
+    "EventHub",
+    "EventKind",
     "IJournal",
     "IResponder",
     "ISessionAdapter",
@@ -22,5 +27,7 @@ __all__ = [
     "QueuedMessage",
     "RetryPolicy",
     "Session",
+    "SessionView",
+    "Sessions",
     "Usage",
 ]

@@ -129,6 +129,49 @@ class IJournal(Interface):
             messages, in id order.
         """
 
+    def pendingSessions():
+        """
+        @return: a L{Deferred} firing with a C{dict}: each session that has
+            pending messages, to C{(how many, the highest of their ids)}.
+        """
+
+    def nextPending(session, afterId=0):
+        """
+        @return: a L{Deferred} firing with the session's oldest pending
+            L{chatweb.model.QueuedMessage} whose id is above C{afterId}, or
+            L{None}.
+        """
+
+    eventSink = Attribute(
+        "None, or a callable given each L{chatweb.model.Event} the journal"
+        " records, once its transaction has committed, in id order.  Every"
+        " change the journal makes records one: append (message.queued, not"
+        " for a duplicate), requeue (message.queued), discard"
+        " (message.discarded), markDelivered (delivery.done), recordFailure"
+        " (delivery.failed)."
+    )
+
+    def logEvent(kind, session, data=None):
+        """
+        Record an event that is not a journal change (delivery.started, ...).
+
+        @return: a L{Deferred} firing with the L{chatweb.model.Event}.
+        """
+
+    def eventsSince(afterId, session=None, limit=1000):
+        """
+        @return: a L{Deferred} firing with the events kept whose id is above
+            C{afterId} (of C{session} only, if given), in id order, at most
+            C{limit}.
+        """
+
+    def pruneEvents(before):
+        """
+        Forget the events recorded before the time C{before}.
+
+        @return: a L{Deferred} firing with how many were forgotten.
+        """
+
 
 class IResponder(Interface):
     """

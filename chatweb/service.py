@@ -28,6 +28,7 @@ from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
+from chatweb.events import EventHub
 from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
@@ -91,12 +92,18 @@ class ChatWebService(MultiService):
         self._reactor = reactor
         self.dataDir = dataDir
         self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
-        self.journal = SQLiteJournal(self.database)
+        #: Every change, published once committed (see L{EventHub}).
+        self.events = EventHub()
+        self.journal = SQLiteJournal(
+            self.database, now=reactor.seconds, eventSink=self.events.publish
+        )
         self._ownsAdapter = adapter is None
         if adapter is None:
             if isinstance(responder, str):
                 responder = makeResponder(responder, reactor)
-            adapter = LocalBackend(self.database, reactor, responder)
+            adapter = LocalBackend(
+                self.database, reactor, responder, eventSink=self.events.publish
+            )
         self.adapter = adapter
         self.queue = MessageQueue(
             self.journal,

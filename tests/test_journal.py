@@ -9,6 +9,7 @@ and says how to make an empty journal (L{JournalContractMixin.makeJournal}).
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,8 +19,8 @@ from zope.interface.verify import verifyObject
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
-from chatweb.store._journal import IDEMPOTENCY_WINDOW, SCHEMA, SQLiteJournal
-from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING
+from chatweb.store._journal import IDEMPOTENCY_WINDOW, SCHEMA, UPGRADES, SQLiteJournal
+from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING, Event, EventKind
 from chatweb.testing import MemoryJournal
 
 T0 = 1_700_000_000.0
@@ -36,11 +37,12 @@ class JournalContractMixin:
     assertFalse: Any
     assertTrue: Any
     assertFailure: Any
+    assertIsNone: Any
 
-    async def makeJournal(self) -> Any:
+    async def makeJournal(self, now: Any = None) -> Any:
         """
-        A new, empty journal (an L{IJournal}), closed if need be when the
-        test ends.
+        A new, empty journal (an L{IJournal}) whose clock is C{now} (a
+        callable), closed if need be when the test ends.
         """
         raise NotImplementedError
 
@@ -229,14 +231,137 @@ class JournalContractMixin:
         self.assertEqual([m.id for m in await journal.pending()], [first.id, later.id, other.id])
 
 
+    # -- the event log
+
+    async def test_eachChangeRecordsAnEvent(self) -> None:
+        """
+        Queued, failed, requeued, delivered and discarded messages each
+        leave an event, with increasing ids, given to the event sink once
+        committed and read back by eventsSince; a duplicate append leaves
+        none.
+        """
+        journal = await self.makeJournal(now=lambda: T0 + 5)
+        published: list[Event] = []
+        journal.eventSink = published.append
+        a = await journal.append("a", "one", T0, "k")
+        await journal.append("a", "one", T0, "k")
+        b = await journal.append("b", "two", T0 + 1)
+        await journal.recordFailure(a.id, "boom", True)
+        await journal.requeue(a.id)
+        await journal.markDelivered(a.id)
+        await journal.discard(b.id)
+        expected = [
+            (EventKind.MESSAGE_QUEUED, "a", T0, a.id),
+            (EventKind.MESSAGE_QUEUED, "b", T0 + 1, b.id),
+            (EventKind.DELIVERY_FAILED, "a", T0 + 5, a.id),
+            (EventKind.MESSAGE_QUEUED, "a", T0 + 5, a.id),
+            (EventKind.DELIVERY_DONE, "a", T0 + 5, a.id),
+            (EventKind.MESSAGE_DISCARDED, "b", T0 + 5, b.id),
+        ]
+        events = await journal.eventsSince(0)
+        self.assertEqual(
+            [(e.kind, e.session, e.time, e.data["message"]) for e in events], expected
+        )
+        self.assertEqual(published, events)
+        ids = [e.id for e in events]
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertEqual(events[2].data["final"], True)
+        self.assertEqual(events[2].data["error"], "boom")
+
+    async def test_eventsSinceBySessionAfterAnIdWithALimit(self) -> None:
+        journal = await self.makeJournal()
+        for i in range(3):
+            await journal.append("a", str(i), T0)
+            await journal.append("b", str(i), T0)
+        allEvents = await journal.eventsSince(0)
+        ofA = await journal.eventsSince(0, session="a")
+        self.assertEqual([e for e in allEvents if e.session == "a"], ofA)
+        self.assertEqual(await journal.eventsSince(ofA[0].id, "a", limit=1), [ofA[1]])
+        self.assertEqual(await journal.eventsSince(allEvents[-1].id), [])
+
+    async def test_logEventAndPrune(self) -> None:
+        """
+        logEvent records an event that is not a journal change; pruneEvents
+        forgets those older than the time given, and ids never go back.
+        """
+        clock = [T0]
+        journal = await self.makeJournal(now=lambda: clock[0])
+        published: list[Event] = []
+        journal.eventSink = published.append
+        old = await journal.logEvent(EventKind.DELIVERY_STARTED, "s", {"message": 1})
+        self.assertEqual(published, [old])
+        clock[0] = T0 + 100
+        new = await journal.logEvent(EventKind.SESSION_CREATED, "s")
+        self.assertEqual(await journal.pruneEvents(T0 + 50), 1)
+        self.assertEqual(await journal.eventsSince(0), [new])
+        newer = await journal.logEvent(EventKind.SESSION_CLEARED, "s")
+        self.assertTrue(newer.id > new.id > old.id)
+        self.assertEqual(new.asJSON()["kind"], "session.created")
+
+    async def test_pendingSessionsAndNextPending(self) -> None:
+        journal = await self.makeJournal()
+        a1 = await journal.append("a", "1", T0)
+        a2 = await journal.append("a", "2", T0)
+        b1 = await journal.append("b", "3", T0)
+        await journal.recordFailure(b1.id, "x", True)
+        self.assertEqual(await journal.pendingSessions(), {"a": (2, a2.id)})
+        self.assertEqual(await journal.nextPending("a"), a1)
+        await journal.markDelivered(a1.id)
+        self.assertEqual(await journal.nextPending("a"), a2)
+        self.assertIsNone(await journal.nextPending("b"))
+
+
 class SQLiteJournalContractTests(JournalContractMixin, TestCase):
-    async def makeJournal(self) -> IJournal:
+    async def makeJournal(self, now: Any = None) -> IJournal:
         db = SQLiteDatabase(os.path.abspath(self.mktemp()) + ".sqlite3", reactor)
         self.addCleanup(db.close)
         await db.open(SCHEMA)
-        return SQLiteJournal(db)
+        return SQLiteJournal(db, now=now or (lambda: 0.0))
 
 
 class MemoryJournalContractTests(JournalContractMixin, TestCase):
-    async def makeJournal(self) -> IJournal:
-        return MemoryJournal()
+    async def makeJournal(self, now: Any = None) -> IJournal:
+        return MemoryJournal(now=now)
+
+
+# The schema of the first release (no versions, no events), as it made
+# databases.
+OLD_SCHEMA = [s for s in SCHEMA if isinstance(s, str)]
+
+
+class SchemaUpgradeTests(TestCase):
+    async def test_oldDatabaseUpgradedInPlace(self) -> None:
+        """
+        A database made by the first release (version 0, no events table)
+        is upgraded when opened: its messages are kept and events work.
+        """
+        path = os.path.abspath(self.mktemp()) + ".sqlite3"
+        connection = sqlite3.connect(path)
+        for statement in OLD_SCHEMA:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO queue (session, content, received) VALUES ('s', 'kept', 1.0)"
+        )
+        connection.commit()
+        connection.close()
+        db = SQLiteDatabase(path, reactor)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        journal = SQLiteJournal(db)
+        self.assertEqual([m.content for m in await journal.pending()], ["kept"])
+        event = await journal.logEvent(EventKind.SESSION_CHANGED, "s")
+        self.assertEqual(await journal.eventsSince(0), [event])
+        await db.close()
+        connection = sqlite3.connect(path)
+        self.addCleanup(connection.close)
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        self.assertEqual(version, UPGRADES.version)
+
+    async def test_newerDatabaseRefused(self) -> None:
+        path = os.path.abspath(self.mktemp()) + ".sqlite3"
+        connection = sqlite3.connect(path)
+        connection.execute(f"PRAGMA user_version = {UPGRADES.version + 1}")
+        connection.close()
+        db = SQLiteDatabase(path, reactor)
+        self.addCleanup(db.close)
+        await self.assertFailure(db.open(SCHEMA), RuntimeError)

@@ -65,7 +65,7 @@ class QueueTests(SynchronousTestCase):
         self.start()
         self.post("ci", "one")
         self.assertEqual(self.adapter.contents("ci"), ["one"])
-        self.assertEqual(self.queue.pendingFor("ci"), [])
+        self.assertEqual(self.successResultOf(self.queue.pendingFor("ci")), [])
 
     def test_fifoPerSessionOneInFlight(self) -> None:
         """
@@ -91,7 +91,7 @@ class QueueTests(SynchronousTestCase):
         self.post("free", "goes")
         self.assertEqual(self.adapter.contents("free"), ["goes"])
         self.assertEqual(self.adapter.contents("busy"), [])
-        self.assertEqual([m.content for m in self.queue.pendingFor("busy")], ["held"])
+        self.assertEqual([m.content for m in self.successResultOf(self.queue.pendingFor("busy"))], ["held"])
 
     def test_deliveredWhenAdapterReportsIdle(self) -> None:
         """
@@ -179,15 +179,16 @@ class QueueTests(SynchronousTestCase):
         """
         self.journal.append("ci", "old", 0)
         loading: Deferred = Deferred()
-        self.journal.pending = lambda: loading  # type: ignore[method-assign]
+        self.journal.pendingSessions = lambda: loading  # type: ignore[method-assign]
         self.queue.start()
         self.post("ci", "new")
+        self.post("later", "x")
         self.assertEqual(self.adapter.delivered, [])
-        loading.callback(
-            [m for m in self.journal.rows.values() if m.content == "old"]
-            + [m for m in self.journal.rows.values() if m.content == "new"]
-        )
+        # Counted before "new" was stored: it is counted when it comes.
+        loading.callback({"ci": (1, 1)})
         self.assertEqual(self.adapter.contents("ci"), ["old", "new"])
+        self.assertEqual(self.adapter.contents("later"), ["x"])
+        self.assertEqual(self.queue.pendingCount(), 0)
 
     def test_retriedWithBackoffThenDelivered(self) -> None:
         self.adapter.failures = 3
@@ -442,11 +443,12 @@ class FailingBackendTests(SynchronousTestCase):
         journal = MemoryJournal()
         journal.append("ci", "old", 0)
         loading: Deferred = Deferred()
-        journal.pending = lambda: loading  # type: ignore[method-assign]
+        journal.pendingSessions = lambda: loading  # type: ignore[method-assign]
         queue = MessageQueue(journal, self.adapter, self.clock)
         queue.start()
-        self.successResultOf(queue.discard(1))
-        loading.callback([attrs.evolve(journal.rows[1], state="pending")])
+        discarded = queue.discard(1)
+        loading.callback({"ci": (1, 1)})
+        self.successResultOf(discarded)
         self.assertEqual(self.adapter.delivered, [])
         self.assertEqual(journal.rows[1].state, "discarded")
 
@@ -528,3 +530,62 @@ class FailingBackendTests(SynchronousTestCase):
     def test_hugeAttemptCountsDoNotOverflow(self) -> None:
         policy = RetryPolicy(maxAttempts=100000, maxDelay=60, jitter=0)
         self.assertEqual(policy.delay(5000, random.Random()), 60)
+
+
+class StoreIsTheTruthTests(SynchronousTestCase):
+    """
+    The queue keeps per session only counts and the next message; it reads
+    the rest from the journal when it needs it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = MessageQueue(self.journal, self.adapter, self.clock)
+
+    def test_startReadsCountsNotBodies(self) -> None:
+        """
+        Starting does not load every pending message; what is pending is
+        still delivered, in order, and counted for the limits.
+        """
+        for n in range(3):
+            self.journal.append("busy", f"m{n}", 0)
+
+        def everything() -> None:
+            raise AssertionError("the queue loaded every pending message")
+
+        self.journal.pending = everything  # type: ignore[method-assign]
+        self.adapter.setBusy("busy")
+        self.successResultOf(self.queue.start())
+        self.assertEqual(self.queue.pendingCount(), 3)
+        self.assertEqual(self.queue.sessionsWithPending(), {"busy"})
+        self.adapter.setBusy("busy", False)
+        self.assertEqual(self.adapter.contents("busy"), ["m0", "m1", "m2"])
+        self.assertEqual(self.queue.pendingCount(), 0)
+
+    def test_discardDuringAHeadReadIsNotDelivered(self) -> None:
+        """
+        A message discarded while the queue reads it as the next one is
+        never delivered; the one after it is.
+        """
+        self.successResultOf(self.queue.start())
+        reads: list[Deferred] = []
+        original = self.journal.nextPending
+
+        def slow(session: str, afterId: int = 0) -> Deferred:
+            # Read now (a snapshot), answered later.
+            snapshot = self.successResultOf(original(session, afterId))
+            d: Deferred = Deferred()
+            reads.append(d)
+            d.addCallback(lambda _: snapshot)
+            return d
+
+        self.journal.nextPending = slow  # type: ignore[method-assign]
+        first = self.successResultOf(self.queue.post("ci", "discard me"))
+        self.successResultOf(self.queue.post("ci", "keep"))
+        self.successResultOf(self.queue.discard(first.id))
+        while reads:
+            reads.pop(0).callback(None)
+        self.assertEqual(self.adapter.contents("ci"), ["keep"])
+        self.assertEqual(self.journal.rows[first.id].state, "discarded")

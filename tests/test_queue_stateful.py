@@ -251,12 +251,17 @@ class QueueMachine(RuleBasedStateMachine):
             assert (state == DELIVERED) == (messageId in completed), (messageId, state)
             assert (state == DISCARDED) == (messageId in self.discarded), (messageId, state)
             if state == PENDING:
-                held = [m.id for m in self.queue.pendingFor(session)]
+                held = [m.id for m in self.pendingFor(session)]
                 assert messageId in held, (messageId, held)
         for session in {s for s, _ in self.accepted.values()}:
-            held = [m.id for m in self.queue.pendingFor(session)]
+            held = [m.id for m in self.pendingFor(session)]
             assert held == sorted(held) or self.queue.deliveringNow(session) == held[0], held
             assert len(held) == len(set(held)), held
+
+    def pendingFor(self, session: str) -> list:
+        got: list = []
+        self.queue.pendingFor(session).addCallback(got.extend)
+        return got
 
     def teardown(self) -> None:
         """

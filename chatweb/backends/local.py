@@ -14,12 +14,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from chatweb.store._sqlite import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter
-from chatweb.model._values import Delivery, Message, Session
+from chatweb.store._journal import EventSink, insertEvent
+from chatweb.model._values import Delivery, Event, EventKind, Message, Session
 from chatweb.backends.responders import NoResponder
 
-SCHEMA = [
+SCHEMA: list[str | Upgrades] = [
     """
     CREATE TABLE IF NOT EXISTS sessions (
         id TEXT PRIMARY KEY,
@@ -70,18 +71,41 @@ def _ensureSession(cursor: sqlite3.Cursor, sessionId: str, created: float) -> No
     )
 
 
-def _recordDelivery(cursor: sqlite3.Cursor, delivery: Delivery, now: float) -> bool:
+def _recordDelivery(
+    cursor: sqlite3.Cursor, delivery: Delivery, now: float, withEvents: bool
+) -> tuple[bool, list[Event]]:
     """
     Add the delivered message to its session, unless this delivery id is
-    already there (a redelivery after a crash).  True if it was added.
+    already there (a redelivery after a crash).  True if it was added; the
+    events it records (when C{withEvents}), in the same transaction.
     """
+    events: list[Event] = []
     _ensureSession(cursor, delivery.session, now)
+    if cursor.rowcount == 1 and withEvents:
+        events.append(
+            insertEvent(cursor, EventKind.SESSION_CREATED, delivery.session, now, {})
+        )
     message = Message(role="user", content=delivery.content, created=delivery.received)
     cursor.execute(
         "INSERT OR IGNORE INTO messages (session, delivery, data) VALUES (?, ?, ?)",
         (delivery.session, delivery.id, _dumps(message.asDict())),
     )
-    return cursor.rowcount == 1
+    added = cursor.rowcount == 1
+    if added and withEvents:
+        events.append(_messageAdded(cursor, delivery.session, delivery.id, message, now))
+    return added, events
+
+
+def _messageAdded(
+    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, message: Message, now: float
+) -> Event:
+    return insertEvent(
+        cursor,
+        EventKind.MESSAGE_ADDED,
+        sessionId,
+        now,
+        {"delivery": deliveryId, "message": message.asDict()},
+    )
 
 
 def _appendMessages(
@@ -94,12 +118,20 @@ def _appendMessages(
 
 
 def _appendReplies(
-    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, messages: list[Message]
-) -> None:
+    cursor: sqlite3.Cursor,
+    sessionId: str,
+    deliveryId: int,
+    messages: list[Message],
+    now: float,
+    withEvents: bool,
+) -> tuple[None, list[Event]]:
     cursor.executemany(
         "INSERT INTO messages (session, reply_to, data) VALUES (?, ?, ?)",
         [(sessionId, deliveryId, _dumps(m.asDict())) for m in messages],
     )
+    if not withEvents:
+        return None, []
+    return None, [_messageAdded(cursor, sessionId, deliveryId, m, now) for m in messages]
 
 
 def _answered(cursor: sqlite3.Cursor, deliveryId: int) -> bool:
@@ -149,6 +181,27 @@ def _createSession(
         candidate = f"{base}-{n}"
 
 
+def _withEvent(
+    cursor: sqlite3.Cursor,
+    operation: Any,
+    withEvents: bool,
+    kindOf: Any,
+    *args: Any,
+) -> tuple[Any, list[Event]]:
+    """
+    Run C{operation(cursor, *args)}; if C{withEvents}, record the event
+    C{kindOf(result)} gives (C{(kind, session)} or None) in its transaction.
+    """
+    result = operation(cursor, *args)
+    if not withEvents:
+        return result, []
+    what = kindOf(result)
+    if what is None:
+        return result, []
+    kind, sessionId, now = what
+    return result, [insertEvent(cursor, kind, sessionId, now, {})]
+
+
 def sessionIdFor(when: float) -> str:
     """
     chat.nvim's form of a server-made session id: the local time,
@@ -171,9 +224,14 @@ class LocalBackend:
         database: SQLiteDatabase,
         clock: IReactorTime,
         responder: IResponder | None = None,
+        eventSink: EventSink | None = None,
     ) -> None:
         self._db = database
         self._clock = clock
+        #: Given each message.added and session.created event once committed
+        #: (they are recorded in the journal's events table, which must be in
+        #: the same database); None: no events are recorded.
+        self.eventSink = eventSink
         self.responder = responder if responder is not None else NoResponder()
         self._busy: set[str] = set()
         self._idleWaiters: dict[str, list[Deferred[None]]] = {}
@@ -222,7 +280,14 @@ class LocalBackend:
         return d.addBoth(idle)
 
     async def _process(self, delivery: Delivery) -> None:
-        added = await self._db.write(_recordDelivery, delivery, self._clock.seconds())
+        added = self._published(
+            await self._db.write(
+                _recordDelivery,
+                delivery,
+                self._clock.seconds(),
+                self.eventSink is not None,
+            )
+        )
         if not self.responder.answers:
             return
         # A redelivery after a crash: answer only if no answer was stored.
@@ -233,9 +298,23 @@ class LocalBackend:
             return
         replies = await self.responder.respond(session, session.messages[-1])
         if replies:
-            await self._db.write(
-                _appendReplies, delivery.session, delivery.id, list(replies)
+            self._published(
+                await self._db.write(
+                    _appendReplies,
+                    delivery.session,
+                    delivery.id,
+                    list(replies),
+                    self._clock.seconds(),
+                    self.eventSink is not None,
+                )
             )
+
+    def _published(self, result: tuple[Any, list[Event]]) -> Any:
+        value, events = result
+        if self.eventSink is not None:
+            for event in events:
+                self.eventSink(event)
+        return value
 
     def createSession(self, **metadata: Any) -> Deferred[str]:
         """
@@ -243,7 +322,15 @@ class LocalBackend:
         and the given chat.nvim metadata (provider, model, cwd, ...).
         """
         now = self._clock.seconds()
-        return self._db.write(_createSession, sessionIdFor(now), now, metadata)
+        return self._db.write(
+            _withEvent,
+            _createSession,
+            self.eventSink is not None,
+            lambda sessionId: (EventKind.SESSION_CREATED, sessionId, now),
+            sessionIdFor(now),
+            now,
+            metadata,
+        ).addCallback(self._published)
 
     def importSession(self, session: Session, replace: bool = False) -> Deferred[bool]:
         """
@@ -251,4 +338,20 @@ class LocalBackend:
         transaction.  Fires with False, writing nothing, when a session of
         that id exists and C{replace} is false.
         """
-        return self._db.write(_importSession, session, replace, self._clock.seconds())
+        now = self._clock.seconds()
+
+        def kindOf(written: bool) -> tuple[EventKind, str, float] | None:
+            if not written:
+                return None
+            kind = EventKind.SESSION_CHANGED if replace else EventKind.SESSION_CREATED
+            return kind, session.id, now
+
+        return self._db.write(
+            _withEvent,
+            _importSession,
+            self.eventSink is not None,
+            kindOf,
+            session,
+            replace,
+            now,
+        ).addCallback(self._published)

@@ -5,12 +5,16 @@ classes with chat.nvim's JSON forms.
 
 from chatweb.model._values import (
     DELIVERED,
+    DELIVERING,
     DISCARDED,
     FAILED,
     PENDING,
     ROLES,
     Delivery,
+    Event,
+    EventKind,
     Message,
+    MessageState,
     QueuedMessage,
     Session,
     Usage,
@@ -18,12 +22,16 @@ from chatweb.model._values import (
 
 __all__ = [
     "DELIVERED",
+    "DELIVERING",
     "DISCARDED",
     "FAILED",
     "PENDING",
     "ROLES",
     "Delivery",
+    "Event",
+    "EventKind",
     "Message",
+    "MessageState",
     "QueuedMessage",
     "Session",
     "Usage",

@@ -9,7 +9,8 @@ without loss: keys this version does not know are kept in C{extra}.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import enum
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -278,18 +279,95 @@ class Delivery:
     C{id} is unique and stable across restarts: a message may be handed over
     again after a crash, and an adapter that records C{id} can ignore the
     repeat (the default backend does).
+
+    C{emit}, when set, takes partial answer text as it is made (a streaming
+    model's tokens): each call records and publishes a C{delivery.text}
+    event of this delivery.  Backends call it if they stream; it is not
+    part of equality.
     """
 
     id: int
     session: str
     content: str
     received: float
+    emit: Callable[[str], Any] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-DISCARDED = "discarded"
+class _StrEnum(str, enum.Enum):
+    """
+    An enum whose members are their string values (C{enum.StrEnum} needs
+    Python 3.11; chatweb runs on 3.10).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class MessageState(_StrEnum):
+    """
+    Where a queued message is.  The values are what the journal stores (and
+    compare equal to those strings).
+    """
+
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+
+
+PENDING = MessageState.PENDING
+DELIVERING = MessageState.DELIVERING
+DELIVERED = MessageState.DELIVERED
+FAILED = MessageState.FAILED
+DISCARDED = MessageState.DISCARDED
+
+
+class EventKind(_StrEnum):
+    """
+    What an L{Event} records.
+    """
+
+    MESSAGE_QUEUED = "message.queued"
+    DELIVERY_STARTED = "delivery.started"
+    DELIVERY_TEXT = "delivery.text"
+    MESSAGE_ADDED = "message.added"
+    DELIVERY_DONE = "delivery.done"
+    DELIVERY_FAILED = "delivery.failed"
+    MESSAGE_DISCARDED = "message.discarded"
+    SESSION_CREATED = "session.created"
+    SESSION_CHANGED = "session.changed"
+    SESSION_CLEARED = "session.cleared"
+    SESSION_DELETED = "session.deleted"
+
+
+@attrs.frozen
+class Event:
+    """
+    One change, as the event log keeps it: ids increase in the order the
+    changes were committed.
+    """
+
+    id: int
+    kind: EventKind = attrs.field(converter=EventKind)
+    session: str
+    time: float
+    data: dict[str, Any] = attrs.field(factory=dict)
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The event as the API shows it (a JSON object).
+        """
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "session": self.session,
+            "time": self.time,
+            "data": self.data,
+        }
 
 
 @attrs.frozen
@@ -303,12 +381,14 @@ class QueuedMessage:
     session: str
     content: str
     received: float
-    state: str = PENDING
+    state: MessageState = attrs.field(default=PENDING, converter=MessageState)
     attempts: int = 0
     lastError: str | None = None
     #: True when the journal answered with a message stored earlier under
     #: the same idempotency key.
     duplicate: bool = attrs.field(default=False, eq=False)
+    #: After a requeue or discard: the state it was in before.
+    previousState: MessageState | None = attrs.field(default=None, eq=False)
 
     def asDict(self) -> dict[str, Any]:
         """

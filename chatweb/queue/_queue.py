@@ -14,7 +14,6 @@ Its promises:
 from __future__ import annotations
 
 import random
-from collections import deque
 from typing import Any
 
 import attrs
@@ -32,7 +31,8 @@ from twisted.python.failure import Failure
 
 from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.model._values import FAILED, QueuedMessage
+from chatweb.store._journal import EVENT_RETENTION
+from chatweb.model._values import PENDING, EventKind, QueuedMessage
 
 _log = Logger()
 
@@ -60,12 +60,31 @@ class RetryPolicy:
 
 @attrs.define
 class _SessionQueue:
-    messages: deque[QueuedMessage] = attrs.field(factory=deque)
+    """
+    What the queue keeps in memory of a session with work: counts and the
+    next message, never the whole queue (the journal is its truth).
+    """
+
+    #: Its pending messages in the journal (the one in flight included).
+    count: int = 0
+    #: The next message to deliver, as read from the journal (None: read it
+    #: when it is needed).
+    head: QueuedMessage | None = None
+    #: A read of the head under way.
+    reading: Deferred[Any] | None = None
+    #: Bumped whenever the order may have changed (a retry, a discard): a
+    #: head read that started before is stale.
+    generation: int = 0
+    #: Delivered, but the journal could not record it: the head is read
+    #: after this id (until a restart delivers it again, or a retry).
+    skipThrough: int = 0
     delivering: QueuedMessage | None = None
     inFlight: Deferred[Any] | None = None
     idleWait: Deferred[Any] | None = None
     woken: bool = False
     retryCall: IDelayedCall | None = None
+    #: When the delivery in flight started (the clock's seconds).
+    startedAt: float = 0.0
 
     def cancelRetry(self) -> None:
         if self.retryCall is not None and self.retryCall.active():
@@ -99,6 +118,7 @@ class MessageQueue:
         rng: random.Random | None = None,
         maxPendingPerSession: int | None = None,
         maxPendingTotal: int | None = None,
+        eventRetention: float = EVENT_RETENTION,
     ) -> None:
         self._journal = journal
         self._adapter = adapter
@@ -110,7 +130,11 @@ class MessageQueue:
         self._maxPerSession = maxPendingPerSession
         self._maxTotal = maxPendingTotal
         self._reserved: dict[str, int] = {}
-        self._discardedWhileLoading: set[int] = set()
+        #: Messages stored while the start-up counts were being read.
+        self._early: list[QueuedMessage] = []
+        self._loadWaiters: list[Deferred[None]] = []
+        #: Messages whose discard is being written: never delivered.
+        self._discarding: set[int] = set()
         self._reservedTotal = 0
         self._loaded = False
         self._running = False
@@ -118,6 +142,9 @@ class MessageQueue:
         self._kickAgain: set[str] = set()
         self._drained: list[Deferred[None]] = []
         self._emptyWaiters: list[Deferred[None]] = []
+        #: Events older than this many seconds are pruned by the sweep.
+        self.eventRetention = eventRetention
+        self._lastPrune: float | None = None
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
         self.interval = interval
@@ -133,29 +160,39 @@ class MessageQueue:
         self._sweep.start(self.interval, now=False).addErrback(
             lambda f: _log.failure("The queue sweep stopped", f)
         )
-        return self._journal.pending().addCallback(self._loadPending)
+        return self._journal.pendingSessions().addCallback(self._loadPending)
 
-    def _loadPending(self, pending: list[QueuedMessage]) -> None:
-        # Messages posted while the journal was being read may be in both.
-        bySession: dict[str, dict[int, QueuedMessage]] = {}
-        discarded, self._discardedWhileLoading = self._discardedWhileLoading, set()
-        pending = [m for m in pending if m.id not in discarded]
-        for message in pending:
-            bySession.setdefault(message.session, {})[message.id] = message
-        for session, queue in self._queues.items():
-            for message in queue.messages:
-                bySession.setdefault(session, {})[message.id] = message
-        for session, messages in bySession.items():
-            queue = self._queues.setdefault(session, _SessionQueue())
-            queue.messages = deque(messages[i] for i in sorted(messages))
+    def _loadPending(self, pending: dict[str, tuple[int, int]]) -> None:
+        # Messages stored while the counts were read are counted by them
+        # if their id is at most the session's last pending id then.
+        for session, (count, _) in pending.items():
+            self._queues.setdefault(session, _SessionQueue()).count = count
+        early, self._early = self._early, []
+        for message in early:
+            if message.id > pending.get(message.session, (0, 0))[1]:
+                self._queues.setdefault(message.session, _SessionQueue()).count += 1
         self._loaded = True
-        if pending:
+        total = sum(count for count, _ in pending.values())
+        if total:
             _log.info(
-                "Resuming delivery of {count} pending message(s)", count=len(pending)
+                "Resuming delivery of {count} pending message(s) in {sessions}"
+                " session(s)",
+                count=total,
+                sessions=len(pending),
             )
+        waiters, self._loadWaiters = self._loadWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         for session in list(self._queues):
             self._kick(session)
         self._maybeEmpty()
+
+    def _whenLoaded(self) -> Deferred[None]:
+        if self._loaded:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._loadWaiters.append(waiter)
+        return waiter
 
     def stop(self, timeout: float = 10.0) -> Deferred[None]:
         """
@@ -211,7 +248,7 @@ class MessageQueue:
             is reached (nothing is stored then).
         """
         queue = self._queues.get(session)
-        waiting = (len(queue.messages) if queue else 0) + self._reserved.get(session, 0)
+        waiting = (queue.count if queue else 0) + self._reserved.get(session, 0)
         if self._maxPerSession is not None and waiting >= self._maxPerSession:
             return fail(QueueFull("session", self._maxPerSession, self.interval))
         if self._maxTotal is not None and self.pendingCount() >= self._maxTotal:
@@ -238,13 +275,21 @@ class MessageQueue:
         """
         Messages accepted and not yet delivered (nor failed for good).
         """
-        return self._reservedTotal + sum(len(q.messages) for q in self._queues.values())
+        return self._reservedTotal + sum(q.count for q in self._queues.values())
 
     def _enqueue(self, message: QueuedMessage) -> QueuedMessage:
         if message.duplicate:
             return message
-        queue = self._queues.setdefault(message.session, _SessionQueue())
-        queue.messages.append(message)
+        _log.info(
+            "Message {id} queued for session {session!r}",
+            id=message.id,
+            session=message.session,
+            attempt=message.attempts,
+        )
+        if not self._loaded:
+            self._early.append(message)
+            return message
+        self._queues.setdefault(message.session, _SessionQueue()).count += 1
         # The message is on disk: whatever delivery does now, the post
         # succeeded (the sweep tries again).
         try:
@@ -262,12 +307,30 @@ class MessageQueue:
         """
 
         def requeued(message: QueuedMessage) -> QueuedMessage:
+            _log.info(
+                "Message {id} to session {session!r} queued again by hand",
+                id=message.id,
+                session=message.session,
+                attempt=message.attempts,
+            )
             queue = self._queues.setdefault(message.session, _SessionQueue())
-            self._insertInOrder(queue, message)
+            queue.count += 1
+            queue.skipThrough = 0
+            if queue.delivering is None:
+                # It may come before the head: read the head again.
+                self._forgetHead(queue)
             self._kick(message.session)
             return message
 
-        return self._journal.requeue(messageId).addCallback(requeued)
+        return (
+            self._whenLoaded()
+            .addCallback(lambda _: self._journal.requeue(messageId))
+            .addCallback(requeued)
+        )
+
+    def _forgetHead(self, queue: _SessionQueue) -> None:
+        queue.head = None
+        queue.generation += 1
 
     def discard(self, messageId: int) -> Deferred[QueuedMessage]:
         """
@@ -276,43 +339,38 @@ class MessageQueue:
         """
         if any(q.delivering and q.delivering.id == messageId for q in self._queues.values()):
             return fail(WrongState("delivering"))
-        found = next(
-            (
-                (session, queue, message)
-                for session, queue in self._queues.items()
-                for message in queue.messages
-                if message.id == messageId
-            ),
-            None,
-        )
-        if not self._loaded:
-            # The journal may still hand it to _loadPending.
-            self._discardedWhileLoading.add(messageId)
-        if found is not None:
-            session, queue, message = found
-            # Out of the queue at once, so that no delivery starts meanwhile.
-            if queue.messages[0] is message:
+        return self._whenLoaded().addCallback(lambda _: self._discard(messageId))
+
+    def _discard(self, messageId: int) -> Deferred[QueuedMessage]:
+        if any(q.delivering and q.delivering.id == messageId for q in self._queues.values()):
+            return fail(WrongState("delivering"))
+        # No delivery of it starts while the discard is written.
+        self._discarding.add(messageId)
+        for queue in self._queues.values():
+            if queue.head is not None and queue.head.id == messageId:
                 queue.cancelRetry()
-            queue.messages.remove(message)
+                self._forgetHead(queue)
 
-            def restore(failure: Failure) -> Failure:
-                if not failure.check(WrongState):
-                    self._insertInOrder(queue, message)
-                return failure
+        def done(message: QueuedMessage) -> QueuedMessage:
+            self._discarding.discard(messageId)
+            queue = self._queues.get(message.session)
+            if queue is not None:
+                if message.previousState == PENDING:
+                    queue.count -= 1
+                self._forgetHead(queue)
+                self._kick(message.session)
+            return message
 
-            d = self._journal.discard(messageId).addErrback(restore)
-            self._kick(session)
-        else:
-            d = self._journal.discard(messageId)
-        return d.addBoth(self._discarded)
+        def failed(failure: Failure) -> Failure:
+            self._discarding.discard(messageId)
+            self.sweep()
+            return failure
 
-    def _insertInOrder(self, queue: _SessionQueue, message: QueuedMessage) -> None:
-        messages = [m for m in queue.messages if m.id != message.id]
-        position = 1 if queue.delivering is not None and messages else 0
-        while position < len(messages) and messages[position].id < message.id:
-            position += 1
-        messages.insert(position, message)
-        queue.messages = deque(messages)
+        return (
+            self._journal.discard(messageId)
+            .addCallbacks(done, failed)
+            .addBoth(self._discarded)
+        )
 
     def _discarded(self, result: Any) -> Any:
         self._maybeEmpty()
@@ -324,7 +382,7 @@ class MessageQueue:
         """
         The sessions that have messages waiting for delivery.
         """
-        return {s for s, q in self._queues.items() if q.messages}
+        return {s for s, q in self._queues.items() if q.count > 0}
 
     def whenDelivered(self) -> Deferred[None]:
         """
@@ -340,7 +398,7 @@ class MessageQueue:
     def _maybeEmpty(self) -> None:
         if not self._emptyWaiters or not self._loaded:
             return
-        if any(q.messages or q.delivering for q in self._queues.values()):
+        if any(q.count > 0 or q.delivering for q in self._queues.values()):
             return
         waiters, self._emptyWaiters = self._emptyWaiters, []
         for waiter in waiters:
@@ -357,12 +415,14 @@ class MessageQueue:
         queue = self._queues.get(session)
         return queue.delivering.id if queue and queue.delivering else None
 
-    def pendingFor(self, session: str) -> list[QueuedMessage]:
+    def pendingFor(self, session: str) -> Deferred[list[QueuedMessage]]:
         """
-        The messages of C{session} waiting for delivery, the next one first.
+        The messages of C{session} waiting for delivery (the one in flight
+        included), read from the journal, in id order.
         """
-        queue = self._queues.get(session)
-        return list(queue.messages) if queue else []
+        return self._journal.messages(session).addCallback(
+            lambda messages: [m for m in messages if m.state == PENDING]
+        )
 
     # -- delivery
 
@@ -376,6 +436,19 @@ class MessageQueue:
                 self._kick(session)
             except Exception:
                 _log.failure("Sweep of session {session!r} failed", session=session)
+        self._pruneEvents()
+
+    def _pruneEvents(self) -> None:
+        # At most once a minute (each prune is a write).
+        now = self._clock.seconds()
+        if self._lastPrune is not None and now - self._lastPrune < 60:
+            return
+        self._lastPrune = now
+        prune = getattr(self._journal, "pruneEvents", None)
+        if prune is not None:
+            maybeDeferred(prune, now - self.eventRetention).addErrback(
+                lambda f: _log.failure("Could not prune old events", f)
+            )
 
     def _kick(self, session: str) -> None:
         # Deliveries that complete synchronously come back here; loop rather
@@ -399,9 +472,12 @@ class MessageQueue:
             return
         if queue.delivering is not None or queue.retryCall is not None:
             return
-        if not queue.messages:
-            if queue.idleWait is None:
+        if queue.count <= 0:
+            if queue.idleWait is None and queue.reading is None and not queue.skipThrough:
                 del self._queues[session]
+            return
+        if queue.head is None:
+            self._readHead(session, queue)
             return
         woken, queue.woken = queue.woken, False
         if self._adapter.isBusy(session):
@@ -413,7 +489,40 @@ class MessageQueue:
         if queue.idleWait is not None:
             wait, queue.idleWait = queue.idleWait, None
             wait.cancel()
-        self._deliver(session, queue, queue.messages[0])
+        self._deliver(session, queue, queue.head)
+
+    def _readHead(self, session: str, queue: _SessionQueue) -> None:
+        if queue.reading is not None:
+            return
+        generation = queue.generation
+        d = maybeDeferred(self._journal.nextPending, session, queue.skipThrough)
+        queue.reading = d
+
+        def read(message: QueuedMessage | None) -> None:
+            queue.reading = None
+            if self._queues.get(session) is not queue:
+                return
+            if generation != queue.generation:
+                self._kick(session)
+                return
+            if message is None:
+                # The journal has nothing pending: the count was off.
+                queue.count = 0
+            elif message.id in self._discarding:
+                return  # kicked again when the discard is written
+            else:
+                queue.head = message
+            self._kick(session)
+
+        def failed(failure: Failure) -> None:
+            queue.reading = None
+            _log.failure(
+                "Reading the next message of session {session!r} failed",
+                failure,
+                session=session,
+            )
+
+        d.addCallbacks(read, failed)
 
     def _waitForIdle(self, session: str, queue: _SessionQueue) -> None:
         if queue.idleWait is not None:
@@ -443,7 +552,21 @@ class MessageQueue:
         self, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> None:
         queue.delivering = message
-        d = maybeDeferred(self._adapter.deliver, message.delivery())
+        queue.startedAt = self._clock.seconds()
+        logEvent = getattr(self._journal, "logEvent", None)
+        if logEvent is not None:
+            maybeDeferred(
+                logEvent,
+                EventKind.DELIVERY_STARTED,
+                session,
+                {"message": message.id, "attempt": message.attempts + 1},
+            ).addErrback(
+                lambda f: _log.failure("Could not record a delivery start", f)
+            )
+        delivery = attrs.evolve(
+            message.delivery(), emit=self._emitter(session, message.id)
+        )
+        d = maybeDeferred(self._adapter.deliver, delivery)
         if self._deliveryTimeout is not None:
             d.addTimeout(self._deliveryTimeout, self._clock)
         # Set before the callbacks are added: they clear it, even at once.
@@ -458,22 +581,45 @@ class MessageQueue:
             lambda f: _log.failure("Delivery bookkeeping failed", f)
         )
 
+    def _emitter(self, session: str, messageId: int) -> Any:
+        logEvent = getattr(self._journal, "logEvent", None)
+
+        def emit(text: str) -> None:
+            if logEvent is None:
+                return
+            maybeDeferred(
+                logEvent,
+                EventKind.DELIVERY_TEXT,
+                session,
+                {"message": messageId, "text": text},
+            ).addErrback(lambda f: _log.failure("Could not record streamed text", f))
+
+        return emit
+
     def _delivered(
         self, _: object, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> Deferred[None]:
         queue.inFlight = None
+        _log.info(
+            "Message {id} delivered to session {session!r}",
+            id=message.id,
+            session=session,
+            attempt=message.attempts + 1,
+            duration=self._clock.seconds() - queue.startedAt,
+        )
 
         def recordFailed(failure: Failure) -> None:
             # The adapter has the message; at worst it sees it again after
             # a restart, with the same id.
+            queue.skipThrough = max(queue.skipThrough, message.id)
             _log.failure(
                 "Could not record delivery of message {id}", failure, id=message.id
             )
 
         def done(_: object) -> None:
             try:
-                if queue.messages and queue.messages[0].id == message.id:
-                    queue.messages.popleft()
+                queue.count -= 1
+                self._forgetHead(queue)
             finally:
                 self._settled(session, queue)
 
@@ -499,12 +645,6 @@ class MessageQueue:
         error = describeFailure(failure)
         attempts = message.attempts + 1
         final = attempts >= self._retry.maxAttempts
-        updated = attrs.evolve(
-            message,
-            attempts=attempts,
-            lastError=error,
-            state=FAILED if final else message.state,
-        )
         if final:
             _log.error(
                 "Message {id} to session {session!r} failed {attempts} times"
@@ -512,6 +652,8 @@ class MessageQueue:
                 id=message.id,
                 session=session,
                 attempts=attempts,
+                attempt=attempts,
+                duration=self._clock.seconds() - queue.startedAt,
                 error=error,
             )
         else:
@@ -521,6 +663,8 @@ class MessageQueue:
                 id=message.id,
                 session=session,
                 attempts=attempts,
+                attempt=attempts,
+                duration=self._clock.seconds() - queue.startedAt,
                 error=error,
             )
 
@@ -529,15 +673,11 @@ class MessageQueue:
 
         def recorded(_: object) -> None:
             try:
-                if queue.messages and queue.messages[0].id == message.id:
-                    if final:
-                        queue.messages.popleft()
-                    else:
-                        queue.messages[0] = updated
-                        if len(queue.messages) > 1 and queue.messages[1].id < message.id:
-                            # An older message was retried while this one
-                            # was in flight: it goes first.
-                            queue.messages = deque(sorted(queue.messages, key=lambda m: m.id))
+                if final:
+                    queue.count -= 1
+                # Read again: an older message retried while this one was
+                # in flight goes first; this one's attempts are updated.
+                self._forgetHead(queue)
                 if not final and self._running:
                     queue.retryCall = self._clock.callLater(
                         self._retry.delay(attempts, self._rng), self._retryNow, session

@@ -6,19 +6,54 @@ The queue's durable journal: every accepted message is a row here before its
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import time
+from typing import Any, Callable
 
 import attrs
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from chatweb.store._sqlite import SQLiteDatabase
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
-from chatweb.model._values import DELIVERED, DISCARDED, FAILED, PENDING, QueuedMessage
+from chatweb.model._values import (
+    DELIVERED,
+    DISCARDED,
+    FAILED,
+    PENDING,
+    Event,
+    EventKind,
+    QueuedMessage,
+)
 
-SCHEMA = [
+#: Where committed events go (an L{chatweb.events.EventHub}'s C{publish}).
+EventSink = Callable[[Event], None]
+
+#: The schema's upgrade steps, in order (see L{Upgrades}); version 0 is the
+#: schema of the first release, which had no versions.
+UPGRADES = Upgrades(
+    (
+        # 1: the event log.
+        (
+            """
+            CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL,
+                session TEXT NOT NULL,
+                time REAL NOT NULL,
+                data TEXT NOT NULL DEFAULT '{}'
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS events_by_session ON events (session, id)",
+            "CREATE INDEX IF NOT EXISTS events_by_time ON events (time)",
+        ),
+    )
+)
+
+SCHEMA: list[str | Upgrades] = [
     """
     CREATE TABLE IF NOT EXISTS queue (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,7 +77,11 @@ SCHEMA = [
     )
     """,
     "CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created)",
+    UPGRADES,
 ]
+
+#: How long events are kept, by default.
+EVENT_RETENTION = 24 * 60 * 60
 
 #: How long an Idempotency-Key is remembered.
 IDEMPOTENCY_WINDOW = 24 * 60 * 60
@@ -65,6 +104,83 @@ def _get(cursor: sqlite3.Cursor, messageId: int) -> QueuedMessage | None:
     cursor.execute(f"SELECT {_COLUMNS} FROM queue WHERE id = ?", (messageId,))
     row = cursor.fetchone()
     return _row(row) if row else None
+
+
+def _insertEvent(
+    cursor: sqlite3.Cursor,
+    kind: EventKind,
+    session: str,
+    when: float,
+    data: dict[str, Any],
+) -> Event:
+    """
+    Record an event in the transaction of C{cursor}.
+    """
+    cursor.execute(
+        "INSERT INTO events (kind, session, time, data) VALUES (?, ?, ?, ?)",
+        (kind.value, session, when, json.dumps(data)),
+    )
+    eventId = cursor.lastrowid
+    assert eventId is not None
+    return Event(eventId, kind, session, when, data)
+
+
+#: For other tables' writers (the local backend) that record events in the
+#: same transaction as their change.
+insertEvent = _insertEvent
+
+
+def _logEvent(
+    cursor: sqlite3.Cursor,
+    kind: EventKind,
+    session: str,
+    when: float,
+    data: dict[str, Any],
+) -> tuple[Event, list[Event]]:
+    event = _insertEvent(cursor, kind, session, when, data)
+    return event, [event]
+
+
+def _eventsSince(
+    cursor: sqlite3.Cursor, afterId: int, session: str | None, limit: int
+) -> list[Event]:
+    if session is None:
+        cursor.execute(
+            "SELECT id, kind, session, time, data FROM events WHERE id > ?"
+            " ORDER BY id LIMIT ?",
+            (afterId, limit),
+        )
+    else:
+        cursor.execute(
+            "SELECT id, kind, session, time, data FROM events"
+            " WHERE session = ? AND id > ? ORDER BY id LIMIT ?",
+            (session, afterId, limit),
+        )
+    return [
+        Event(i, EventKind(k), s, t, json.loads(d)) for i, k, s, t, d in cursor.fetchall()
+    ]
+
+
+def _pruneEvents(cursor: sqlite3.Cursor, before: float) -> tuple[int, list[Event]]:
+    cursor.execute("DELETE FROM events WHERE time < ?", (before,))
+    return cursor.rowcount, []
+
+
+def _queued(
+    cursor: sqlite3.Cursor,
+    session: str,
+    content: str,
+    received: float,
+    idempotencyKey: str | None,
+) -> tuple[QueuedMessage, list[Event]]:
+    message = _append(cursor, session, content, received, idempotencyKey)
+    if message.duplicate:
+        return message, []
+    return message, [
+        _insertEvent(
+            cursor, EventKind.MESSAGE_QUEUED, session, received, {"message": message.id}
+        )
+    ]
 
 
 def _append(
@@ -126,22 +242,57 @@ def _failedSessions(cursor: sqlite3.Cursor) -> list[str]:
     return [row[0] for row in cursor.fetchall()]
 
 
-def _markDelivered(cursor: sqlite3.Cursor, messageId: int) -> None:
+def _markDelivered(
+    cursor: sqlite3.Cursor, messageId: int, now: float
+) -> tuple[None, list[Event]]:
     cursor.execute(
         "UPDATE queue SET state = ? WHERE id = ?", (DELIVERED, messageId)
     )
+    message = _get(cursor, messageId)
+    if message is None:
+        return None, []
+    return None, [
+        _insertEvent(
+            cursor,
+            EventKind.DELIVERY_DONE,
+            message.session,
+            now,
+            {"message": messageId, "attempt": message.attempts + 1},
+        )
+    ]
+
+
+def failureEventData(message: QueuedMessage, final: bool) -> dict[str, Any]:
+    """
+    The data of the C{delivery.failed} event of C{message} (as recorded).
+    """
+    return {
+        "message": message.id,
+        "attempt": message.attempts,
+        "error": message.lastError,
+        "final": final,
+    }
 
 
 def _recordFailure(
-    cursor: sqlite3.Cursor, messageId: int, error: str, final: bool
-) -> QueuedMessage:
+    cursor: sqlite3.Cursor, messageId: int, error: str, final: bool, now: float
+) -> tuple[QueuedMessage, list[Event]]:
     cursor.execute(
         "UPDATE queue SET attempts = attempts + 1, last_error = ?, state = ?"
         " WHERE id = ?",
         (error, FAILED if final else PENDING, messageId),
     )
     cursor.execute(f"SELECT {_COLUMNS} FROM queue WHERE id = ?", (messageId,))
-    return _row(cursor.fetchone())
+    message = _row(cursor.fetchone())
+    return message, [
+        _insertEvent(
+            cursor,
+            EventKind.DELIVERY_FAILED,
+            message.session,
+            now,
+            failureEventData(message, final),
+        )
+    ]
 
 
 #: A second thought about a message: the states it may be in, and the one
@@ -164,16 +315,50 @@ def changed(message: QueuedMessage | None, messageId: int, change: Change) -> Qu
     if message.state not in allowed:
         raise WrongState(message.state)
     attempts = 0 if state == PENDING else message.attempts
-    return attrs.evolve(message, state=state, attempts=attempts)
+    return attrs.evolve(
+        message, state=state, attempts=attempts, previousState=message.state
+    )
 
 
-def _changeState(cursor: sqlite3.Cursor, messageId: int, change: Change) -> QueuedMessage:
+def changeEvent(message: QueuedMessage) -> tuple[EventKind, dict[str, Any]]:
+    """
+    The event a requeue or discard of C{message} records.
+    """
+    if message.state == DISCARDED:
+        return EventKind.MESSAGE_DISCARDED, {"message": message.id}
+    return EventKind.MESSAGE_QUEUED, {"message": message.id, "retry": True}
+
+
+def _changeState(
+    cursor: sqlite3.Cursor, messageId: int, change: Change, now: float
+) -> tuple[QueuedMessage, list[Event]]:
     message = changed(_get(cursor, messageId), messageId, change)
     cursor.execute(
         "UPDATE queue SET state = ?, attempts = ? WHERE id = ?",
         (message.state, message.attempts, messageId),
     )
-    return message
+    kind, data = changeEvent(message)
+    return message, [_insertEvent(cursor, kind, message.session, now, data)]
+
+
+def _pendingSessions(cursor: sqlite3.Cursor) -> dict[str, tuple[int, int]]:
+    cursor.execute(
+        "SELECT session, COUNT(*), MAX(id) FROM queue WHERE state = ? GROUP BY session",
+        (PENDING,),
+    )
+    return {session: (count, last) for session, count, last in cursor.fetchall()}
+
+
+def _nextPending(
+    cursor: sqlite3.Cursor, session: str, afterId: int
+) -> QueuedMessage | None:
+    cursor.execute(
+        f"SELECT {_COLUMNS} FROM queue WHERE session = ? AND state = ? AND id > ?"
+        " ORDER BY id LIMIT 1",
+        (session, PENDING, afterId),
+    )
+    row = cursor.fetchone()
+    return _row(row) if row else None
 
 
 @implementer(IJournal)
@@ -182,8 +367,27 @@ class SQLiteJournal:
     The journal in the SQLite database of the data directory.
     """
 
-    def __init__(self, database: SQLiteDatabase) -> None:
+    def __init__(
+        self,
+        database: SQLiteDatabase,
+        now: Callable[[], float] = time.time,
+        eventSink: EventSink | None = None,
+    ) -> None:
         self._db = database
+        self._now = now
+        #: Called with each event once the transaction that recorded it has
+        #: committed, in id order.
+        self.eventSink = eventSink
+
+    def _write(self, operation: Callable[..., Any], *args: Any) -> Deferred:
+        return self._db.write(operation, *args).addCallback(self._publish)
+
+    def _publish(self, result: tuple[Any, list[Event]]) -> Any:
+        value, events = result
+        if self.eventSink is not None:
+            for event in events:
+                self.eventSink(event)
+        return value
 
     def append(
         self,
@@ -192,25 +396,44 @@ class SQLiteJournal:
         received: float,
         idempotencyKey: str | None = None,
     ) -> Deferred:
-        return self._db.write(_append, session, content, received, idempotencyKey)
+        return self._write(_queued, session, content, received, idempotencyKey)
 
     def failedSessions(self) -> Deferred:
         return self._db.read(_failedSessions)
 
     def requeue(self, messageId: int) -> Deferred:
-        return self._db.write(_changeState, messageId, REQUEUE)
+        return self._write(_changeState, messageId, REQUEUE, self._now())
 
     def discard(self, messageId: int) -> Deferred:
-        return self._db.write(_changeState, messageId, DISCARD)
+        return self._write(_changeState, messageId, DISCARD, self._now())
 
     def pending(self) -> Deferred:
         return self._db.read(_pending)
 
+    def pendingSessions(self) -> Deferred:
+        return self._db.read(_pendingSessions)
+
+    def nextPending(self, session: str, afterId: int = 0) -> Deferred:
+        return self._db.read(_nextPending, session, afterId)
+
     def markDelivered(self, messageId: int) -> Deferred:
-        return self._db.write(_markDelivered, messageId)
+        return self._write(_markDelivered, messageId, self._now())
 
     def recordFailure(self, messageId: int, error: str, final: bool) -> Deferred:
-        return self._db.write(_recordFailure, messageId, error, final)
+        return self._write(_recordFailure, messageId, error, final, self._now())
+
+    def logEvent(
+        self, kind: EventKind, session: str, data: dict[str, Any] | None = None
+    ) -> Deferred:
+        return self._write(_logEvent, EventKind(kind), session, self._now(), data or {})
+
+    def eventsSince(
+        self, afterId: int, session: str | None = None, limit: int = 1000
+    ) -> Deferred:
+        return self._db.read(_eventsSince, afterId, session, limit)
+
+    def pruneEvents(self, before: float) -> Deferred:
+        return self._write(_pruneEvents, before)
 
     def messages(self, session: str) -> Deferred:
         return self._db.read(_undelivered, session)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
+
+import attrs
 
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -24,6 +26,38 @@ from twisted.python.failure import Failure
 T = TypeVar("T")
 Operation = Callable[..., Any]
 
+
+
+@attrs.frozen
+class Upgrades:
+    """
+    Ordered schema upgrade steps, each a list of SQL statements.  The
+    database's C{PRAGMA user_version} is how many have run: at open, the
+    steps from that one on run (in the same transaction as the rest of the
+    schema) and the version is set to C{len(steps)}.  A database made before
+    versions existed is version 0.  One C{Upgrades} per database.
+    """
+
+    steps: tuple[tuple[str, ...], ...]
+
+    @property
+    def version(self) -> int:
+        return len(self.steps)
+
+
+def _upgrade(cursor: sqlite3.Cursor, upgrades: Upgrades) -> None:
+    cursor.execute("PRAGMA user_version")
+    current = cursor.fetchone()[0]
+    if current > upgrades.version:
+        raise RuntimeError(
+            f"the database is schema version {current}, newer than this"
+            f" chatweb's {upgrades.version}"
+        )
+    for step in upgrades.steps[current:]:
+        for statement in step:
+            cursor.execute(statement)
+    if current != upgrades.version:
+        cursor.execute(f"PRAGMA user_version = {int(upgrades.version)}")
 
 
 class DatabaseClosed(RuntimeError):
@@ -131,9 +165,10 @@ class SQLiteDatabase:
         self._reading = 0
         self._readsDone: list[Deferred[None]] = []
 
-    def open(self, schema: Sequence[str]) -> Deferred[None]:
+    def open(self, schema: Sequence[Union[str, Upgrades]]) -> Deferred[None]:
         """
-        Create what C{schema} (a list of SQL statements) describes, once.
+        Create what C{schema} (a list of SQL statements, and L{Upgrades} to
+        run after the statements before them) describes, once.
         Reads wait until this is done; writes queue behind it.  If it fails,
         the returned Deferred and every read fail with the same error.
         """
@@ -145,7 +180,10 @@ class SQLiteDatabase:
 
         def create(cursor: sqlite3.Cursor) -> None:
             for statement in schema:
-                cursor.execute(statement)
+                if isinstance(statement, Upgrades):
+                    _upgrade(cursor, statement)
+                else:
+                    cursor.execute(statement)
 
         def opened(result: None) -> None:
             self._isOpen = True

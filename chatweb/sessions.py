@@ -1,0 +1,94 @@
+"""
+The read model of sessions: one place that knows a session's data (from the
+adapter), its queued and failed messages (from the journal) and what is in
+flight (from the queue).  The web layer asks it instead of assembling a
+session from the three.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from chatweb.interfaces import IJournal, ISessionAdapter
+from chatweb.model import FAILED, PENDING, Message, QueuedMessage, Session
+
+
+class _InFlight(Protocol):
+    def deliveringNow(self, session: str) -> int | None: ...
+
+
+@attrs.frozen
+class SessionView:
+    """
+    A session as a reader sees it.
+
+    @ivar session: its data; an empty L{Session} if it does not exist yet
+        but has messages waiting (the first delivery creates it).
+    @ivar queued: its pending messages in delivery order (the one in
+        flight, if any, among them: it is pending until delivered).
+    @ivar failed: its dead letters, in id order.
+    @ivar inFlight: the id of the message being delivered, or None.
+    """
+
+    session: Session
+    queued: tuple[QueuedMessage, ...] = ()
+    failed: tuple[QueuedMessage, ...] = ()
+    inFlight: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+
+class Sessions:
+    """
+    Sessions, their queued and failed messages, and what is in flight.
+    """
+
+    def __init__(
+        self, adapter: ISessionAdapter, journal: IJournal, queue: _InFlight
+    ) -> None:
+        self._adapter = adapter
+        self._journal = journal
+        self._queue = queue
+
+    def ids(self) -> Deferred[list[str]]:
+        """
+        The ids of the sessions that exist.
+        """
+        return self._adapter.listSessions()
+
+    def get(self, sessionId: str) -> Deferred[SessionView | None]:
+        """
+        The L{SessionView} of C{sessionId}; None if the session neither
+        exists nor has messages queued or failed.
+        """
+        return Deferred.fromCoroutine(self._get(sessionId))
+
+    async def _get(self, sessionId: str) -> SessionView | None:
+        session = await self._adapter.getSession(sessionId)
+        waiting: list[QueuedMessage] = await self._journal.messages(sessionId)
+        if session is None and not waiting:
+            return None
+        return SessionView(
+            session=session if session is not None else Session(id=sessionId),
+            queued=tuple(m for m in waiting if m.state == PENDING),
+            failed=tuple(m for m in waiting if m.state == FAILED),
+            inFlight=self._queue.deliveringNow(sessionId),
+        )
+
+    def messages(self, sessionId: str, since: int = 0) -> Deferred[list[Message] | None]:
+        """
+        The messages of C{sessionId} from index C{since} on (0: all); None
+        if there is no such session.
+        """
+
+        def after(session: Session | None) -> list[Message] | None:
+            if session is None:
+                return None
+            return list(session.messages[max(since, 0):])
+
+        return self._adapter.getSession(sessionId).addCallback(after)

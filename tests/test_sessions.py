@@ -1,0 +1,71 @@
+"""
+The sessions read model: a session's data, its queued and failed messages
+and what is in flight, from one place.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.sessions import Sessions, SessionView
+from chatweb.testing import MemoryAdapter, MemoryJournal
+
+
+class SessionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.adapter = MemoryAdapter(autoComplete=False)
+        self.queue = MessageQueue(
+            self.journal,
+            self.adapter,
+            self.clock,
+            retry=RetryPolicy(maxAttempts=1),
+            rng=random.Random(1),
+        )
+        self.successResultOf(self.queue.start())
+        self.sessions = Sessions(self.adapter, self.journal, self.queue)
+
+    def test_unknownSession(self) -> None:
+        self.assertIsNone(self.successResultOf(self.sessions.get("nope")))
+        self.assertIsNone(self.successResultOf(self.sessions.messages("nope", 0)))
+
+    def test_queuedFailedAndInFlight(self) -> None:
+        """
+        A session not created yet but with messages waiting is shown, empty,
+        with them; the one being delivered is named; a dead letter is among
+        the failed; once delivered, the session's messages are there.
+        """
+        first = self.successResultOf(self.queue.post("s", "one"))
+        second = self.successResultOf(self.queue.post("s", "two"))
+        view = self.successResultOf(self.sessions.get("s"))
+        assert isinstance(view, SessionView)
+        self.assertEqual(view.id, "s")
+        self.assertEqual(view.session.messages, ())
+        self.assertEqual([m.id for m in view.queued], [first.id, second.id])
+        self.assertEqual((view.failed, view.inFlight), ((), first.id))
+        self.adapter.failWaiting()
+        view = self.successResultOf(self.sessions.get("s"))
+        self.assertEqual([m.id for m in view.failed], [first.id])
+        self.assertEqual([m.id for m in view.queued], [second.id])
+        self.assertEqual(view.inFlight, second.id)
+        self.adapter.complete()
+        view = self.successResultOf(self.sessions.get("s"))
+        self.assertEqual((view.queued, view.inFlight), ((), None))
+        self.assertEqual([m.content for m in view.session.messages], ["two"])
+        self.assertEqual(self.successResultOf(self.sessions.ids()), ["s"])
+
+    def test_messagesSince(self) -> None:
+        for text in ("a", "b", "c"):
+            self.successResultOf(self.queue.post("s", text))
+            self.adapter.complete()
+        self.assertEqual(
+            [m.content for m in self.successResultOf(self.sessions.messages("s", 1))],
+            ["b", "c"],
+        )
+        self.assertEqual(len(self.successResultOf(self.sessions.messages("s", 0))), 3)
+        self.assertEqual(self.successResultOf(self.sessions.messages("s", 5)), [])
