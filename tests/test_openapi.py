@@ -261,10 +261,3 @@ class OpenAPITests(TestCase):
             self.fail(
                 "\n\n".join(f"== {name}\n{text}" for name, text in failures.items())
             )
-
-    test_throttledAnswersMatchTheDescription.todo = (  # type: ignore[attr-defined]
-        "finding: a request with a body from a throttled address is refused"
-        " before its body is read (ChatWebAPI.refuseBeforeBody ->"
-        " ChatWebChannel._refuse -> rawErrorResponse in chatweb/site.py) with a"
-        " 429 that has no Retry-After header (nor Server or Cache-Control)"
-    )

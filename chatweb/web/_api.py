@@ -52,6 +52,7 @@ from chatweb.web._throttle import FailureThrottle, clientKey
 from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
 from chatweb.web._guard import _Guard, checkAPIKeys
 from chatweb.web._json import _exportJSON, _json
+from chatweb.web._site import Refusal
 from chatweb.web._validation import (
     BadRequest,
     parseMessage,
@@ -279,7 +280,7 @@ class ChatWebAPI:
         """
         return self._keyIn(headers) is not None
 
-    def refuseBeforeBody(self, request: IRequest) -> tuple[int, bytes, str] | None:
+    def refuseBeforeBody(self, request: IRequest) -> Refusal | None:
         """
         For L{chatweb.web._site.ChatWebSite}: C{(code, reason, message)} to
         refuse a request whose body is not read yet (its client is
@@ -288,7 +289,8 @@ class ChatWebAPI:
         client = clientKey(request.getClientAddress())
         wait = self._authFailures.wait(client)
         if wait:
-            return 429, _REASONS[429], _throttledMessage(wait)
+            headers = [(b"Retry-After", retryAfter(wait))]
+            return 429, _REASONS[429], _throttledMessage(wait), headers
         if self._authorized(request) is not None:
             return None
         if request.requestHeaders.hasHeader(b"x-api-key"):

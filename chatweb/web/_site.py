@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
@@ -43,7 +43,12 @@ SERVER_NAME = b"chatweb"
 
 #: C{request -> (code, reason, message)} or None: an answer for a request
 #: that is refused as soon as its headers are in, before its body is read.
-EarlyRefusal = Callable[[Any], "tuple[int, bytes, str] | None"]
+#: A refusal before the body is read: code, reason, message and, optionally,
+#: headers (C{Retry-After}).
+Refusal = Union[
+    "tuple[int, bytes, str]", "tuple[int, bytes, str, Sequence[tuple[bytes, bytes]]]"
+]
+EarlyRefusal = Callable[[Any], "Refusal | None"]
 
 
 def _segments(path: bytes) -> list[bytes]:
@@ -99,16 +104,27 @@ def describeAddress(address: IAddress) -> str:
     return str(name if name is not None else address)
 
 
-def rawErrorResponse(code: int, reason: bytes, message: str) -> bytes:
+def rawErrorResponse(
+    code: int,
+    reason: bytes,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    serverName: bytes = SERVER_NAME,
+) -> bytes:
     """
     A complete HTTP/1.1 error response with a JSON body, for the cases where
-    the connection is closed before a request object can answer.
+    the connection is closed before a request object can answer: the same
+    C{Server} and C{Cache-Control} headers as every other answer, and any
+    C{headers} given (C{Retry-After} on a 429).
     """
     body = json.dumps({"error": message}).encode("utf-8")
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (code, reason),
+            b"Server: %s\r\n" % (serverName,),
             b"Content-Type: application/json\r\n",
+            b"Cache-Control: no-store\r\n",
+            *(b"%s: %s\r\n" % (name, value) for name, value in headers),
             b"Content-Length: %d\r\n" % (len(body),),
             b"Connection: close\r\n\r\n",
             body,
@@ -193,10 +209,16 @@ class LimitedRequest(Request):
             413, b"Content Too Large", f"request body is larger than the limit of {limit} bytes"
         )
 
-    def _refuse(self, code: int, reason: bytes, message: str) -> None:
+    def _refuse(
+        self,
+        code: int,
+        reason: bytes,
+        message: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         self._refused = True
         self.content = io.BytesIO()
-        self.channel._refuse(code, reason, message)
+        self.channel._refuse(code, reason, message, headers)
 
 
 class ChatWebChannel(HTTPChannelHooks):
@@ -294,11 +316,18 @@ class ChatWebChannel(HTTPChannelHooks):
     def badRequest(self) -> None:
         self._refuse(400, b"Bad Request", "malformed HTTP request")
 
-    def _refuse(self, code: int, reason: bytes, message: str) -> None:
+    def _refuse(
+        self,
+        code: int,
+        reason: bytes,
+        message: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         self._cancelDeadline()
         if self.transport is not None and not self._refused:
             self._refused = True
-            self.transport.write(rawErrorResponse(code, reason, message))
+            serverName = getattr(self.site, "serverName", SERVER_NAME)
+            self.transport.write(rawErrorResponse(code, reason, message, headers, serverName))
         # Ignore whatever else the client sends until the connection closes.
         self.dataReceived = self.lineReceived = self.rawDataReceived = (  # type: ignore[method-assign, assignment]
             lambda *args: None
