@@ -24,19 +24,20 @@ class WiringTests(TestCase):
         os.makedirs(path)
         return path
 
-    async def test_shareSecretWhenStarted(self) -> None:
+    async def test_filesWhenStarted(self) -> None:
         """
-        The share secret is created when the service starts, not when it is
-        built: a service built and never started leaves no secret behind.
+        The database and the share secret are created when the service
+        starts, not when it is built: a service built and never started
+        leaves its data directory as it was.
         """
         dataDir = self.dataDir()
         service = ChatWebService(apiKeys=[KEY], dataDir=dataDir, endpoint=None)
-        secret = os.path.join(dataDir, SHARE_SECRET_FILE_NAME)
-        self.assertFalse(os.path.exists(secret))
+        self.assertEqual(os.listdir(dataDir), [])
         service.startService()
         self.addCleanup(service.stopService)
         await service.ready
-        self.assertTrue(os.path.exists(secret))
+        for name in (DATABASE_NAME, SHARE_SECRET_FILE_NAME):
+            self.assertTrue(os.path.exists(os.path.join(dataDir, name)), name)
 
     async def test_ownAdapterNoLocalTables(self) -> None:
         """

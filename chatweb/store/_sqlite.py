@@ -138,20 +138,12 @@ class SQLiteDatabase:
 
     def __init__(self, path: str, reactor: IReactorCore, readers: int = 2) -> None:
         self.path = path
-        _createPrivately(path)
-        common = dict(
-            check_same_thread=False,
-            isolation_level=None,
-            cp_openfun=_configure,
-            cp_reactor=reactor,
-            cp_noisy=False,
-        )
-        self._writer = ConnectionPool(
-            "sqlite3", path, cp_min=1, cp_max=1, cp_name="chatweb-writer", **common
-        )
-        self._reader = ConnectionPool(
-            "sqlite3", path, cp_min=1, cp_max=readers, cp_name="chatweb-reader", **common
-        )
+        self._reactor = reactor
+        self._readers = readers
+        #: The writer's and the readers' connection pools, made by open():
+        #: building a database touches no file and starts no thread.
+        self._writer: ConnectionPool | None = None
+        self._reader: ConnectionPool | None = None
         self._waiting: list[tuple[Operation, tuple[Any, ...], Deferred[Any]]] = []
         self._writing = False
         self._drained: list[Deferred[None]] = []
@@ -177,6 +169,32 @@ class SQLiteDatabase:
         if self._opening or self._isOpen:
             return fail(RuntimeError("SQLiteDatabase.open() was already called"))
         self._opening = True
+        # The file is made here, not when built (a service does no file I/O
+        # until it starts), and before any connection can make it readable
+        # by others.
+        try:
+            _createPrivately(self.path)
+        except OSError:
+            self._openFailure = Failure()
+            return fail(self._openFailure)
+        common = dict(
+            check_same_thread=False,
+            isolation_level=None,
+            cp_openfun=_configure,
+            cp_reactor=self._reactor,
+            cp_noisy=False,
+        )
+        self._writer = ConnectionPool(
+            "sqlite3", self.path, cp_min=1, cp_max=1, cp_name="chatweb-writer", **common
+        )
+        self._reader = ConnectionPool(
+            "sqlite3",
+            self.path,
+            cp_min=1,
+            cp_max=self._readers,
+            cp_name="chatweb-reader",
+            **common,
+        )
 
         def create(cursor: sqlite3.Cursor) -> None:
             for statement in schema:
@@ -194,7 +212,11 @@ class SQLiteDatabase:
             self._settleOpen(failure)
 
         waiting = self._whenOpen()
-        self.write(create).addCallbacks(opened, failed)
+        # The schema goes first, before writes asked for before open().
+        created: Deferred[None] = Deferred()
+        created.addCallbacks(opened, failed)
+        self._waiting.insert(0, (create, (), created))
+        self._flush()
         return waiting
 
     def _settleOpen(self, failure: Failure | None) -> None:
@@ -243,6 +265,7 @@ class SQLiteDatabase:
         def run(_: None) -> Deferred[T]:
             if self._closed:
                 raise DatabaseClosed()
+            assert self._reader is not None  # open() made it
             return self._reader.runWithConnection(_runRead, operation, args)
 
         self._reading += 1
@@ -257,6 +280,9 @@ class SQLiteDatabase:
         return result
 
     def _flush(self) -> None:
+        if self._writer is None:
+            # Not open yet: writes wait for open() to make the pools.
+            return
         if self._writing or not self._waiting:
             if not self._writing and not self._waiting:
                 drained, self._drained = self._drained, []
@@ -309,6 +335,7 @@ class SQLiteDatabase:
 
         def closeBoth(_: object) -> None:
             for pool in (self._writer, self._reader):
-                pool.close()
+                if pool is not None:
+                    pool.close()
 
         return gatherResults(finished).addCallback(closeBoth)
