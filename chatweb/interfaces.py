@@ -165,6 +165,15 @@ class IJournal(Interface):
             C{limit}.
         """
 
+    def messageHistory(messageId):
+        """
+        @return: a L{Deferred} firing with C{(message, events)}: the
+            L{chatweb.model.QueuedMessage} of that id (in any state) or None,
+            and the events kept that moved it (message.queued,
+            delivery.started, delivery.done, delivery.failed,
+            message.discarded), in id order.
+        """
+
     def pruneEvents(before):
         """
         Forget the events recorded before the time C{before}.

@@ -92,13 +92,18 @@ class SessionAPITestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1700000000)
-        self.journal = MemoryJournal()
+        self.journal = MemoryJournal(now=self.clock.seconds)
         self.adapter = self.adapterClass()
         self.queue = MessageQueue(self.journal, self.adapter, self.clock)
         self.successResultOf(self.queue.start())
-        self.addCleanup(lambda: self.successResultOf(self.queue.stop()))
+        self.addCleanup(self.stopQueue)
         self.api = ChatWebAPI(self.queue, self.adapter, [KEY], clock=self.clock)
         self.treq = StubTreq(self.api.resource())
+
+    def stopQueue(self) -> None:
+        stopped = self.queue.stop(timeout=10)
+        self.clock.advance(10)
+        self.successResultOf(stopped)
 
     def request(self, method: str, url: str, headers: Any = AUTH, **kwargs: Any) -> Any:
         response = self.successResultOf(
@@ -353,6 +358,50 @@ class StopTests(SessionAPITestCase):
         self.assertError("POST", "/session/nope/stop", 404)
 
 
+class QueueStatusTests(SessionAPITestCase):
+    def messageId(self, session: str, content: str) -> str:
+        header = self.post(session, content).headers.getRawHeaders("x-message-id")
+        return str(header[0])
+
+    def test_lifecycle(self) -> None:
+        """
+        GET /queue/{id} follows a message from X-Message-Id: delivering,
+        then delivered, with the times of each step.
+        """
+        self.adapter.autoComplete = False
+        first = self.messageId("a/b", "one")
+        second = self.messageId("a/b", "two")
+        status = self.json("GET", f"/queue/{first}")
+        self.assertEqual((status["state"], status["session"]), ("delivering", "a/b"))
+        self.assertEqual(self.json("GET", f"/queue/{second}")["state"], "pending")
+        self.clock.advance(7)
+        self.adapter.complete()
+        status = self.json("GET", f"/queue/{first}")
+        self.assertEqual(status["state"], "delivered")
+        self.assertEqual(status["times"]["received"], 1700000000)
+        self.assertEqual(status["times"]["delivered"], 1700000007)
+        self.assertEqual(status["updated"], 1700000007)
+        response, _ = self.request("DELETE", f"/queue/{second}")
+        self.assertEqual(self.json("GET", f"/queue/{second}")["state"], "delivering")
+
+    def test_failedAndDiscarded(self) -> None:
+        self.adapter.failures = 1
+        first = self.messageId("s", "one")
+        status = self.json("GET", f"/queue/{first}")
+        self.assertEqual(status["state"], "pending")
+        self.assertEqual(status["attempts"], 1)
+        self.assertIn("failed", status["last_error"])
+        self.assertIn("failed", status["times"])
+        response, _ = self.request("DELETE", f"/queue/{first}")
+        self.assertEqual(response.code, 204)
+        self.assertEqual(self.json("GET", f"/queue/{first}")["state"], "discarded")
+
+    def test_unknown(self) -> None:
+        self.assertError("GET", "/queue/99", 404, "99")
+        self.assertError("GET", "/queue/99999999999999999999999", 404)
+        self.assertError("GET", "/queue/x", 404)
+
+
 class WithoutManagerTests(SessionAPITestCase):
     adapterClass = MemoryAdapter
 
@@ -405,6 +454,8 @@ class LocalBackendTests(TestCase):
             messageId = response.headers.getRawHeaders("x-message-id")[0]
             self.assertTrue(messageId.isdigit())
             await chatweb.service.queue.whenDelivered()
+            response, body = await call("GET", f"/queue/{messageId}")
+            self.assertEqual(json.loads(body)["state"], "delivered")
             encoded = path(sessionId)
             response, body = await call("GET", f"/sessions/{encoded}")
             self.assertEqual(response.code, 200, body)

@@ -835,3 +835,7 @@ class ChatWebAPI:
     @app.route("/session/<path:rest>", methods=["POST", "PUT", "DELETE"])
     def sessionAction(self, request: IRequest, rest: str) -> Any:
         return self._sessionAPI.sessionAction(request, request.method)
+
+    @app.route("/queue/<int:messageId>", methods=["GET"])
+    def queuedMessage(self, request: IRequest, messageId: int) -> Any:
+        return self._sessionAPI.messageStatus(request, messageId)

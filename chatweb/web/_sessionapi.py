@@ -335,6 +335,53 @@ class SessionAPI:
 
         return self._run(request, b"GET", work)
 
+    def messageStatus(self, request: IRequest, messageId: int) -> Any:
+        """
+        C{GET /queue/{id}}: where a posted message is (pending, delivering,
+        delivered, failed, discarded) and when it got there.
+        """
+        from chatweb.web._api import MAX_MESSAGE_ID
+
+        def work() -> Any:
+            if messageId > MAX_MESSAGE_ID:
+                return _error(request, 404, f"no queued message {messageId}")
+            history = getattr(self._queue.journal, "messageHistory", None)
+            if history is None:
+                return _error(request, 501, "this server's journal cannot look messages up")
+            return history(messageId).addCallback(self._status, request, messageId)
+
+        return self._run(request, b"GET", work)
+
+    def _status(self, found: Any, request: IRequest, messageId: int) -> bytes:
+        message, events = found
+        if message is None:
+            return _error(request, 404, f"no queued message {messageId}")
+        state = str(message.state)
+        if state == "pending" and self._queue.deliveringNow(message.session) == messageId:
+            state = "delivering"
+        times: dict[str, float] = {"received": message.received}
+        names = {
+            "message.queued": "queued",
+            "delivery.started": "delivery_started",
+            "delivery.done": "delivered",
+            "delivery.failed": "failed",
+            "message.discarded": "discarded",
+        }
+        for event in events:
+            times[names[event.kind.value]] = event.time
+        return _json(
+            request,
+            {
+                "id": message.id,
+                "session": message.session,
+                "state": state,
+                "attempts": message.attempts,
+                "last_error": message.lastError,
+                "times": times,
+                "updated": max(times.values()),
+            },
+        )
+
     # -- managing
 
     def newSession(self, request: IRequest) -> Any:
