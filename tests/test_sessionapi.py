@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from chatweb.interfaces import ISessionManager
+from chatweb.interfaces import IResponder, ISessionManager
 from chatweb.model import Message, Session
 from chatweb.queue import MessageQueue
 from chatweb.testing import MemoryAdapter, MemoryJournal
@@ -513,3 +513,64 @@ class LocalBackendTests(TestCase):
         kinds = {e.kind.value for e in events}
         for kind in ["session.created", "session.changed", "session.cleared", "session.deleted"]:
             self.assertIn(kind, kinds)
+
+
+@implementer(IResponder)
+class HangingResponder:
+    """
+    A responder that never answers (until cancelled); C{called} fires when
+    it is asked.
+    """
+
+    name = "hanging"
+    answers = True
+
+    def __init__(self) -> None:
+        self.called: Deferred[None] = Deferred()
+        self.cancelled = 0
+
+    def respond(self, session: Session, message: Message) -> Deferred[list[Message]]:
+        def cancel(d: Deferred[list[Message]]) -> None:
+            self.cancelled += 1
+
+        answer: Deferred[list[Message]] = Deferred(cancel)
+        if not self.called.called:
+            self.called.callback(None)
+        return answer
+
+
+class LocalStopTests(TestCase):
+    async def test_stopInFlight(self) -> None:
+        """
+        With the local backend, POST /session/{id}/stop ends an answer in
+        flight: the session is idle when the 204 comes, the message counts
+        as delivered and is not delivered again.
+        """
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        from chatweb.testing import startChatWeb
+
+        responder = HangingResponder()
+        chatweb = await startChatWeb(self, responder=responder)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = treq.client.HTTPClient(treq.api.Agent(reactor, pool=pool))
+
+        async def call(method: str, url: str) -> Any:
+            response = await client.request(method, chatweb.url + url, headers=chatweb.headers)
+            return response, await response.content()
+
+        response = await chatweb.post("ci/job", "think hard")
+        messageId = response.headers.getRawHeaders("x-message-id")[0]
+        await responder.called
+        response, body = await call("GET", "/sessions/ci%2Fjob")
+        self.assertTrue(json.loads(body)["in_progress"])
+        response, body = await call("POST", "/session/ci%2Fjob/stop")
+        self.assertEqual(response.code, 204, body)
+        self.assertEqual(responder.cancelled, 1)
+        response, body = await call("GET", "/sessions/ci%2Fjob")
+        self.assertFalse(json.loads(body)["in_progress"])
+        response, body = await call("GET", f"/queue/{messageId}")
+        self.assertEqual(json.loads(body)["state"], "delivered")
+        response, body = await call("GET", "/messages?session=ci%2Fjob")
+        self.assertEqual([m["content"] for m in json.loads(body)], ["think hard"])
