@@ -216,8 +216,11 @@ class ISessionManager(Interface):
     deleted) in the same transaction.  Every method returns a L{Deferred}.
     """
 
-    def createSession(provider=None, model=None):
+    def createSession(**metadata):
         """
+        Create an empty session with the given chat.nvim metadata
+        (C{provider}, C{model}, ... as keywords).
+
         @return: a L{Deferred} firing with the new session's id, in
             chat.nvim's form C{YYYY-MM-DD-HH-MM-SS} (a suffix C{-2}, C{-3},
             ... keeps it unique).

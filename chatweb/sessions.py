@@ -112,10 +112,14 @@ def sessionDetail(view: SessionView, inProgress: bool) -> dict[str, object]:
     title = session.title
     if title is None:
         first = next(
-            (m for m in session.messages if m.role == "user" and isinstance(m.content, str)),
+            (
+                m.content
+                for m in session.messages
+                if m.role == "user" and isinstance(m.content, str)
+            ),
             None,
         )
-        title = first.content[:TITLE_CHARACTERS] if first is not None else ""
+        title = first[:TITLE_CHARACTERS] if first is not None else ""
     last = next((m for m in reversed(session.messages) if m.role is not None), None)
     lastMessage = None
     if last is not None:

@@ -107,7 +107,9 @@ class SessionAPITestCase(SynchronousTestCase):
 
     def request(self, method: str, url: str, headers: Any = AUTH, **kwargs: Any) -> Any:
         response = self.successResultOf(
-            self.treq.request(method, "http://127.0.0.1" + url, headers=headers, **kwargs)
+            self.treq.request(  # type: ignore[attr-defined]
+                method, "http://127.0.0.1" + url, headers=headers, **kwargs
+            )
         )
         body = self.successResultOf(response.content())
         return response, body

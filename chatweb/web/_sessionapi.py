@@ -392,7 +392,7 @@ class SessionAPI:
         def work() -> Any:
             manager = self._manager(request)
             data = self._body(request, optional=True)
-            metadata = {}
+            metadata: dict[str, Any] = {}
             for field in ("provider", "model"):
                 if field in data and data[field] is not None:
                     metadata[field] = _fieldValue(field, data[field])
