@@ -389,16 +389,13 @@ class ChatWebAPI:
         its undelivered messages.
         """
 
-        def found(results: list[Any]) -> tuple[Session | None, list[QueuedMessage]]:
-            session, undelivered = results
-            if session is None and undelivered:
-                session = Session(id=sessionId)
-            return session, undelivered
+        def found(view: Any) -> tuple[Session | None, list[QueuedMessage]]:
+            if view is None:
+                return None, []
+            return view.session, sorted(view.queued + view.failed, key=lambda m: m.id)
 
-        return gatherResults(
-            [self._adapter.getSession(sessionId), self._queue.journal.messages(sessionId)],
-            consumeErrors=True,
-        ).addCallback(found)
+        # The read model (chatweb/sessions.py) knows the session.
+        return self._sessionAPI.sessions.get(sessionId).addCallback(found)
 
     def _sessionExists(self, sessionId: str) -> Any:
         """
