@@ -162,6 +162,22 @@ class ReadTests(SessionAPITestCase):
                 ),
             )
 
+    def test_mountedBelowAPath(self) -> None:
+        """
+        Mounted at /chat/ in an embedder's tree, ids in paths still work.
+        """
+        from twisted.web.resource import Resource
+
+        root = Resource()
+        root.putChild(b"chat", self.api.resource())
+        self.treq = StubTreq(root)
+        response, body = self.request(
+            "POST", "/chat/", data=json.dumps({"session": "a/b", "content": "hi"}).encode()
+        )
+        self.assertEqual(response.code, 204, body)
+        self.assertEqual(self.json("GET", "/chat/sessions/a%2Fb")["id"], "a/b")
+        self.assertEqual(self.json("GET", "/chat/sessions/a%2Fb/raw")["id"], "a/b")
+
     def test_rawOfAwkwardId(self) -> None:
         self.post("a/b", "hello")
         raw = self.json("GET", "/sessions/a%2Fb/raw")
