@@ -165,6 +165,15 @@ class IJournal(Interface):
             C{limit}.
         """
 
+    def messageHistory(messageId):
+        """
+        @return: a L{Deferred} firing with C{(message, events)}: the
+            L{chatweb.model.QueuedMessage} of that id (in any state) or None,
+            and the events kept that moved it (message.queued,
+            delivery.started, delivery.done, delivery.failed,
+            message.discarded), in id order.
+        """
+
     def pruneEvents(before):
         """
         Forget the events recorded before the time C{before}.
@@ -192,4 +201,65 @@ class IResponder(Interface):
         @param message: the new user L{chatweb.model.Message}.
         @return: a L{Deferred} firing with a list of messages to add to the
             session (possibly empty).  Cancelling it stops the answer.
+        """
+
+
+class ISessionManager(Interface):
+    """
+    Optional: an L{ISessionAdapter} that also lets clients manage its
+    sessions (C{POST /session/new}, C{DELETE /session/{id}}, C{/clear},
+    C{DELETE /session/{id}/messages/{index}}, C{PUT /session/{id}/FIELD},
+    C{/retry}).  The API answers those routes with a 501 when the adapter
+    does not provide it.
+
+    Each change records its event (session.created, changed, cleared,
+    deleted) in the same transaction.  Every method returns a L{Deferred}.
+    """
+
+    def createSession(**metadata):
+        """
+        Create an empty session with the given chat.nvim metadata
+        (C{provider}, C{model}, ... as keywords).
+
+        @return: a L{Deferred} firing with the new session's id, in
+            chat.nvim's form C{YYYY-MM-DD-HH-MM-SS} (a suffix C{-2}, C{-3},
+            ... keeps it unique).
+        """
+
+    def deleteSession(sessionId):
+        """
+        @return: a L{Deferred} firing with True, or False if there is no
+            such session.
+        """
+
+    def clearSession(sessionId):
+        """
+        Clear the session as chat.nvim does: its messages and usage go, its
+        C{cleared_at} becomes now.
+
+        @return: a L{Deferred} firing with True, or False if there is no
+            such session.
+        """
+
+    def deleteMessage(sessionId, index):
+        """
+        Delete the message at C{index} (0-based).
+
+        @return: a L{Deferred} firing with True, False if there is no such
+            session; failing with L{IndexError} if there is no such message.
+        """
+
+    def updateSession(sessionId, field, value):
+        """
+        Set one metadata field (title, pin, provider, model, cwd).
+
+        @return: a L{Deferred} firing with True, or False if there is no
+            such session.
+        """
+
+    def lastUserMessage(sessionId):
+        """
+        @return: a L{Deferred} firing with the content of the session's
+            last message if it is a user message (what C{/retry} delivers
+            again), else None.
         """

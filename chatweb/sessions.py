@@ -92,3 +92,52 @@ class Sessions:
             return list(session.messages[max(since, 0):])
 
         return self._adapter.getSession(sessionId).addCallback(after)
+
+
+#: Characters of a message's content that a session's detail shows.
+LAST_MESSAGE_CHARACTERS = 100
+#: Characters of the first user message that make an untitled session's
+#: title (as chat.nvim does).
+TITLE_CHARACTERS = 50
+
+
+def sessionDetail(view: SessionView, inProgress: bool) -> dict[str, object]:
+    """
+    The JSON form of a session's detail, as chat.nvim's C{GET /sessions/{id}}
+    gives it: id, title, cwd, provider, model, pin, in_progress,
+    message_count, last_message (role, content cut to 100 characters,
+    created; chat.nvim's role-less records are skipped) or None, cleared_at.
+    """
+    session = view.session
+    title = session.title
+    if title is None:
+        first = next(
+            (
+                m.content
+                for m in session.messages
+                if m.role == "user" and isinstance(m.content, str)
+            ),
+            None,
+        )
+        title = first[:TITLE_CHARACTERS] if first is not None else ""
+    last = next((m for m in reversed(session.messages) if m.role is not None), None)
+    lastMessage = None
+    if last is not None:
+        content = last.content
+        lastMessage = {
+            "role": last.role,
+            "content": content[:LAST_MESSAGE_CHARACTERS] if isinstance(content, str) else None,
+            "created": last.created,
+        }
+    return {
+        "id": session.id,
+        "title": title,
+        "cwd": session.cwd,
+        "provider": session.provider,
+        "model": session.model,
+        "pin": bool(session.pin),
+        "in_progress": inProgress,
+        "message_count": len(session.messages),
+        "last_message": lastMessage,
+        "cleared_at": session.cleared_at,
+    }

@@ -457,7 +457,7 @@ class ReliabilityAPITests(APITestCase):
         self.assertError(response, body, 404, "999")
         response, body = self.request("GET", "/queue")
         self.assertError(response, body, 400, "'session'")
-        response, body = self.request("GET", "/queue/1")
+        response, body = self.request("PUT", "/queue/1")
         self.assertError(response, body, 404)
 
     def test_deadLettersListedAndShown(self) -> None:

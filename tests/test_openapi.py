@@ -106,6 +106,11 @@ def runSchemathesis(
             def check(case: Any) -> None:
                 nonlocal sent
                 sent += 1
+                if not headers and case.headers:
+                    # schemathesis makes up a key for the security scheme:
+                    # without a key means without the header.
+                    for name in [n for n in case.headers if n.lower() == "x-api-key"]:
+                        del case.headers[name]
                 case.call_and_validate(
                     base_url=baseURL,
                     session=http,
@@ -192,6 +197,23 @@ class SpecTests(SynchronousTestCase):
                     "GET /queue",
                     "POST /queue/{id}/retry",
                     "DELETE /queue/{id}",
+                    # the session API
+                    "GET /queue/{id}",
+                    "GET /sessions/{id}",
+                    "GET /sessions/{id}/raw",
+                    "GET /messages",
+                    "GET /providers",
+                    "POST /session/new",
+                    "DELETE /session/{id}",
+                    "POST /session/{id}/stop",
+                    "POST /session/{id}/clear",
+                    "POST /session/{id}/retry",
+                    "DELETE /session/{id}/messages/{index}",
+                    "PUT /session/{id}/title",
+                    "PUT /session/{id}/pin",
+                    "PUT /session/{id}/provider",
+                    "PUT /session/{id}/model",
+                    "PUT /session/{id}/cwd",
                 ]
             ),
         )

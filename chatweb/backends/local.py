@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
-from chatweb.interfaces import IResponder, ISessionAdapter
+from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import EventSink, insertEvent
 from chatweb.model._values import Delivery, Event, EventKind, Message, Session
 from chatweb.backends.responders import NoResponder
@@ -202,6 +202,107 @@ def _withEvent(
     return result, [insertEvent(cursor, kind, sessionId, now, {})]
 
 
+def _changeEvent(
+    cursor: sqlite3.Cursor,
+    kind: EventKind,
+    sessionId: str,
+    now: float,
+    withEvents: bool,
+    data: dict[str, Any] | None = None,
+) -> list[Event]:
+    if not withEvents:
+        return []
+    return [insertEvent(cursor, kind, sessionId, now, data or {})]
+
+
+def _deleteSession(
+    cursor: sqlite3.Cursor, sessionId: str, now: float, withEvents: bool
+) -> tuple[bool, list[Event]]:
+    cursor.execute("DELETE FROM messages WHERE session = ?", (sessionId,))
+    cursor.execute("DELETE FROM sessions WHERE id = ?", (sessionId,))
+    if cursor.rowcount != 1:
+        return False, []
+    return True, _changeEvent(cursor, EventKind.SESSION_DELETED, sessionId, now, withEvents)
+
+
+def _readMeta(cursor: sqlite3.Cursor, sessionId: str) -> dict[str, Any] | None:
+    cursor.execute("SELECT meta FROM sessions WHERE id = ?", (sessionId,))
+    row = cursor.fetchone()
+    return None if row is None else dict(json.loads(row[0]))
+
+
+def _clearSession(
+    cursor: sqlite3.Cursor, sessionId: str, now: float, withEvents: bool
+) -> tuple[bool, list[Event]]:
+    meta = _readMeta(cursor, sessionId)
+    if meta is None:
+        return False, []
+    meta.pop("usage", None)
+    meta["cleared_at"] = int(now)
+    cursor.execute("DELETE FROM messages WHERE session = ?", (sessionId,))
+    cursor.execute(
+        "UPDATE sessions SET meta = ? WHERE id = ?", (_dumps(meta), sessionId)
+    )
+    return True, _changeEvent(
+        cursor, EventKind.SESSION_CLEARED, sessionId, now, withEvents,
+        {"cleared_at": meta["cleared_at"]},
+    )
+
+
+def _deleteMessage(
+    cursor: sqlite3.Cursor, sessionId: str, index: int, now: float, withEvents: bool
+) -> tuple[bool, list[Event]]:
+    if _readMeta(cursor, sessionId) is None:
+        return False, []
+    cursor.execute(
+        "SELECT seq FROM messages WHERE session = ? ORDER BY seq LIMIT 1 OFFSET ?",
+        (sessionId, index),
+    )
+    row = cursor.fetchone()
+    if index < 0 or row is None:
+        raise IndexError(index)
+    cursor.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
+    return True, _changeEvent(
+        cursor, EventKind.SESSION_CHANGED, sessionId, now, withEvents,
+        {"deleted_message": index + 1},
+    )
+
+
+def _updateSession(
+    cursor: sqlite3.Cursor,
+    sessionId: str,
+    field: str,
+    value: Any,
+    now: float,
+    withEvents: bool,
+) -> tuple[bool, list[Event]]:
+    meta = _readMeta(cursor, sessionId)
+    if meta is None:
+        return False, []
+    meta[field] = value
+    cursor.execute(
+        "UPDATE sessions SET meta = ? WHERE id = ?", (_dumps(meta), sessionId)
+    )
+    return True, _changeEvent(
+        cursor, EventKind.SESSION_CHANGED, sessionId, now, withEvents, {field: value}
+    )
+
+
+def _lastUserMessage(cursor: sqlite3.Cursor, sessionId: str) -> str | None:
+    cursor.execute(
+        "SELECT data FROM messages WHERE session = ? ORDER BY seq DESC LIMIT 1",
+        (sessionId,),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    data = json.loads(row[0])
+    content = data.get("content")
+    if data.get("role") != "user" or not isinstance(content, str):
+        return None
+    return content
+
+
 def sessionIdFor(when: float) -> str:
     """
     chat.nvim's form of a server-made session id: the local time,
@@ -210,7 +311,7 @@ def sessionIdFor(when: float) -> str:
     return time.strftime("%Y-%m-%d-%H-%M-%S", time.localtime(when))
 
 
-@implementer(ISessionAdapter)
+@implementer(ISessionAdapter, ISessionManager)
 class LocalBackend:
     """
     Sessions kept in the data directory's SQLite database.
@@ -355,3 +456,25 @@ class LocalBackend:
             replace,
             now,
         ).addCallback(self._published)
+
+    # -- managing (ISessionManager)
+
+    def _change(self, operation: Any, *args: Any) -> Deferred[Any]:
+        return self._db.write(
+            operation, *args, self._clock.seconds(), self.eventSink is not None
+        ).addCallback(self._published)
+
+    def deleteSession(self, sessionId: str) -> Deferred[bool]:
+        return self._change(_deleteSession, sessionId)
+
+    def clearSession(self, sessionId: str) -> Deferred[bool]:
+        return self._change(_clearSession, sessionId)
+
+    def deleteMessage(self, sessionId: str, index: int) -> Deferred[bool]:
+        return self._change(_deleteMessage, sessionId, index)
+
+    def updateSession(self, sessionId: str, field: str, value: Any) -> Deferred[bool]:
+        return self._change(_updateSession, sessionId, field, value)
+
+    def lastUserMessage(self, sessionId: str) -> Deferred[str | None]:
+        return self._db.read(_lastUserMessage, sessionId)

@@ -85,6 +85,11 @@ class _SessionQueue:
     retryCall: IDelayedCall | None = None
     #: When the delivery in flight started (the clock's seconds).
     startedAt: float = 0.0
+    #: The delivery in flight is being stopped (POST /session/{id}/stop):
+    #: its cancellation is not a failure.
+    stopping: bool = False
+    #: Fired when the stopped delivery is settled.
+    stopWaiters: list[Deferred[None]] = attrs.field(factory=list)
 
     def cancelRetry(self) -> None:
         if self.retryCall is not None and self.retryCall.active():
@@ -637,6 +642,17 @@ class MessageQueue:
         message: QueuedMessage,
     ) -> Deferred[None] | None:
         queue.inFlight = None
+        if queue.stopping and failure.check(CancelledError):
+            # Stopped on purpose: the adapter has the message; it is not
+            # retried, and counts as delivered.
+            _log.info(
+                "Delivery of message {id} to session {session!r} stopped",
+                id=message.id,
+                session=session,
+                attempt=message.attempts + 1,
+                duration=self._clock.seconds() - queue.startedAt,
+            )
+            return self._delivered(None, session, queue, message)
         if not self._running and failure.check(CancelledError):
             # Cancelled because chatweb is stopping: not the message's
             # fault; it stays pending for the next start.
@@ -693,11 +709,33 @@ class MessageQueue:
 
     def _settled(self, session: str, queue: _SessionQueue) -> None:
         queue.delivering = None
+        queue.stopping = False
+        waiters, queue.stopWaiters = queue.stopWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         self._maybeDrained()
         try:
             self._kick(session)
         finally:
             self._maybeEmpty()
+
+    def stopSession(self, session: str) -> Deferred[bool]:
+        """
+        Stop the delivery in flight in C{session} (cancel its Deferred).  A
+        stopped delivery is not a failure: it is recorded as delivered and
+        not retried.
+
+        @return: a Deferred firing with True once the stopped delivery is
+            settled, or at once with False if nothing was in flight.
+        """
+        queue = self._queues.get(session)
+        if queue is None or queue.inFlight is None:
+            return succeed(False)
+        settled: Deferred[None] = Deferred()
+        queue.stopWaiters.append(settled)
+        queue.stopping = True
+        queue.inFlight.cancel()
+        return settled.addCallback(lambda _: True)
 
     def _retryNow(self, session: str) -> None:
         queue = self._queues.get(session)

@@ -161,6 +161,33 @@ def _eventsSince(
     ]
 
 
+#: The events that change where a message is (C{GET /queue/{id}}'s times).
+_MESSAGE_EVENT_KINDS = (
+    "message.queued",
+    "delivery.started",
+    "delivery.done",
+    "delivery.failed",
+    "message.discarded",
+)
+
+
+def _messageHistory(
+    cursor: sqlite3.Cursor, messageId: int
+) -> tuple[QueuedMessage | None, list[Event]]:
+    message = _get(cursor, messageId)
+    if message is None:
+        return None, []
+    cursor.execute(
+        "SELECT id, kind, session, time, data FROM events WHERE session = ?"
+        f" AND kind IN ({', '.join('?' * len(_MESSAGE_EVENT_KINDS))})"
+        " AND json_extract(data, '$.message') = ? ORDER BY id",
+        (message.session, *_MESSAGE_EVENT_KINDS, messageId),
+    )
+    return message, [
+        Event(i, EventKind(k), s, t, json.loads(d)) for i, k, s, t, d in cursor.fetchall()
+    ]
+
+
 def _pruneEvents(cursor: sqlite3.Cursor, before: float) -> tuple[int, list[Event]]:
     cursor.execute("DELETE FROM events WHERE time < ?", (before,))
     return cursor.rowcount, []
@@ -426,6 +453,9 @@ class SQLiteJournal:
         self, kind: EventKind, session: str, data: dict[str, Any] | None = None
     ) -> Deferred:
         return self._write(_logEvent, EventKind(kind), session, self._now(), data or {})
+
+    def messageHistory(self, messageId: int) -> Deferred:
+        return self._db.read(_messageHistory, messageId)
 
     def eventsSince(
         self, afterId: int, session: str | None = None, limit: int = 1000

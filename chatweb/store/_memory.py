@@ -166,6 +166,30 @@ class MemoryJournal:
         )
         return succeed(row)
 
+    def messageHistory(self, messageId: int) -> Deferred[Any]:
+        message = self.rows.get(messageId)
+        if message is None:
+            return succeed((None, []))
+        kinds = {
+            EventKind.MESSAGE_QUEUED,
+            EventKind.DELIVERY_STARTED,
+            EventKind.DELIVERY_DONE,
+            EventKind.DELIVERY_FAILED,
+            EventKind.MESSAGE_DISCARDED,
+        }
+        return succeed(
+            (
+                message,
+                [
+                    e
+                    for e in self.events
+                    if e.kind in kinds
+                    and e.session == message.session
+                    and e.data.get("message") == messageId
+                ],
+            )
+        )
+
     def messages(self, session: str) -> Deferred[list[QueuedMessage]]:
         return succeed(
             [

@@ -13,6 +13,7 @@ are only served to a Host that is allowed (DNS rebinding).
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 import hmac
 import re
 from urllib.parse import quote
@@ -48,6 +49,7 @@ from chatweb.render._preview import (
 )
 from chatweb.queue._queue import MessageQueue
 from chatweb.web._share import InvalidToken, ShareLinks
+from chatweb.web._sessionapi import SessionAPI
 from chatweb.web._throttle import FailureThrottle, clientKey
 from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
 from chatweb.web._guard import _Guard, checkAPIKeys
@@ -389,16 +391,13 @@ class ChatWebAPI:
         its undelivered messages.
         """
 
-        def found(results: list[Any]) -> tuple[Session | None, list[QueuedMessage]]:
-            session, undelivered = results
-            if session is None and undelivered:
-                session = Session(id=sessionId)
-            return session, undelivered
+        def found(view: Any) -> tuple[Session | None, list[QueuedMessage]]:
+            if view is None:
+                return None, []
+            return view.session, sorted(view.queued + view.failed, key=lambda m: m.id)
 
-        return gatherResults(
-            [self._adapter.getSession(sessionId), self._queue.journal.messages(sessionId)],
-            consumeErrors=True,
-        ).addCallback(found)
+        # The read model (chatweb/sessions.py) knows the session.
+        return self._sessionAPI.sessions.get(sessionId).addCallback(found)
 
     def _sessionExists(self, sessionId: str) -> Any:
         """
@@ -450,8 +449,9 @@ class ChatWebAPI:
                 " characters",
             )
 
-        def queued(_: object) -> bytes:
+        def queued(message: QueuedMessage) -> bytes:
             request.setResponseCode(204)
+            request.setHeader(b"X-Message-Id", str(message.id).encode("ascii"))
             return b""
 
         def failed(failure: Any) -> bytes:
@@ -559,6 +559,8 @@ class ChatWebAPI:
         refused = self._refuse(request, b"GET")
         if refused is not None:
             return refused
+        if request.args.get(b"detail") in ([b"1"], [b"true"]) and self._shareExpiry.get(request) is None:
+            return self._sessionAPI.listDetailed(request)
 
         # Without a key, the Guard let the request in for its index token.
         tokenExpiry = self._shareExpiry.get(request)
@@ -807,3 +809,32 @@ class ChatWebAPI:
         _log.failure("Unhandled error in a route", failure)
         return _error(request, 500, "internal error")
 
+    # -- the session API (handlers in chatweb/web/_sessionapi.py)
+
+    @cached_property
+    def _sessionAPI(self) -> SessionAPI:
+        return SessionAPI(self)
+
+    @app.route("/sessions/<path:rest>", methods=["GET"])
+    def sessionResource(self, request: IRequest, rest: str) -> Any:
+        return self._sessionAPI.getSessionResource(request)
+
+    @app.route("/messages", methods=["GET"])
+    def sessionMessages(self, request: IRequest) -> Any:
+        return self._sessionAPI.listMessages(request)
+
+    @app.route("/providers", methods=["GET"])
+    def providers(self, request: IRequest) -> Any:
+        return self._sessionAPI.listProviders(request)
+
+    @app.route("/session/new", methods=["POST"])
+    def newSession(self, request: IRequest) -> Any:
+        return self._sessionAPI.newSession(request)
+
+    @app.route("/session/<path:rest>", methods=["POST", "PUT", "DELETE"])
+    def sessionAction(self, request: IRequest, rest: str) -> Any:
+        return self._sessionAPI.sessionAction(request, request.method)
+
+    @app.route("/queue/<int:messageId>", methods=["GET"])
+    def queuedMessage(self, request: IRequest, messageId: int) -> Any:
+        return self._sessionAPI.messageStatus(request, messageId)
