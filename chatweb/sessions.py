@@ -69,8 +69,11 @@ class Sessions:
         return Deferred.fromCoroutine(self._get(sessionId))
 
     async def _get(self, sessionId: str) -> SessionView | None:
-        session = await self._adapter.getSession(sessionId)
+        # The journal first: a message delivered between the two reads is
+        # then in the session (the adapter stores it before the journal
+        # lets it go), never in neither.
         waiting: list[QueuedMessage] = await self._journal.messages(sessionId)
+        session = await self._adapter.getSession(sessionId)
         if session is None and not waiting:
             return None
         return SessionView(

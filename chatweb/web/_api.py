@@ -575,9 +575,13 @@ class ChatWebAPI:
             remaining = tokenExpiry - int(self._clock.seconds())
             linkLifetime = max(1, min(linkLifetime, remaining))
 
+        # Taken before the adapter is asked: a session whose first message
+        # is delivered meanwhile is then in one or the other.
+        pending = set(self._queue.sessionsWithPending())
+
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
-            sessionIds = sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
+            sessionIds = sorted(set(ids) | set(failed) | pending)
             if not html:
                 return _json(request, sessionIds)
             prefix = _mountPrefix(request)
