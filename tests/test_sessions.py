@@ -69,3 +69,31 @@ class SessionsTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.successResultOf(self.sessions.messages("s", 0))), 3)
         self.assertEqual(self.successResultOf(self.sessions.messages("s", 5)), [])
+
+    def test_deliveredBetweenReadsIsNotMissed(self) -> None:
+        """
+        A message delivered while a view is being read (between its read of
+        the journal and its read of the session) is in the view: queued, or
+        in the session, never in neither.
+        """
+        self.successResultOf(self.queue.post("s", "one"))
+        reads: list[str] = []
+
+        def delivering(read):  # type: ignore[no-untyped-def]
+            def wrapped(*args):  # type: ignore[no-untyped-def]
+                result = read(*args)
+                reads.append(read.__name__)
+                if len(reads) == 1:
+                    # The delivery ends right after the first read.
+                    self.adapter.complete()
+                return result
+
+            return wrapped
+
+        self.patch(self.adapter, "getSession", delivering(self.adapter.getSession))
+        self.patch(self.journal, "messages", delivering(self.journal.messages))
+        view = self.successResultOf(self.sessions.get("s"))
+        assert isinstance(view, SessionView)
+        shown = [m.content for m in view.session.messages] + [m.content for m in view.queued]
+        self.assertIn("one", shown)
+        self.assertEqual(len(reads), 2)
