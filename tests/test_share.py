@@ -678,7 +678,8 @@ class AccessLogTests(TestCase):
         self.assertEqual(response.code, 200)
         await response.content()
         logged = "\n".join(events)
-        self.assertIn("GET /session 200", logged)
+        # The client's address, then the request without its query.
+        self.assertRegex(logged, r"127\.0\.0\.1:\d+ GET /session 200")
         self.assertNotIn(token, logged)
         self.assertNotIn(KEY, logged)
 

@@ -465,7 +465,8 @@ class ChatWebSite(Site):
         # The query string is left out: it may carry a share token.
         if self.accessLog:
             _log.info(
-                "{method} {path} {code} {length}",
+                "{client} {method} {path} {code} {length}",
+                client=describeAddress(request.getClientAddress()),
                 method=request.method.decode("ascii", "replace"),
                 path=request.path.decode("ascii", "replace"),
                 code=request.code,
