@@ -8,7 +8,14 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["post_throughput.py", "render.py", "reactor_latency.py", "hostile.py", "crash.py"]
+BENCHMARKS = [
+    "post_throughput.py",
+    "render.py",
+    "reactor_latency.py",
+    "hostile.py",
+    "crash.py",
+    "queued_rss.py",
+]
 
 for name in BENCHMARKS:
     print(f"== {name}", flush=True)
