@@ -39,21 +39,8 @@ from chatweb.web._sessionapi import SessionAPI
 from chatweb.web._throttle import FailureThrottle, clientKey
 from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
 from chatweb.web._guard import _Guard, checkAPIKeys
-from chatweb.web._messages import (
-    MAX_MESSAGE_ID as MAX_MESSAGE_ID,
-    Messages,
-    _Refused as _Refused,
-    _readBody,
-)
-from chatweb.web._pages import (
-    EXPORT_INLINE_CHARACTERS as EXPORT_INLINE_CHARACTERS,
-    EXPORT_INLINE_LIMIT as EXPORT_INLINE_LIMIT,
-    INDEX_SCOPE,
-    RENDER_THREADS,
-    Pages,
-    _mountPrefix as _mountPrefix,
-    _sessionIdArgument,
-)
+from chatweb.web._messages import Messages
+from chatweb.web._pages import INDEX_SCOPE, RENDER_THREADS, Pages, _sessionIdArgument
 from chatweb.web._site import Refusal
 from chatweb.web._validation import (
     BadRequest,
@@ -257,20 +244,6 @@ class ChatWebAPI:
             return _error(request, 404, "not found")
         return None
 
-    def _readBody(self, request: IRequest) -> bytes:
-        """
-        The request body, at most L{Limits.maxBodySize} bytes.
-
-        @raise _Refused: with the 413 answer, if it is larger.
-        """
-        return _readBody(request, self._limits.maxBodySize)
-
-    def _inThread(self, request: IRequest, work: Any, *args: Any) -> Any:
-        """
-        A Deferred: C{work(*args)} on a thread (L{Pages.inThread}).
-        """
-        return self._pages.inThread(request, work, *args)
-
     def _unavailable(self, request: IRequest, failure: Any) -> bytes:
         _log.failure("The session backend failed", failure)
         return _error(request, 503, "the session backend is unavailable; retry later")
@@ -311,9 +284,6 @@ class ChatWebAPI:
 
     @app.route("/sessions/share", methods=["POST"])
     def shareIndex(self, request: IRequest) -> Any:
-        """
-        A share link to the HTML index of all sessions, for a browser.
-        """
         return self._pages.shareIndex(request)
 
     @app.route("/session/raw", methods=["GET"])
