@@ -901,7 +901,7 @@ class PagedViewTests(TestCase):
         from twisted.internet.task import deferLater
         from twisted.internet.defer import ensureDeferred, gatherResults
 
-        from chatweb.web import _api as api
+        from chatweb.web import _pages as pages
 
         release = threading.Event()
         self.addCleanup(release.set)
@@ -912,18 +912,18 @@ class PagedViewTests(TestCase):
             release.wait(30)
             return "<p>page</p>"
 
-        self.patch(api, "renderSession", slowRender)
+        self.patch(pages, "renderSession", slowRender)
         views = [
             ensureDeferred(self.get("/session?id=long"))
-            for _ in range(api.RENDER_THREADS + api.RENDER_WAITING)
+            for _ in range(pages.RENDER_THREADS + pages.RENDER_WAITING)
         ]
-        while len(self.api._renders.waiting) < api.RENDER_WAITING:
+        while len(self.api._renders.waiting) < pages.RENDER_WAITING:
             await deferLater(reactor, 0.01)
         code, body = await self.get("/session?id=long")
         self.assertEqual((code, json.loads(body)["error"][:8]), (503, "too many"))
         code, body = await self.get("/sessions")
         self.assertEqual((code, json.loads(body)), (200, ["long", "small"]))
-        self.assertLessEqual(len(running), api.RENDER_THREADS)
+        self.assertLessEqual(len(running), pages.RENDER_THREADS)
         release.set()
         results = await gatherResults(views)
         self.assertEqual([c for c, _ in results], [200] * len(views))

@@ -1,17 +1,64 @@
 """
-The session page and the export, as the routes need them: rendering (pure,
-in L{chatweb.render}) run on the reactor's thread pool.
+The pages and the share links: C{GET /session} (a session's page, a page
+of messages at a time), C{GET /session/raw} (the export), C{GET /sessions}
+(the list, or its HTML index), C{POST /session/share} and
+C{POST /sessions/share}.  Rendering (pure, in L{chatweb.render}) runs on
+the reactor's thread pool when it would take long.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import re
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
+from klein.interfaces import IKleinRequest
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThread
+from twisted.web.iweb import IRequest
 
+from chatweb.importer import exportSession
 from chatweb.model import QueuedMessage, Session
-from chatweb.render._preview import inBackground, renderSession
+from chatweb.render._preview import (
+    SECURITY_HEADERS,
+    inBackground,
+    messageSize,
+    pageBounds,
+    pause,
+    renderIndex,
+    renderSession,
+    renderSessionInline,
+)
+from chatweb.web._errors import _error
+from chatweb.web._json import _exportJSON, _json
+from chatweb.web._messages import _readBody, _Refused
+from chatweb.web._validation import BadRequest, parseShareRequest
+
+if TYPE_CHECKING:
+    from chatweb.web._api import ChatWebAPI
+
+#: Seconds the share links on the HTML index of sessions stay valid.
+INDEX_LINK_LIFETIME = 15 * 60
+#: What an index share link is signed for: no session id can be this (ids
+#: have no control characters), so an index token opens no session page.
+INDEX_SCOPE = "\0index"
+#: Pages of sessions longer than this render on a thread, not the reactor.
+RENDER_INLINE_LIMIT = 20
+#: ... and so do pages with more text than this, in characters.  Smaller
+#: pages render on the reactor's thread unless they take more than 5 ms of
+#: CPU there (L{renderSessionInline}).
+RENDER_INLINE_CHARACTERS = 2_000
+#: Renders and exports that run on threads at once (CPU is the limit) ...
+RENDER_THREADS = 2
+#: ... and that may wait for one; past this, a 503.
+RENDER_WAITING = 16
+#: Sessions of more messages than this, or more characters, are turned
+#: into JSON (GET /session/raw) on a thread.
+EXPORT_INLINE_LIMIT = 200
+EXPORT_INLINE_CHARACTERS = 200_000
+#: An HTML index of more sessions than this (a share token each) renders on
+#: a thread.
+INDEX_INLINE_LIMIT = 200
 
 
 def renderSessionInThread(
@@ -29,3 +76,341 @@ def renderSessionInThread(
     return deferToThread(
         inBackground, renderSession, session, tuple(queued), before, pageURL
     )
+
+
+def _acceptsHTML(request: IRequest) -> bool:
+    """
+    Whether the Accept header names C{text/html} (with a quality above 0).
+    """
+    for value in request.requestHeaders.getRawHeaders(b"accept", []):
+        for item in value.split(b","):
+            mediaType, *parameters = item.split(b";")
+            if mediaType.strip().lower() != b"text/html":
+                continue
+            quality = 1.0
+            for parameter in parameters:
+                name, _, number = parameter.partition(b"=")
+                if name.strip().lower() == b"q":
+                    try:
+                        quality = float(number.strip())
+                    except ValueError:
+                        quality = 0.0
+            if quality > 0:
+                return True
+    return False
+
+
+def _heavy(
+    session: Session, undelivered: Sequence[QueuedMessage], start: int, end: int
+) -> bool:
+    """
+    Whether rendering the page that shows messages C{start} to C{end} of
+    C{session} could take long enough to belong off the reactor thread.
+    """
+    if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
+        return True
+    characters = sum(messageSize(m) for m in session.messages[start:end]) + sum(
+        len(m.content) for m in undelivered
+    )
+    return characters > RENDER_INLINE_CHARACTERS
+
+
+def _before(request: IRequest) -> int | None | bytes:
+    """
+    The query parameter C{before} (the page that ends before that message
+    index), None without one, or a 400 error body.
+    """
+    values = request.args.get(b"before")
+    if values is None:
+        return None
+    if len(values) != 1 or not re.fullmatch(rb"[1-9][0-9]{0,17}", values[0]):
+        return _error(
+            request,
+            400,
+            "query parameter 'before' must be one positive whole number (a"
+            " message index)",
+        )
+    return int(values[0])
+
+
+def _sessionPath(prefix: str, sessionId: str, token: str | None) -> str:
+    """
+    The path of C{sessionId}'s page, for the API mounted at C{prefix}, with
+    a share token if one is given.
+    """
+    url = f"{prefix}/session?id={quote(sessionId, safe='')}"
+    return url if token is None else f"{url}&token={token}"
+
+
+def _mountPrefix(request: IRequest) -> str:
+    """
+    The path the API is mounted at ("" at the root), for links to itself.
+    """
+    # Klein keeps it as the mapper's script name ("" or "/" at the root).
+    scriptName = IKleinRequest(request).mapper.script_name
+    return quote(scriptName.rstrip("/"), safe="/")
+
+
+def _sessionURL(request: IRequest, sessionId: str, token: str | None) -> str:
+    """
+    The path of C{sessionId}'s page (below where the API is mounted),
+    with a share token if one is given.
+    """
+    return _sessionPath(_mountPrefix(request), sessionId, token)
+
+
+def _sessionIdArgument(request: IRequest) -> str | bytes:
+    """
+    The query parameter C{id}, or a 400 error body.
+    """
+    values = request.args.get(b"id") or [b""]
+    try:
+        sessionId = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(request, 400, "query parameter 'id' is not valid UTF-8")
+    if not sessionId:
+        return _error(request, 400, "missing query parameter 'id'")
+    return sessionId
+
+
+def _html(request: IRequest, html: str | bytes) -> bytes:
+    if isinstance(html, bytes):  # an error body from inThread
+        return html
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+    return html.encode("utf-8")
+
+
+class Pages:
+    """
+    The handlers of the page, export, list and share routes of a
+    L{ChatWebAPI}.
+    """
+
+    def __init__(self, api: ChatWebAPI) -> None:
+        self._api = api
+
+    def inThread(self, request: IRequest, work: Any, *args: Any) -> Any:
+        """
+        A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time;
+        a 503 error body at once when L{RENDER_WAITING} already wait.
+        """
+        renders = self._api._renders
+        if len(renders.waiting) >= RENDER_WAITING:
+            request.setHeader(b"Retry-After", b"1")
+            return succeed(
+                _error(request, 503, "too many pages are being prepared; retry shortly")
+            )
+        return renders.run(deferToThread, inBackground, work, *args)
+
+    def _findSession(self, sessionId: str) -> Any:
+        """
+        A Deferred: the session from the adapter (an empty one if it only has
+        messages in the journal), or None if there is no such session; and
+        its undelivered messages.
+        """
+
+        def found(view: Any) -> tuple[Session | None, list[QueuedMessage]]:
+            if view is None:
+                return None, []
+            return view.session, sorted(view.queued + view.failed, key=lambda m: m.id)
+
+        # The read model (chatweb/sessions.py) knows the session.
+        return self._api._sessionAPI.sessions.get(sessionId).addCallback(found)
+
+    def _sessionExists(self, sessionId: str) -> Any:
+        """
+        A Deferred: the session, as L{_findSession} finds it, or None.
+        """
+        return self._findSession(sessionId).addCallback(lambda found: found[0])
+
+    def listSessions(self, request: IRequest) -> Any:
+        api = self._api
+        refused = api._refuse(request, b"GET")
+        if refused is not None:
+            return refused
+        if request.args.get(b"detail") in ([b"1"], [b"true"]) and api._shareExpiry.get(request) is None:
+            return api._sessionAPI.listDetailed(request)
+
+        # Without a key, the Guard let the request in for its index token.
+        tokenExpiry = api._shareExpiry.get(request)
+        html = tokenExpiry is not None or _acceptsHTML(request)
+        request.setHeader(b"Vary", b"Accept")
+        linkLifetime = INDEX_LINK_LIFETIME
+        if html:
+            refused = api._refuseHost(request)
+            if refused is not None:
+                return refused
+        if tokenExpiry is not None:
+            remaining = tokenExpiry - int(api._clock.seconds())
+            linkLifetime = max(1, min(linkLifetime, remaining))
+
+        # Taken before the adapter is asked: a session whose first message
+        # is delivered meanwhile is then in one or the other.
+        pending = set(api._queue.sessionsWithPending())
+
+        def listed(results: list[Any]) -> bytes:
+            ids, failed = results
+            sessionIds = sorted(set(ids) | set(failed) | pending)
+            if not html:
+                return _json(request, sessionIds)
+            prefix = _mountPrefix(request)
+            if len(sessionIds) <= INDEX_INLINE_LIMIT:
+                return _html(request, self._index(prefix, sessionIds, linkLifetime))
+            # A share token per session (and the page) cost too much time
+            # for the reactor thread with many sessions.
+            return self.inThread(
+                request, self._index, prefix, sessionIds, linkLifetime
+            ).addCallback(lambda page: _html(request, page))
+
+        return gatherResults(
+            [api._adapter.listSessions(), api._queue.journal.failedSessions()],
+            consumeErrors=True,
+        ).addCallbacks(listed, lambda f: api._unavailable(request, f))
+
+    def _index(self, prefix: str, sessionIds: list[str], lifetime: int) -> str:
+        """
+        The HTML index of C{sessionIds}, for the API mounted at C{prefix}.
+        Its links are share links that live C{lifetime} seconds (at most
+        L{INDEX_LINK_LIFETIME}, never past the index's own link), so that a
+        browser can follow them without the key; plain links when share
+        links are off.  Safe to call on a thread.
+        """
+        shareLinks = self._api._shareLinks
+        links = {}
+        for n, sessionId in enumerate(sessionIds):
+            if not n & 63:
+                pause()
+            token = None
+            if shareLinks is not None:
+                token, _ = shareLinks.issue(sessionId, lifetime)
+            links[sessionId] = _sessionPath(prefix, sessionId, token)
+        return renderIndex(sessionIds, links)
+
+    def _readShareRequest(
+        self, request: IRequest, sessionRequired: bool
+    ) -> tuple[str, int] | bytes:
+        """
+        The session and lifetime a share-link request asks for, or the
+        error body that refuses it.
+        """
+        refused = self._api._refuse(request, b"POST")
+        if refused is not None:
+            return refused
+        if self._api._shareLinks is None:
+            return _error(
+                request,
+                403,
+                "share links are turned off on this server (it was started"
+                " without a share secret)",
+            )
+        try:
+            body = _readBody(request, self._api._limits.maxBodySize)
+        except _Refused as refusal:
+            return refusal.body
+        try:
+            return parseShareRequest(
+                body if body.strip() or sessionRequired else b"{}", sessionRequired
+            )
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+
+    def shareSession(self, request: IRequest) -> Any:
+        asked = self._readShareRequest(request, sessionRequired=True)
+        if isinstance(asked, bytes):
+            return asked
+        sessionId, lifetime = asked
+        shareLinks = self._api._shareLinks
+        assert shareLinks is not None
+
+        def share(session: Session | None) -> bytes:
+            if session is None:
+                return _error(request, 404, f"no session {sessionId!r}")
+            token, expires = shareLinks.issue(sessionId, lifetime)
+            return _json(
+                request,
+                {"url": _sessionURL(request, sessionId, token), "expires": expires},
+            )
+
+        return self._sessionExists(sessionId).addCallbacks(
+            share, lambda f: self._api._unavailable(request, f)
+        )
+
+    def shareIndex(self, request: IRequest) -> Any:
+        """
+        A share link to the HTML index of all sessions, for a browser.
+        """
+        asked = self._readShareRequest(request, sessionRequired=False)
+        if isinstance(asked, bytes):
+            return asked
+        _, lifetime = asked
+        shareLinks = self._api._shareLinks
+        assert shareLinks is not None
+        token, expires = shareLinks.issue(INDEX_SCOPE, lifetime)
+        url = f"{_mountPrefix(request)}/sessions?token={token}"
+        return _json(request, {"url": url, "expires": expires})
+
+    def exportRaw(self, request: IRequest) -> Any:
+        refused = self._api._refuse(request, b"GET")
+        if refused is not None:
+            return refused
+        sessionId = _sessionIdArgument(request)
+        if not isinstance(sessionId, str):
+            return sessionId
+
+        def export(session: Session | None) -> Any:
+            if session is None:
+                return _error(request, 404, f"no session {sessionId!r}")
+            if len(session.messages) <= EXPORT_INLINE_LIMIT and (
+                sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
+            ):
+                return _json(request, exportSession(session))
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return self.inThread(request, _exportJSON, session)
+
+        return self._sessionExists(sessionId).addCallbacks(
+            export, lambda f: self._api._unavailable(request, f)
+        )
+
+    def previewSession(self, request: IRequest) -> Any:
+        api = self._api
+        refused = api._refuse(request, b"GET")
+        if refused is None:
+            refused = api._refuseHost(request)
+        if refused is not None:
+            return refused
+        # Without a key, the Guard has checked the share token for this id.
+        sessionId = _sessionIdArgument(request)
+        if not isinstance(sessionId, str):
+            return sessionId
+
+        before = _before(request)
+        if isinstance(before, bytes):
+            return before
+        # Links to the other pages keep the share token that opened this one.
+        token = None
+        if api._shareExpiry.get(request) is not None:
+            token = request.args[b"token"][0].decode("ascii")
+        base = _sessionURL(request, sessionId, token)
+
+        def pageURL(before: int | None) -> str:
+            return base if before is None else f"{base}&before={before}"
+
+        def render(found: tuple[Session | None, list[QueuedMessage]]) -> Any:
+            session, undelivered = found
+            if session is None:
+                return _error(request, 404, f"no session {sessionId!r}")
+            start, end = pageBounds(session.messages, before)
+            if not _heavy(session, undelivered, start, end):
+                page = renderSessionInline(session, undelivered, before, pageURL)
+                if page is not None:
+                    return _html(request, page)
+            # Other pages render off the reactor thread, a few at a time.
+            page = self.inThread(request, renderSession, session, undelivered, before, pageURL)
+            return page.addCallback(lambda html: _html(request, html))
+
+        return self._findSession(sessionId).addCallbacks(
+            render, lambda f: api._unavailable(request, f)
+        )

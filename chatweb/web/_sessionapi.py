@@ -30,6 +30,8 @@ from chatweb.render._preview import messageSize
 from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
 from chatweb.web._json import _exportJSON, _json
+from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
+from chatweb.web._pages import EXPORT_INLINE_CHARACTERS, EXPORT_INLINE_LIMIT, _mountPrefix
 from chatweb.web._validation import BadRequest, parseObject, sessionIdProblem
 
 if TYPE_CHECKING:
@@ -135,8 +137,6 @@ class SessionAPI:
     # -- helpers
 
     def _segments(self, request: IRequest) -> list[bytes]:
-        from chatweb.web._api import _mountPrefix
-
         # _mountPrefix quotes the script name the way the raw path has it.
         return rawSegments(request, _mountPrefix(request))
 
@@ -210,10 +210,8 @@ class SessionAPI:
             )
 
     def _body(self, request: IRequest, optional: bool = False) -> dict[str, Any]:
-        from chatweb.web._api import _Refused
-
         try:
-            body = self._api._readBody(request)
+            body = _readBody(request, self._api._limits.maxBodySize)
         except _Refused as refusal:
             raise _Answer(refusal.body)
         if optional and not body.strip():
@@ -242,8 +240,6 @@ class SessionAPI:
         return _json(request, self._detail(view))
 
     async def _raw(self, request: IRequest, sessionId: str) -> Any:
-        from chatweb.web._api import EXPORT_INLINE_CHARACTERS, EXPORT_INLINE_LIMIT
-
         session = (await self._view(request, sessionId)).session
         if len(session.messages) <= EXPORT_INLINE_LIMIT and (
             sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
@@ -251,7 +247,7 @@ class SessionAPI:
             return _json(request, exportSession(session))
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        return await self._api._inThread(request, _exportJSON, session)
+        return await self._api._pages.inThread(request, _exportJSON, session)
 
     def listDetailed(self, request: IRequest) -> Any:
         """
@@ -340,8 +336,6 @@ class SessionAPI:
         C{GET /queue/{id}}: where a posted message is (pending, delivering,
         delivered, failed, discarded) and when it got there.
         """
-        from chatweb.web._api import MAX_MESSAGE_ID
-
         def work() -> Any:
             if messageId > MAX_MESSAGE_ID:
                 return _error(request, 404, f"no queued message {messageId}")
