@@ -32,6 +32,8 @@ from chatweb.events import EventHub
 from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
+from chatweb.web._events import EventStreams
+from chatweb.web._health import OK, STARTING, STOPPING, HealthCheck
 
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
@@ -131,6 +133,9 @@ class ChatWebService(MultiService):
             shareSecret=None,
             allowedHosts=allowedHosts,
         )
+        # Live events and health (chatweb/web/_events.py, _health.py).
+        self.api.live = EventStreams(self.events, self.journal, reactor)
+        self.api.health = HealthCheck(self._health)
         self.resource: IResource = self.api.resource()
         self.site = ChatWebSite(
             self.resource,
@@ -279,8 +284,15 @@ class ChatWebService(MultiService):
         _log.info("chatweb listening on {where}", where=describeAddress(port.getHost()))
         return port
 
+    def _health(self) -> str:
+        if self._stopped:
+            return STOPPING
+        return OK if self._readyResult is True else STARTING
+
     def stopService(self) -> Deferred[None]:
         self._stopped = True
+        # Event streams end cleanly (a client reconnects with Last-Event-ID).
+        self.api.live.closeAll()
         stopped = super().stopService() or succeed(None)
         stopped.addCallback(lambda _: self.queue.stop(self.shutdownTimeout))
         stopped.addCallback(lambda _: self.database.close())
