@@ -235,13 +235,14 @@ class _Stream:
         except Exception:
             pass
         if not getattr(request, "_disconnected", False) and not request.finished:
-            transport = getattr(getattr(request, "channel", None), "transport", None)
+            channel = getattr(request, "channel", None)
             # Klein finishes the request when its route's Deferred fires.
             self.ended.callback(b"")
-            if loseConnection and transport is not None:
+            if loseConnection and channel is not None:
                 # No keep-alive: whatever is still buffered is sent, then
-                # the connection closes.
-                transport.loseConnection()
+                # the connection closes (the channel's own loseConnection:
+                # the transport's would wait for its paused producer).
+                channel.loseConnection()
         elif not self.ended.called:
             self.ended.callback(None)
 
