@@ -299,5 +299,11 @@ class HealthTests(TestCase):
     def test_startingUntilReady(self) -> None:
         from chatweb.service import ChatWebService
 
-        service = ChatWebService(["k"], self.mktemp(), endpoint=None)
+        from twisted.internet.testing import MemoryReactorClock
+
+        # A reactor of its own: the real one would keep this never-started
+        # service's thread pool alive after the tests.
+        service = ChatWebService(
+            ["k"], self.mktemp(), endpoint=None, reactor=MemoryReactorClock()
+        )
         self.assertEqual(service._health(), "starting")
