@@ -32,6 +32,10 @@ from chatweb.events import EventHub
 from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
+from chatweb.web._events import EventStreams
+from chatweb.metrics import Metrics, MetricsResource
+from twisted.web.server import Site
+from chatweb.web._health import OK, STARTING, STOPPING, HealthCheck
 
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 
@@ -81,6 +85,7 @@ class ChatWebService(MultiService):
         allowedHosts: Sequence[str] = (),
         shareLinks: bool = True,
         reactor: Any = None,
+        metricsEndpoint: str | None = None,
     ) -> None:
         super().__init__()
         # Before anything starts threads or writes files.
@@ -131,6 +136,9 @@ class ChatWebService(MultiService):
             shareSecret=None,
             allowedHosts=allowedHosts,
         )
+        # Live events and health (chatweb/web/_events.py, _health.py).
+        self.api.live = EventStreams(self.events, self.journal, reactor)
+        self.api.health = HealthCheck(self._health)
         self.resource: IResource = self.api.resource()
         self.site = ChatWebSite(
             self.resource,
@@ -139,6 +147,27 @@ class ChatWebService(MultiService):
             refuseBeforeBody=self.api.refuseBeforeBody,
             reactor=reactor,
         )
+        # Metrics (chatweb/metrics.py): GET /metrics with the key, and on
+        # metricsEndpoint without it.
+        self.metrics = Metrics(
+            self.events, self.queue.pendingCount, self.api.live.openCount, self._routeOf
+        )
+        self.api.metrics = self.metrics
+        siteLog = self.site.log
+
+        def log(request: Any) -> None:
+            self.metrics.observeRequest(request)
+            siteLog(request)
+
+        self.site.log = log  # type: ignore[method-assign]
+        if metricsEndpoint is not None:
+            metricsSite = Site(MetricsResource(self.metrics))
+            metricsSite.displayTracebacks = False
+            metricsListener = StreamServerEndpointService(
+                serverFromString(reactor, metricsEndpoint), metricsSite
+            )
+            raiseListenErrorsSynchronously(metricsListener)
+            metricsListener.setServiceParent(self)
         self.listening: Deferred[Any] | None = None
         self._listener: StreamServerEndpointService | None
         if endpoint is not None:
@@ -279,8 +308,34 @@ class ChatWebService(MultiService):
         _log.info("chatweb listening on {where}", where=describeAddress(port.getHost()))
         return port
 
+    def _routeOf(self, request: Any) -> str | None:
+        """
+        The route template a request went to (for metrics), or None.
+        """
+        segments = list(request.prepath or []) + list(request.postpath or [])
+        mount = self.site.mount
+        if segments[: len(mount)] != mount:
+            return None
+        path = "/" + "/".join(
+            s.decode("utf-8", "replace") for s in segments[len(mount) :]
+        )
+        try:
+            rule, _ = self.api.app.url_map.bind("localhost").match(
+                path, method=request.method.decode("ascii", "replace"), return_rule=True
+            )
+        except Exception:
+            return None
+        return str(rule.rule)
+
+    def _health(self) -> str:
+        if self._stopped:
+            return STOPPING
+        return OK if self._readyResult is True else STARTING
+
     def stopService(self) -> Deferred[None]:
         self._stopped = True
+        # Event streams end cleanly (a client reconnects with Last-Event-ID).
+        self.api.live.closeAll()
         stopped = super().stopService() or succeed(None)
         stopped.addCallback(lambda _: self.queue.stop(self.shutdownTimeout))
         stopped.addCallback(lambda _: self.database.close())

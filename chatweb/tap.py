@@ -93,6 +93,8 @@ class Options(usage.Options):
          " once before --rate-limit applies.", None],
         ["max-connections", None, _DEFAULTS.maxConnections, "Connections open"
          " at once; more are closed at once.", None],
+        ["metrics-listen", None, None, "Also serve GET /metrics, without the"
+         " key, on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
     ]
     optFlags = [
         ["access-log", None, "Log every request (method, path, status; never"
@@ -239,6 +241,11 @@ def makeService(options: Options) -> Any:
         serverFromString(reactor, options["listen"])
     except Exception as e:
         _exit(f"bad --listen endpoint {options['listen']!r}: {e}")
+    if options["metrics-listen"] is not None:
+        try:
+            serverFromString(reactor, options["metrics-listen"])
+        except Exception as e:
+            _exit(f"bad --metrics-listen endpoint {options['metrics-listen']!r}: {e}")
     from chatweb.web._api import normalizeAllowedHost
 
     allowedHosts = list(options["allowed-hosts"])
@@ -277,6 +284,7 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         shutdownTimeout=options["shutdown-timeout"],
         exitOnFailure=True,
         allowedHosts=allowedHosts,
+        metricsEndpoint=options["metrics-listen"],
     )
 
 

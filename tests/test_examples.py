@@ -157,3 +157,28 @@ class EmbeddedSiteAutoMountTests(EmbeddedSiteTests):
     """
 
     autoMount = True
+
+
+WAIT_FOR_ANSWER = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples", "wait_for_answer.py"
+)
+
+
+class WaitForAnswerTests(TestCase):
+    async def test_postAndWaitForTheAnswer(self) -> None:
+        """
+        docs/examples/wait_for_answer.py (docs/api.md) posts a message and
+        returns the echoed answer, for a session whose id holds '/'.
+        """
+        from twisted.internet.threads import deferToThread
+
+        spec = importlib.util.spec_from_file_location("wait_for_answer", WAIT_FOR_ANSWER)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        chatweb = await startChatWeb(self, responder="echo")
+        answers = await deferToThread(
+            module.ask, chatweb.url, chatweb.apiKey, "ci/nightly", "hello there"
+        )
+        self.assertEqual(len(answers), 1)
+        self.assertIn("hello there", answers[0])

@@ -564,7 +564,11 @@ class MessageQueue:
                 logEvent,
                 EventKind.DELIVERY_STARTED,
                 session,
-                {"message": message.id, "attempt": message.attempts + 1},
+                {
+                    "message": message.id,
+                    "attempt": message.attempts + 1,
+                    "received": message.received,
+                },
             ).addErrback(
                 lambda f: _log.failure("Could not record a delivery start", f)
             )

@@ -339,3 +339,34 @@ class ChatWebAPI:
     @app.route("/queue/<int:messageId>", methods=["GET"])
     def queuedMessage(self, request: IRequest, messageId: int) -> Any:
         return self._sessionAPI.messageStatus(request, messageId)
+
+    # -- live events, health and metrics (issue 10 §3, §4): the handlers are
+    # in chatweb/web/_events.py, chatweb/web/_health.py and chatweb/metrics.py;
+    # ChatWebService sets these three (None: the route is a 404).
+
+    live: Any = None
+    health: Any = None
+    metrics: Any = None
+
+    @app.route("/events", methods=["GET"])
+    def allEvents(self, request: IRequest) -> Any:
+        return self._optional(request, self.live, lambda h: h.stream(request, None))
+
+    @app.route("/sessions/<path:sessionPath>/events", methods=["GET"])
+    def sessionEvents(self, request: IRequest, sessionPath: str) -> Any:
+        # Twisted decodes %2F before routing: /sessions/x%2Fevents is the
+        # session "x/events" (the session API's), not a stream.
+        if not request.uri.split(b"?", 1)[0].endswith(b"/events"):
+            return self._sessionAPI.getSessionResource(request)
+        return self._optional(request, self.live, lambda h: h.sessionStream(request))
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> Any:
+        return self._optional(request, self.health, lambda h: h.render(request))
+
+    @app.route("/metrics", methods=["GET"])
+    def metricsPage(self, request: IRequest) -> Any:
+        return self._optional(request, self.metrics, lambda h: h.render(request))
+
+    def _optional(self, request: IRequest, handler: Any, call: Any) -> Any:
+        return _notFound(request) if handler is None else call(handler)

@@ -17,6 +17,7 @@ from werkzeug.routing import RequestRedirect
 
 from chatweb.limits import retryAfter
 from chatweb.web._errors import _error, _notFound
+from chatweb.web._health import isHealthCheck
 from chatweb.web._share import redactTokens
 from chatweb.web._throttle import clientKey
 
@@ -100,6 +101,9 @@ class _Guard(Resource):
         return body
 
     def _render(self, request: IRequest) -> Any:
+        if isHealthCheck(request):
+            # Liveness and readiness, without the key: it reveals nothing else.
+            return self._routes.render(request)
         client = clientKey(request.getClientAddress())
         refused = self._api._refuseThrottled(request, client)
         if refused is not None:

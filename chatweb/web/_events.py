@@ -1,0 +1,369 @@
+"""
+Live events over Server-Sent Events: C{GET /events} (every session) and
+C{GET /sessions/{id}/events} (one session).
+
+Each event is written as::
+
+    id: 42
+    event: message.added
+    data: {"id": 42, "kind": "message.added", "session": "ci", ...}
+
+A client that reconnects with C{Last-Event-ID} (the header, or the query
+parameter C{since} or C{last_event_id}) first gets the events it missed, from
+the store's event log while it still keeps them, then the live ones, with no
+gap and no duplicate: the stream subscribes to the L{EventHub} first and
+buffers what it publishes, replays from the store, then sends the buffer,
+skipping the ids already sent.
+
+A reader too slow for the events (its connection's buffer is full and
+C{maxBuffered} more events wait) gets a final C{overflow} event and its stream
+is closed; it reconnects with C{Last-Event-ID}.  At most C{maxStreams} are
+open at once (more get a 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable, cast
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from chatweb.events import EventHub
+from chatweb.model import Event
+from chatweb.web._errors import _error
+from chatweb.web._validation import BadRequest, validateSessionId
+
+_log = Logger()
+
+#: Streams open at once, by default.
+MAX_STREAMS = 100
+#: Events that may wait for a slow reader before its stream is dropped.
+MAX_BUFFERED = 1000
+#: Seconds between keep-alive comments.
+KEEP_ALIVE = 15.0
+#: Events read from the store at a time while replaying.
+REPLAY_BATCH = 500
+#: Event ids are SQLite integers.
+_MAX_ID = 2**63 - 1
+
+
+def formatEvent(event: Event) -> bytes:
+    """
+    C{event} as one Server-Sent Event.
+    """
+    data = json.dumps(event.asJSON(), separators=(",", ":"))
+    return f"id: {event.id}\nevent: {event.kind.value}\ndata: {data}\n\n".encode("utf-8")
+
+
+def _lastEventId(request: IRequest) -> int | None:
+    """
+    The id the client last saw (header C{Last-Event-ID}, or the query
+    parameter C{last_event_id} or C{since}), None without one.
+
+    @raise BadRequest: if it is not one whole number.
+    """
+    values = list(request.requestHeaders.getRawHeaders(b"last-event-id", []))
+    for name in (b"last_event_id", b"since"):
+        values.extend(request.args.get(name, []))
+    if not values:
+        return None
+    value = values[0].strip()
+    if len(values) != 1 and any(v.strip() != value for v in values):
+        raise BadRequest("send one Last-Event-ID (header, 'last_event_id' or 'since')")
+    if not re.fullmatch(rb"[0-9]{1,19}", value) or int(value) > _MAX_ID:
+        raise BadRequest("Last-Event-ID must be a whole number (an event id)")
+    return int(value)
+
+
+def sessionFromRawPath(request: IRequest) -> str | None:
+    """
+    The session id of C{.../sessions/ID/events}, read from the raw path
+    (Twisted decodes C{%2F} before routing, so ids with C{/} are matched
+    here), or None if the raw path is not of that form.
+    """
+    path = request.path.split(b"?", 1)[0]
+    segments = path.split(b"/")
+    if len(segments) < 4 or segments[-1] != b"events" or segments[-3] != b"sessions":
+        return None
+    try:
+        return unquote_to_bytes(segments[-2]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@implementer(IPushProducer)
+class _Stream:
+    """
+    One open event stream.
+    """
+
+    def __init__(
+        self,
+        streams: EventStreams,
+        request: IRequest,
+        session: str | None,
+        lastSent: int,
+    ) -> None:
+        self._streams = streams
+        # A twisted.web Request: a producer is registered on it.
+        self._request: Request = cast(Request, request)
+        self.session = session
+        self.lastSent = lastSent
+        #: Events waiting to be written (while replaying, or while the
+        #: connection is paused).
+        self._waiting: list[Event] = []
+        self._replaying = False
+        self._paused = False
+        self.closed = False
+        self._unsubscribe: Callable[[], None] = lambda: None
+        #: Fires when the stream ends (what the route returns to Klein).
+        self.ended: Deferred[bytes | None] = Deferred()
+
+    def start(self, replay: bool) -> None:
+        self._unsubscribe = self._streams.hub.subscribe(self._published, self.session)
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addBoth(self._lost)
+        if replay:
+            self._replaying = True
+            self._replayFrom(self.lastSent)
+
+    # -- replay from the store
+
+    def _replayFrom(self, afterId: int) -> None:
+        if self.closed:
+            return
+        d = self._streams.journal.eventsSince(afterId, self.session, REPLAY_BATCH)
+        d.addCallbacks(self._replayed, self._replayFailed)
+
+    def _replayed(self, events: list[Event]) -> None:
+        if self.closed:
+            return
+        for event in events:
+            self._write(event)
+        if len(events) >= REPLAY_BATCH:
+            if self._paused:
+                # Read on when the reader has taken what was sent.
+                return
+            self._replayFrom(self.lastSent)
+            return
+        self._replaying = False
+        self._flush()
+
+    def _replayFailed(self, failure: Any) -> None:
+        _log.failure("Could not read the event log for a stream", failure)
+        self.close()
+
+    # -- live events
+
+    def _published(self, event: Event) -> None:
+        if self.closed or event.id <= self.lastSent:
+            return
+        if self._replaying or self._paused or self._waiting:
+            self._waiting.append(event)
+            if len(self._waiting) > self._streams.maxBuffered:
+                self._overflow()
+            return
+        self._write(event)
+
+    def _flush(self) -> None:
+        while self._waiting and not self._paused and not self.closed:
+            event = self._waiting.pop(0)
+            if event.id > self.lastSent:
+                self._write(event)
+
+    def _write(self, event: Event) -> None:
+        if event.id <= self.lastSent:
+            return
+        self.lastSent = event.id
+        self._request.write(formatEvent(event))
+
+    def _overflow(self) -> None:
+        self._waiting = []
+        self._streams.overflows += 1
+        self._request.write(
+            b"event: overflow\ndata: "
+            + json.dumps(
+                {
+                    "error": "this stream fell too far behind and is closed;"
+                    " reconnect with Last-Event-ID",
+                    "last_event_id": self.lastSent,
+                }
+            ).encode("ascii")
+            + b"\n\n"
+        )
+        self.close(loseConnection=True)
+
+    def keepAlive(self) -> None:
+        if not self.closed and not self._paused:
+            self._request.write(b": keep-alive\n\n")
+
+    # -- IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._replaying:
+            self._replayFrom(self.lastSent)
+        else:
+            self._flush()
+
+    def stopProducing(self) -> None:
+        self.close()
+
+    # -- the end
+
+    def close(self, loseConnection: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._unsubscribe()
+        self._streams._closed(self)
+        request = self._request
+        try:
+            request.unregisterProducer()
+        except Exception:
+            pass
+        if not getattr(request, "_disconnected", False) and not request.finished:
+            channel = getattr(request, "channel", None)
+            # Klein finishes the request when its route's Deferred fires.
+            self.ended.callback(b"")
+            if loseConnection and channel is not None:
+                # No keep-alive: whatever is still buffered is sent, then
+                # the connection closes (the channel's own loseConnection:
+                # the transport's would wait for its paused producer).
+                channel.loseConnection()
+        elif not self.ended.called:
+            self.ended.callback(None)
+
+    def _lost(self, result: Any) -> None:
+        # The client went away (or the request finished).
+        if not self.closed:
+            self.closed = True
+            self._unsubscribe()
+            self._streams._closed(self)
+            try:
+                self._request.unregisterProducer()
+            except Exception:
+                pass
+            if not self.ended.called:
+                self.ended.callback(None)
+
+
+class EventStreams:
+    """
+    The open event streams of one API.
+
+    @ivar hub: the L{EventHub} live events come from.
+    @ivar journal: the store whose C{eventsSince} replays missed events.
+    """
+
+    def __init__(
+        self,
+        hub: EventHub,
+        journal: Any,
+        clock: IReactorTime,
+        maxStreams: int = MAX_STREAMS,
+        maxBuffered: int = MAX_BUFFERED,
+        keepAlive: float = KEEP_ALIVE,
+    ) -> None:
+        self.hub = hub
+        self.journal = journal
+        self.clock = clock
+        self.maxStreams = maxStreams
+        self.maxBuffered = maxBuffered
+        self.keepAliveInterval = keepAlive
+        #: Streams closed because their reader fell behind.
+        self.overflows = 0
+        self._streams: set[_Stream] = set()
+        self._keepAlive = LoopingCall(self._tick)
+        self._keepAlive.clock = clock
+        self._stopping = False
+        #: Called with the number of open streams whenever it changes.
+        self.onCountChanged: Callable[[int], None] = lambda n: None
+
+    def openCount(self) -> int:
+        return len(self._streams)
+
+    def stream(self, request: IRequest, session: str | None) -> Any:
+        """
+        Answer C{request} with the event stream of C{session} (None: every
+        session).
+        """
+        if request.method != b"GET":
+            return _error(request, 404, "not found")
+        try:
+            if session is not None:
+                session = validateSessionId(session, "session id")
+            lastId = _lastEventId(request)
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+        if self._stopping:
+            request.setHeader(b"Retry-After", b"5")
+            return _error(request, 503, "the server is stopping; reconnect shortly")
+        if len(self._streams) >= self.maxStreams:
+            request.setHeader(b"Retry-After", b"5")
+            return _error(
+                request,
+                503,
+                f"{self.maxStreams} event streams are open, the most this server"
+                " allows; retry later",
+            )
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        stream = _Stream(self, request, session, lastId or 0)
+        self._streams.add(stream)
+        self.onCountChanged(len(self._streams))
+        if not self._keepAlive.running:
+            self._keepAlive.start(self.keepAliveInterval, now=False)
+        # Tell the client how long to wait before it reconnects.
+        request.write(b"retry: 2000\n\n")
+        stream.start(replay=lastId is not None)
+        return stream.ended
+
+    def sessionStream(self, request: IRequest) -> Any:
+        """
+        Answer C{GET .../sessions/ID/events}, the id read from the raw path.
+        """
+        session = sessionFromRawPath(request)
+        if session is None:
+            return _error(
+                request,
+                404,
+                "not found (write a session id that holds '/' percent-encoded:"
+                " /sessions/a%2Fb/events)",
+            )
+        return self.stream(request, session)
+
+    def _tick(self) -> None:
+        for stream in list(self._streams):
+            stream.keepAlive()
+
+    def _closed(self, stream: _Stream) -> None:
+        if stream in self._streams:
+            self._streams.discard(stream)
+            self.onCountChanged(len(self._streams))
+        if not self._streams and self._keepAlive.running:
+            self._keepAlive.stop()
+
+    def closeAll(self) -> None:
+        """
+        End every stream (the service is stopping); new ones get a 503.
+        """
+        self._stopping = True
+        for stream in list(self._streams):
+            stream.close(loseConnection=True)

@@ -1,0 +1,48 @@
+"""
+C{GET /healthz}: liveness and readiness, for load balancers and
+orchestrators.  It needs no key and says nothing but C{{"status": ...}}:
+200 C{ok} when the store is open and the queue runs, 503 C{starting} or
+C{stopping} otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.web.iweb import IRequest
+
+from chatweb.web._errors import _error
+from chatweb.web._json import _json
+
+#: The states C{status()} may give.
+OK = "ok"
+STARTING = "starting"
+STOPPING = "stopping"
+
+
+class HealthCheck:
+    """
+    Answers C{GET /healthz} from C{status}, a callable that gives L{OK},
+    L{STARTING} or L{STOPPING}.
+    """
+
+    def __init__(self, status: Callable[[], str]) -> None:
+        self._status = status
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _error(request, 404, "not found")
+        status = self._status()
+        request.setHeader(b"Cache-Control", b"no-store")
+        if status != OK:
+            request.setResponseCode(503)
+            request.setHeader(b"Retry-After", b"1")
+        return _json(request, {"status": status})
+
+
+def isHealthCheck(request: IRequest) -> bool:
+    """
+    Whether C{request} is C{GET /healthz} (or HEAD), relative to where the
+    API is mounted: the one request let in without a key.
+    """
+    return request.method in (b"GET", b"HEAD") and request.postpath == [b"healthz"]
