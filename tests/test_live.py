@@ -267,6 +267,45 @@ class KeepAliveTests(SynchronousTestCase):
         # The route's answer ends: Klein finishes the request.
         self.assertEqual(self.successResultOf(ended), b"")
 
+    def test_droppedReaderThatReadsNothingIsCut(self) -> None:
+        """
+        A stream dropped for overflow closes its connection once what is
+        buffered is sent; a reader that reads nothing never takes it, so
+        its connection is cut after ABORT_AFTER seconds.
+        """
+        from chatweb.web._events import ABORT_AFTER
+
+        class Transport:
+            aborted = 0
+
+            def abortConnection(self) -> None:
+                self.aborted += 1
+
+        class Channel:
+            closing = 0
+
+            def __init__(self) -> None:
+                self.transport = Transport()
+
+            def loseConnection(self) -> None:
+                self.closing += 1
+
+        clock, hub = Clock(), EventHub()
+        streams = EventStreams(hub, MemoryJournal(), clock, maxBuffered=1)
+        request = _Request([b"events"])
+        request.channel = channel = Channel()
+        streams.stream(request, None)
+        stream = next(iter(streams._streams))
+        stream.pauseProducing()
+        for n in (1, 2):
+            hub.publish(Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}))
+        self.assertEqual((channel.closing, channel.transport.aborted), (1, 0))
+        clock.advance(ABORT_AFTER - 1)
+        self.assertEqual(channel.transport.aborted, 0)
+        clock.advance(1)
+        self.assertEqual(channel.transport.aborted, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_format(self) -> None:
         event = Event(7, EventKind.MESSAGE_ADDED, "a/b", 1.5, {"text": "x\ny"})
         self.assertEqual(

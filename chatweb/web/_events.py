@@ -29,7 +29,7 @@ from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -50,6 +50,9 @@ MAX_STREAMS = 100
 MAX_BUFFERED = 1000
 #: Seconds between keep-alive comments.
 KEEP_ALIVE = 15.0
+#: Seconds a dropped stream's connection may take to send what it has
+#: buffered before it is cut (a reader that reads nothing never would).
+ABORT_AFTER = 10.0
 #: Events read from the store at a time while replaying.
 REPLAY_BATCH = 500
 #: Event ids are SQLite integers.
@@ -245,6 +248,9 @@ class _Stream:
                 # the connection closes (the channel's own loseConnection:
                 # the transport's would wait for its paused producer).
                 channel.loseConnection()
+                # A reader that reads nothing never lets the buffered bytes
+                # go: its connection is cut after a grace period.
+                self._streams._abortLater(getattr(channel, "transport", None))
         elif not self.ended.called:
             self.ended.callback(None)
 
@@ -293,6 +299,21 @@ class EventStreams:
         self._stopping = False
         #: Called with the number of open streams whenever it changes.
         self.onCountChanged: Callable[[int], None] = lambda n: None
+        #: Connections of closed streams still sending, cut when their
+        #: grace period ends (L{ABORT_AFTER}) or at closeAll().
+        self._aborts: dict[IDelayedCall, Any] = {}
+
+    def _abortLater(self, transport: Any) -> None:
+        abort = getattr(transport, "abortConnection", None)
+        if abort is None:
+            return
+
+        def cut() -> None:
+            del self._aborts[later]
+            abort()
+
+        later = self.clock.callLater(ABORT_AFTER, cut)
+        self._aborts[later] = abort
 
     def openCount(self) -> int:
         return len(self._streams)
@@ -367,3 +388,8 @@ class EventStreams:
         self._stopping = True
         for stream in list(self._streams):
             stream.close(loseConnection=True)
+        # Stopping: no grace for connections still sending.
+        for later, abort in list(self._aborts.items()):
+            later.cancel()
+            abort()
+        self._aborts.clear()
