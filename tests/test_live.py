@@ -267,6 +267,23 @@ class KeepAliveTests(SynchronousTestCase):
         # The route's answer ends: Klein finishes the request.
         self.assertEqual(self.successResultOf(ended), b"")
 
+    def test_idNewerThanAnyEventStillGetsNewEvents(self) -> None:
+        """
+        A client that reconnects with an id from another store (restored
+        from a backup, or made anew) gets the events published from then on
+        instead of waiting forever.
+        """
+        hub = EventHub()
+        streams = EventStreams(hub, MemoryJournal(), Clock())
+        request = _Request([b"events"])
+        request.requestHeaders.setRawHeaders(b"last-event-id", [b"1000000"])
+        streams.stream(request, None)
+        for n in (1, 2):
+            hub.publish(Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}))
+        written = b"".join(request.written)
+        self.assertIn(b"id: 1\n", written)
+        self.assertIn(b"id: 2\n", written)
+
     def test_droppedReaderThatReadsNothingIsCut(self) -> None:
         """
         A stream dropped for overflow closes its connection once what is

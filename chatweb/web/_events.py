@@ -83,7 +83,10 @@ def _lastEventId(request: IRequest) -> int | None:
     if len(values) != 1 and any(v.strip() != value for v in values):
         raise BadRequest("send one Last-Event-ID (header, 'last_event_id' or 'since')")
     if not re.fullmatch(rb"[0-9]{1,19}", value) or int(value) > _MAX_ID:
-        raise BadRequest("Last-Event-ID must be a whole number (an event id)")
+        raise BadRequest(
+            "the last event id (Last-Event-ID, 'last_event_id' or 'since') must be"
+            f" an event id: a whole number from 0 to {_MAX_ID}"
+        )
     return int(value)
 
 
@@ -121,6 +124,7 @@ class _Stream:
         self._request: Request = cast(Request, request)
         self.session = session
         self.lastSent = lastSent
+        self._startedAfter = lastSent
         #: Events waiting to be written (while replaying, or while the
         #: connection is paused).
         self._waiting: list[Event] = []
@@ -132,6 +136,9 @@ class _Stream:
         self.ended: Deferred[bytes | None] = Deferred()
 
     def start(self, replay: bool) -> None:
+        #: The id the client gave: an event published from now on with an
+        #: id not above it shows that id to be newer than any event.
+        self._startedAfter = self.lastSent
         self._unsubscribe = self._streams.hub.subscribe(self._published, self.session)
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._lost)
@@ -168,7 +175,15 @@ class _Stream:
     # -- live events
 
     def _published(self, event: Event) -> None:
-        if self.closed or event.id <= self.lastSent:
+        if self.closed:
+            return
+        if event.id <= self._startedAfter:
+            # Published after this stream began, yet not after the id the
+            # client gave: that id is from another store (restored, or
+            # made anew).  Go on from this event rather than wait forever.
+            self._startedAfter = 0
+            self.lastSent = min(self.lastSent, event.id - 1)
+        if event.id <= self.lastSent:
             return
         if self._replaying or self._paused or self._waiting:
             self._waiting.append(event)
