@@ -190,6 +190,10 @@ class LiveEventsTests(TestCase):
         response = await chatweb.get("/sessions/a/b/events")
         self.assertEqual(response.code, 404)
         self.assertIn("error", await response.json())
+        # A malformed escape is refused, not taken as the session "%ZZ".
+        response = await chatweb.get("/sessions/%ZZ/events")
+        self.assertEqual(response.code, 400)
+        self.assertIn("percent-escape", (await response.json())["error"])
 
     async def test_streamCap(self) -> None:
         """

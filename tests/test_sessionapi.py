@@ -197,6 +197,9 @@ class ReadTests(SessionAPITestCase):
         self.assertError("GET", "/sessions/nope", 404, "nope")
         self.assertError("GET", "/sessions/a%2Fb/raw", 404)
         self.assertError("GET", "/sessions/%FF", 400, "UTF-8")
+        # A malformed escape is refused, not taken literally as "%ZZ".
+        self.assertError("GET", "/sessions/%ZZ", 400, "percent-escape")
+        self.assertError("POST", "/session/a%2/stop", 400, "percent-escape")
         self.assertError("GET", "/sessions/a/b/c", 404)
         self.assertEqual(self.request("HEAD", "/sessions/x")[0].code, 404)
 

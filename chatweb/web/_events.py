@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable, cast
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -40,7 +39,7 @@ from twisted.internet.interfaces import IPushProducer
 from chatweb.events import EventHub
 from chatweb.model import Event
 from chatweb.web._errors import _error
-from chatweb.web._validation import BadRequest, validateSessionId
+from chatweb.web._validation import BadRequest, decodePathSegment, validateSessionId
 
 _log = Logger()
 
@@ -100,10 +99,7 @@ def sessionFromRawPath(request: IRequest) -> str | None:
     segments = path.split(b"/")
     if len(segments) < 4 or segments[-1] != b"events" or segments[-3] != b"sessions":
         return None
-    try:
-        return unquote_to_bytes(segments[-2]).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    return decodePathSegment(segments[-2])
 
 
 @implementer(IPushProducer)
@@ -375,7 +371,10 @@ class EventStreams:
         """
         Answer C{GET .../sessions/ID/events}, the id read from the raw path.
         """
-        session = sessionFromRawPath(request)
+        try:
+            session = sessionFromRawPath(request)
+        except BadRequest as e:
+            return _error(request, 400, str(e))
         if session is None:
             return _error(
                 request,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
@@ -32,7 +32,12 @@ from chatweb.web._errors import _error
 from chatweb.web._json import _exportJSON, _json
 from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
 from chatweb.web._pages import EXPORT_INLINE_CHARACTERS, EXPORT_INLINE_LIMIT, _mountPrefix
-from chatweb.web._validation import BadRequest, parseObject, sessionIdProblem
+from chatweb.web._validation import (
+    BadRequest,
+    decodePathSegment,
+    parseObject,
+    sessionIdProblem,
+)
 
 if TYPE_CHECKING:
     from chatweb.web._api import ChatWebAPI
@@ -83,10 +88,7 @@ def rawSegments(request: IRequest, mountScript: str) -> list[bytes]:
 
 
 def _decodeId(segment: bytes) -> str:
-    try:
-        sessionId = unquote_to_bytes(segment).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("the session id in the path is not valid UTF-8")
+    sessionId = decodePathSegment(segment)
     problem = sessionIdProblem(sessionId)
     if problem is not None:
         raise BadRequest(f"the session id in the path {problem}")

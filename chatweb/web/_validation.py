@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import unquote_to_bytes
 from typing import Any
 
 from chatweb.web._share import DEFAULT_LIFETIME, MAX_LIFETIME
@@ -188,3 +189,22 @@ def parseShareRequest(body: bytes, sessionRequired: bool = True) -> tuple[str, i
             f"field 'expires_in' must be 1 to {MAX_LIFETIME} seconds (7 days)"
         )
     return session, lifetime
+
+
+#: A C{%} that does not start a two-digit hexadecimal escape.
+_MALFORMED_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def decodePathSegment(segment: bytes) -> str:
+    """
+    A raw (percent-encoded) path segment as text.
+
+    @raise BadRequest: for a malformed escape (C{%ZZ}, which would
+        otherwise be taken literally) or bytes that are not UTF-8.
+    """
+    if _MALFORMED_ESCAPE.search(segment):
+        raise BadRequest("the path holds a malformed percent-escape (write '%' as %25)")
+    try:
+        return unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the session id in the path is not valid UTF-8") from None
