@@ -153,13 +153,7 @@ class ChatWebService(MultiService):
             self.events, self.queue.pendingCount, self.api.live.openCount, self._routeOf
         )
         self.api.metrics = self.metrics
-        siteLog = self.site.log
-
-        def log(request: Any) -> None:
-            self.metrics.observeRequest(request)
-            siteLog(request)
-
-        self.site.log = log  # type: ignore[method-assign]
+        self.site.requestObservers.append(self.metrics.observeRequest)
         if metricsEndpoint is not None:
             metricsSite = Site(MetricsResource(self.metrics))
             metricsSite.displayTracebacks = False

@@ -26,7 +26,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from chatweb.errors import QueueFull, WrongState
@@ -665,28 +665,21 @@ class MessageQueue:
         error = describeFailure(failure)
         attempts = message.attempts + 1
         final = attempts >= self._retry.maxAttempts
-        if final:
-            _log.error(
-                "Message {id} to session {session!r} failed {attempts} times"
-                " and is kept as failed: {error}",
-                id=message.id,
-                session=session,
-                attempts=attempts,
-                attempt=attempts,
-                duration=self._clock.seconds() - queue.startedAt,
-                error=error,
-            )
-        else:
-            _log.warn(
-                "Delivery of message {id} to session {session!r} failed"
-                " (attempt {attempts}): {error}",
-                id=message.id,
-                session=session,
-                attempts=attempts,
-                attempt=attempts,
-                duration=self._clock.seconds() - queue.startedAt,
-                error=error,
-            )
+        _log.emit(
+            LogLevel.error if final else LogLevel.warn,
+            (
+                "Message {id} to session {session!r} failed {attempt} times"
+                " and is kept as failed: {error}"
+                if final
+                else "Delivery of message {id} to session {session!r} failed"
+                " (attempt {attempt}): {error}"
+            ),
+            id=message.id,
+            session=session,
+            attempt=attempts,
+            duration=self._clock.seconds() - queue.startedAt,
+            error=error,
+        )
 
         def recordFailed(f: Failure) -> None:
             _log.failure("Could not record failure of message {id}", f, id=message.id)

@@ -385,6 +385,8 @@ class ChatWebSite(Site):
         )
         self.limits = limits
         self.accessLog = accessLog
+        #: Called with every finished request (request metrics).
+        self.requestObservers: list[Callable[[Any], None]] = []
         found = findAPI(resource)
         if isinstance(mount, str):
             mount = mount.encode("utf-8")
@@ -462,6 +464,8 @@ class ChatWebSite(Site):
         return d
 
     def log(self, request: http.Request) -> None:
+        for observe in self.requestObservers:
+            observe(request)
         # The query string is left out: it may carry a share token.
         if self.accessLog:
             _log.info(
