@@ -211,6 +211,7 @@ class SpecTests(SynchronousTestCase):
             sorted(
                 [
                     "POST /",
+                    "POST /sessions/{id}/messages",
                     "GET /sessions",
                     "GET /session",
                     "GET /session/raw",

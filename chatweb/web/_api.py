@@ -38,7 +38,7 @@ from chatweb.web._share import InvalidToken, ShareLinks
 from chatweb.web._sessionapi import SessionAPI
 from chatweb.web._throttle import FailureThrottle, clientKey
 from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
-from chatweb.web._guard import _Guard, checkAPIKeys
+from chatweb.web._guard import UNAUTHORIZED, _Guard, checkAPIKeys, credentials, hasCredentials
 from chatweb.web._messages import Messages
 from chatweb.web._pages import INDEX_SCOPE, RENDER_THREADS, Pages, _sessionIdArgument
 from chatweb.web._site import Refusal
@@ -153,9 +153,9 @@ class ChatWebAPI:
             return 429, _REASONS[429], _throttledMessage(wait), headers
         if self._authorized(request) is not None:
             return None
-        if request.requestHeaders.hasHeader(b"x-api-key"):
+        if hasCredentials(request.requestHeaders):
             self._authFailures.failed(client)
-        return 401, b"Unauthorized", "missing or invalid X-API-Key header"
+        return 401, b"Unauthorized", UNAUTHORIZED
 
     def _refuseThrottled(self, request: IRequest, client: str) -> bytes | None:
         """
@@ -174,8 +174,8 @@ class ChatWebAPI:
         return self._keyIn(request.requestHeaders)
 
     def _keyIn(self, headers: Any) -> bytes | None:
-        given = headers.getRawHeaders(b"x-api-key")
-        if not given or len(given) != 1:
+        given = credentials(headers)
+        if len(given) != 1:
             return None
         # Compare with every key, in constant time for each.
         matches = [hmac.compare_digest(given[0], key) for key in self._keys]
@@ -261,6 +261,10 @@ class ChatWebAPI:
     @app.route("/", methods=["POST"])
     def postMessage(self, request: IRequest) -> Any:
         return self._messages.post(request)
+
+    @app.route("/sessions/<path:sessionPath>/messages", methods=["POST"])
+    def postText(self, request: IRequest, sessionPath: str) -> Any:
+        return self._messages.postText(request)
 
     @app.route("/queue", methods=["GET"])
     def listQueue(self, request: IRequest) -> Any:

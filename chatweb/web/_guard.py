@@ -51,6 +51,33 @@ def checkAPIKeys(apiKeys: Sequence[str]) -> list[bytes]:
     return [key.encode("ascii") for key in keys]
 
 
+#: The 401's message.
+UNAUTHORIZED = "missing or invalid X-API-Key (or Authorization: Bearer) header"
+
+
+def credentials(headers: Any) -> list[bytes]:
+    """
+    The API keys that request headers offer: each C{X-API-Key}, and the
+    token of each C{Authorization: Bearer} (for senders that cannot set a
+    header of their own).  One key must be offered, no more.
+    """
+    given = list(headers.getRawHeaders(b"x-api-key") or [])
+    for value in headers.getRawHeaders(b"authorization") or []:
+        scheme, _, token = value.strip().partition(b" ")
+        # Other schemes (Basic, for a proxy in front) are not ours.
+        if scheme.lower() == b"bearer":
+            given.append(token.strip())
+    return given
+
+
+def hasCredentials(headers: Any) -> bool:
+    """
+    Whether the headers offer a key at all (a wrong one counts against the
+    client; none at all does not).
+    """
+    return bool(credentials(headers))
+
+
 def _isShareRequest(request: IRequest) -> bool:
     """
     Whether C{request} is C{GET /session?...&token=...}, the path taken
@@ -111,9 +138,9 @@ class _Guard(Resource):
         key = self._api._authorized(request)
         if key is None:
             if not _isShareRequest(request):
-                if request.requestHeaders.hasHeader(b"x-api-key"):
+                if hasCredentials(request.requestHeaders):
                     self._api._authFailures.failed(client)
-                return _error(request, 401, "missing or invalid X-API-Key header")
+                return _error(request, 401, UNAUTHORIZED)
             # Check the token before it costs anything; each valid one has a
             # rate-limit bucket of its own.
             scope = self._api._shareScope(request)

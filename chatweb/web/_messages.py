@@ -5,6 +5,8 @@ C{POST /queue/{id}/retry} and C{DELETE /queue/{id}}.
 
 from __future__ import annotations
 
+import codecs
+from email.message import EmailMessage
 import hashlib
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,13 @@ from chatweb.limits import retryAfter
 from chatweb.model._values import FAILED, PENDING, QueuedMessage
 from chatweb.web._errors import _error
 from chatweb.web._json import _json
-from chatweb.web._validation import BadRequest, parseMessage, validateSessionId
+from chatweb.web._validation import (
+    BadRequest,
+    decodePathSegment,
+    parseMessage,
+    sessionIdProblem,
+    validateSessionId,
+)
 
 if TYPE_CHECKING:
     from chatweb.web._api import ChatWebAPI
@@ -70,6 +78,35 @@ def _idempotencyKey(request: IRequest) -> str | None:
     return value.decode("ascii")
 
 
+def _textBody(request: IRequest, body: bytes) -> str:
+    """
+    A text body as the message's content, decoded by the C{charset} of its
+    Content-Type (UTF-8 when none is given).
+
+    @raise BadRequest: for an empty body, an unknown charset, or bytes that
+        are not text in it.
+    """
+    if not body:
+        raise BadRequest("the request body is empty; it is the message's content")
+    charset = "utf-8"
+    contentType = request.getHeader(b"content-type")
+    if contentType:
+        message = EmailMessage()
+        message["content-type"] = contentType.decode("latin-1")
+        charset = message.get_param("charset", "utf-8") or "utf-8"  # type: ignore[assignment]
+    try:
+        codecs.lookup(str(charset))
+    except LookupError:
+        raise BadRequest(f"unknown charset {str(charset)[:40]!r} in Content-Type") from None
+    try:
+        text = body.decode(str(charset))
+    except UnicodeDecodeError:
+        raise BadRequest(f"the request body is not valid {charset}") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
 class Messages:
     """
     The handlers of the message and queue routes of a L{ChatWebAPI}.
@@ -104,6 +141,48 @@ class Messages:
             session, content = parseMessage(body)
         except BadRequest as e:
             return _error(request, 400, str(e))
+        return self._enqueue(request, session, content, idempotencyKey)
+
+    def postText(self, request: IRequest) -> Any:
+        """
+        C{POST /sessions/{id}/messages}: the body is the message's content
+        as text (ntfy style), for senders that can post a fixed payload but
+        not build JSON; otherwise as C{POST /}.
+        """
+        # (They import this module.)
+        from chatweb.web._pages import _mountPrefix
+        from chatweb.web._sessionapi import rawSegments
+
+        refused = self._api._refuse(request, b"POST")
+        if refused is not None:
+            return refused
+        limits = self._api._limits
+        try:
+            body = _readBody(request, limits.maxBodySize)
+        except _Refused as refusal:
+            return refusal.body
+        try:
+            idempotencyKey = _idempotencyKey(request)
+            segments = rawSegments(request, _mountPrefix(request))
+            if len(segments) != 3 or segments[2] != b"messages":
+                # /sessions/a%2Fmessages: the session "a/messages".
+                return _error(request, 404, "not found")
+            session = decodePathSegment(segments[1])
+            problem = sessionIdProblem(session)
+            if problem is not None:
+                raise BadRequest(f"the session id in the path {problem}")
+            content = _textBody(request, body)
+        except BadRequest as e:
+            return _error(request, 400, str(e))
+        return self._enqueue(request, session, content, idempotencyKey)
+
+    def _enqueue(
+        self, request: IRequest, session: str, content: str, idempotencyKey: str | None
+    ) -> Any:
+        """
+        Queue a valid message; answer 204 with X-Message-Id, or the error.
+        """
+        limits = self._api._limits
         if len(content) > limits.maxContentLength:
             return _error(
                 request,

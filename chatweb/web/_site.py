@@ -33,6 +33,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from chatweb.web._guard import UNAUTHORIZED
 from chatweb.web._twisted_compat import HTTPChannelHooks
 from chatweb.limits import Limits
 
@@ -406,7 +407,7 @@ class ChatWebSite(Site):
             def refuseBeforeBody(request: HTTPRequest) -> tuple[int, bytes, str] | None:
                 if self.authorizeHeaders(request.requestHeaders):
                     return None
-                return 401, b"Unauthorized", "missing or invalid X-API-Key header"
+                return 401, b"Unauthorized", UNAUTHORIZED
 
         self.refuseBeforeBody = refuseBeforeBody
         #: The open connections.
