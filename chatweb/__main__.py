@@ -1,8 +1,13 @@
 """
-chatweb's helper commands: C{python -m chatweb ensure-key [--data-dir DIR]}
-and C{python -m chatweb import PATH... [--data-dir DIR] [--replace]}, where
-each PATH is a chat.nvim session file or a directory of them (chat.nvim's
-sessions directory).
+The C{chatweb} command (also C{python -m chatweb}): the client commands of
+L{chatweb.cli} (send, sessions, show, follow, status, share), and the
+helper commands C{ensure-key [--data-dir DIR]} and C{import PATH...
+[--data-dir DIR] [--replace]}, where each PATH is a chat.nvim session file
+or a directory of them (chat.nvim's sessions directory).
+
+A command either sets C{run} (a function of the parsed arguments that
+returns the exit status; see L{chatweb.cli.addClientCommands}) or is
+dispatched by name below.
 
 (The service itself runs as C{twistd -n chatweb}.)
 """
@@ -16,12 +21,16 @@ from chatweb.config import ConfigError, defaultDataDir, ensureKeyFile
 
 
 def main(argv: list[str] | None = None) -> int:
+    from chatweb.cli import addClientCommands
+
     parser = argparse.ArgumentParser(
-        prog="python -m chatweb",
+        prog="chatweb",
         description="chatweb: push messages into chat sessions over HTTP"
         " (chat.nvim's HTTP API), as a Twisted service.  The service runs as"
         " `twistd -n chatweb` (see `twistd chatweb --help`); these are its"
-        " helper commands.",
+        " client and helper commands.  The client commands take the server"
+        " from --url or $CHATWEB_URL and the key from --key-file or"
+        " $CHATWEB_API_KEY.",
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="overwrite sessions that already exist (default: skip them)",
     )
+    addClientCommands(commands)
     args = parser.parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        return int(args.run(args))
     if args.command == "import":
         return _import(args.files, args.data_dir or defaultDataDir(), args.replace)
     if args.command == "ensure-key":

@@ -16,6 +16,7 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 import chatweb
+import chatweb.client
 import chatweb.model
 import chatweb.queue
 import chatweb.render
@@ -84,11 +85,36 @@ EXPORTS = {
     ],
     chatweb.testing: [
         "ChatWebProcess",
+        "InMemoryChatWeb",
         "MemoryAdapter",
         "MemoryJournal",
         "RunningChatWeb",
+        "chatWebInMemory",
         "startChatWeb",
         "twistdCommand",
+    ],
+    chatweb.client: [
+        "Answer",
+        "BadRequest",
+        "ChatWebClient",
+        "ChatWebError",
+        "Conflict",
+        "EventStream",
+        "EventStreamParser",
+        "HTTPError",
+        "MessageStatus",
+        "NotFound",
+        "RawEvent",
+        "Sent",
+        "SessionDetail",
+        "ShareLink",
+        "StreamEvent",
+        "Throttled",
+        "Unauthorized",
+        "Unavailable",
+        "UnknownMessage",
+        "UnknownSession",
+        "Unreachable",
     ],
 }
 

@@ -79,16 +79,21 @@ class MemoryAdapter:
 
     # -- driving it from a test
 
-    def setBusy(self, sessionId: str, busy: bool = True) -> None:
+    def setBusy(self, sessionId: str, busy: bool = True, notify: bool = True) -> None:
         """
         Mark a session busy (as if a user were working in it), or idle
         again, which fires its L{whenIdle} Deferreds.
+
+        @param notify: with C{False}, the session becomes idle quietly (a
+            backend that cannot say when): only the queue's sweep finds
+            out, on its next tick.
         """
         if busy:
             self._busy.add(sessionId)
         else:
             self._busy.discard(sessionId)
-            self._maybeIdle(sessionId)
+            if notify:
+                self._maybeIdle(sessionId)
 
     def complete(self, index: int = 0) -> Delivery:
         """

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from chatweb.client import ChatWebClient
 
 
 @attrs.frozen
@@ -24,12 +25,14 @@ class RunningChatWeb:
     @ivar client: a treq L{HTTPClient} that keeps no connection open (so the
         reactor is clean when the test ends).
     @ivar headers: the headers that authenticate a request.
+    @ivar api: a L{ChatWebClient} for it (over C{client}).
     """
 
     service: Any
     url: str
     apiKey: str
     client: HTTPClient
+    api: ChatWebClient
 
     @property
     def headers(self) -> dict[bytes | str, bytes | str]:
@@ -65,8 +68,8 @@ async def startChatWeb(
 
         async def test_post(self):
             chatweb = await startChatWeb(self, responder="echo")
-            response = await chatweb.post("ci", "hello")
-            self.assertEqual(response.code, 204)
+            answer = await chatweb.api.ask("ci", "hello")
+            self.assertEqual(answer.texts, ("hello",))
     """
     from twisted.internet import reactor
 
@@ -84,7 +87,8 @@ async def startChatWeb(
     port = await service.listening
     await service.ready
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-    return RunningChatWeb(service, f"http://127.0.0.1:{port.getHost().port}", apiKey, client)
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    return RunningChatWeb(service, url, apiKey, client, ChatWebClient(url, apiKey, http=client))
 
 
 async def _stopChatWeb(service: Any) -> None:

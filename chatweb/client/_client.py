@@ -1,0 +1,485 @@
+"""
+L{ChatWebClient}: chatweb's HTTP API as asynchronous calls over treq.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator, Callable, Mapping, cast
+from urllib.parse import quote, urlsplit
+import uuid
+
+from twisted.internet import error as netError
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.web import client as webClient
+
+from chatweb.model import Message
+from chatweb.client._errors import (
+    BadRequest,
+    ChatWebError,
+    Conflict,
+    HTTPError,
+    NotFound,
+    Throttled,
+    Unauthorized,
+    Unavailable,
+    UnknownMessage,
+    UnknownSession,
+    Unreachable,
+)
+from chatweb.client._sse import EventStreamParser
+from chatweb.client._values import (
+    Answer,
+    MessageStatus,
+    Sent,
+    SessionDetail,
+    ShareLink,
+    StreamEvent,
+)
+
+#: What treq raises when there is no answer to be had.
+_UNREACHABLE = (
+    netError.ConnectError,
+    netError.DNSLookupError,
+    netError.TimeoutError,
+    netError.ConnectionLost,
+    netError.ConnectionDone,
+    webClient.ResponseNeverReceived,
+    webClient.RequestTransmissionFailed,
+    webClient.ResponseFailed,
+)
+
+_RETRIED = (429, 503)
+
+
+def _retryAfter(response: Any) -> float | None:
+    """
+    The seconds of a response's C{Retry-After} (a number; the HTTP-date
+    form is not used by chatweb), or None.
+    """
+    values = response.headers.getRawHeaders(b"retry-after") or []
+    try:
+        return max(0.0, float(values[0])) if values else None
+    except ValueError:
+        return None
+
+
+class ChatWebClient:
+    """
+    A client of one chatweb server.
+
+        client = ChatWebClient("http://127.0.0.1:7777", key)
+        sent = await client.send("ci", "Build completed successfully!")
+        status = await client.status(sent.messageId)
+
+    Every call is a coroutine that raises a L{ChatWebError}: L{Unauthorized},
+    L{UnknownSession}, L{BadRequest}, ... for an error answer, L{Unreachable}
+    when there is no answer.  Answers 429 and 503 are retried (C{retries}
+    times, waiting what C{Retry-After} says, at most C{maxRetryWait}
+    seconds) before they are raised; a message keeps its idempotency key
+    across those retries, so it is queued once.
+
+    @param url: the server's base URL (with the path chatweb is mounted at,
+        if any: C{http://host/chat}).
+    @param http: a treq L{HTTPClient} (or L{treq.testing.StubTreq}); by
+        default one of its own, with a connection pool that L{close} closes.
+    @param clock: what retries and reconnections wait on (a
+        L{twisted.internet.task.Clock} in tests).
+    @param timeout: seconds to wait for each answer (None: no limit); not
+        for event streams, which stay open.
+    @param newIdempotencyKey: makes the key for each L{send} that is not
+        given one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        apiKey: str,
+        http: Any = None,
+        clock: IReactorTime | None = None,
+        retries: int = 3,
+        maxRetryWait: float = 60.0,
+        timeout: float | None = 30.0,
+        newIdempotencyKey: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        from twisted.internet import reactor
+
+        self.url = url.rstrip("/")
+        self._apiKey = apiKey
+        self._pool: webClient.HTTPConnectionPool | None = None
+        if http is None:
+            import treq
+
+            self._pool = webClient.HTTPConnectionPool(reactor)
+            http = treq.client.HTTPClient(webClient.Agent(reactor, pool=self._pool))
+        self._http = http
+        self._clock = cast(IReactorTime, reactor) if clock is None else clock
+        self.retries = retries
+        self.maxRetryWait = maxRetryWait
+        self.timeout = timeout
+        self._newIdempotencyKey = newIdempotencyKey
+
+    def __repr__(self) -> str:
+        # Never the key.
+        return f"<ChatWebClient {self.url}>"
+
+    async def close(self) -> None:
+        """
+        Close the connections kept open for reuse (not needed with an
+        C{http} client of the caller's own).
+        """
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    # -- the calls
+
+    async def send(
+        self, session: str, content: str, idempotencyKey: str | None = None
+    ) -> Sent:
+        """
+        Queue C{content} for C{session} (C{POST /}); it is on the server's
+        disk when this returns.
+        """
+        key = idempotencyKey if idempotencyKey is not None else self._newIdempotencyKey()
+        body = json.dumps({"session": session, "content": content}).encode("utf-8")
+        response = await self._request(
+            "POST",
+            "/",
+            data=body,
+            headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        )
+        await self._check(response)
+        values = response.headers.getRawHeaders(b"x-message-id") or [b"0"]
+        await response.content()
+        return Sent(session, int(values[0]), key)
+
+    async def sessions(self) -> list[str]:
+        """
+        Every session's id (C{GET /sessions}).
+        """
+        return cast("list[str]", await self._json("GET", "/sessions"))
+
+    async def session(self, session: str) -> SessionDetail:
+        """
+        One session's detail (C{GET /sessions/{id}}).
+
+        @raise UnknownSession: if it does not exist.
+        """
+        data = await self._json("GET", "/sessions/" + _segment(session), session=session)
+        return SessionDetail.fromJSON(data)
+
+    async def messages(self, session: str, since: int | None = None) -> list[Message]:
+        """
+        A session's messages, as chat.nvim stores them (C{GET /messages}),
+        from the C{since}-th (1-based) if given.
+
+        @raise UnknownSession: if it does not exist.
+        """
+        query = "/messages?session=" + quote(session, safe="")
+        if since is not None:
+            query += f"&since={since}"
+        data = await self._json("GET", query, session=session)
+        return [Message.fromDict(m) for m in data]
+
+    async def status(self, messageId: int) -> MessageStatus:
+        """
+        Where a sent message is (C{GET /queue/{id}}).
+
+        @raise UnknownMessage: if no message has that id.
+        """
+        data = await self._json("GET", f"/queue/{int(messageId)}", messageId=messageId)
+        return MessageStatus.fromJSON(data)
+
+    async def share(self, session: str, expiresIn: int | None = None) -> ShareLink:
+        """
+        A link that opens the session's page without the key
+        (C{POST /session/share}), as an absolute URL.
+        """
+        request: dict[str, Any] = {"session": session}
+        if expiresIn is not None:
+            request["expires_in"] = expiresIn
+        data = await self._json(
+            "POST",
+            "/session/share",
+            session=session,
+            data=json.dumps(request).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+        )
+        base = urlsplit(self.url)
+        return ShareLink(f"{base.scheme}://{base.netloc}{data['url']}", data["expires"])
+
+    def events(self, session: str | None = None, lastEventId: int | None = None) -> EventStream:
+        """
+        The live events of C{session} (of every session if None), as an
+        async iterator that reconnects (with C{Last-Event-ID}, so nothing is
+        missed or repeated) when the server ends the stream.  Starts after
+        event C{lastEventId} if given, else with the next event.
+
+            async with client.events("ci") as stream:
+                async for event in stream:
+                    print(event.kind, event.data)
+        """
+        path = "/events" if session is None else f"/sessions/{_segment(session)}/events"
+        return EventStream(self, path, session, lastEventId)
+
+    async def ask(self, session: str, content: str) -> Answer:
+        """
+        Send C{content} and wait until it is delivered: the answer holds the
+        text of each assistant message its delivery added (C{--responder
+        echo} answers with the same text; a session without a responder adds
+        none).
+
+        @raise ChatWebError: if the delivery fails for good.
+        """
+        async with self.events(session) as stream:
+            await stream.connect()
+            sent = await self.send(session, content)
+            texts: list[str] = []
+            async for event in stream:
+                if event.kind == "message.added" and event.data.get("delivery") == sent.messageId:
+                    message = event.data.get("message") or {}
+                    if message.get("role") == "assistant" and isinstance(
+                        message.get("content"), str
+                    ):
+                        texts.append(message["content"])
+                elif event.data.get("message") != sent.messageId:
+                    continue
+                elif event.kind == "delivery.done":
+                    return Answer(sent, tuple(texts))
+                elif event.kind == "delivery.failed" and event.data.get("final"):
+                    raise ChatWebError(
+                        f"message {sent.messageId} failed: {event.data.get('error')}"
+                    )
+                elif event.kind == "message.discarded":
+                    raise ChatWebError(f"message {sent.messageId} was discarded")
+        raise ChatWebError("the event stream ended")  # pragma: no cover
+
+    # -- HTTP
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {"X-API-Key": self._apiKey, **(extra or {})}
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        """
+        One request; L{Unreachable} when no answer comes.
+        """
+        try:
+            return await self._http.request(method, self.url + path, **kwargs)
+        except _UNREACHABLE as e:
+            raise Unreachable(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
+
+    async def _request(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        """
+        A request, retried on 429 and 503 as the server's C{Retry-After}
+        says (the same body and headers each time).
+        """
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        attempt = 0
+        while True:
+            response = await self._send(method, path, headers=self._headers(headers), **kwargs)
+            if response.code not in _RETRIED or attempt >= self.retries:
+                return response
+            wait = _retryAfter(response)
+            if wait is None:
+                wait = float(2**attempt)
+            await response.content()
+            attempt += 1
+            await deferLater(self._clock, min(wait, self.maxRetryWait))
+
+    async def _json(
+        self,
+        method: str,
+        path: str,
+        session: str | None = None,
+        messageId: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        response = await self._request(method, path, **kwargs)
+        await self._check(response, session, messageId)
+        return json.loads(await response.content())
+
+    async def _check(
+        self, response: Any, session: str | None = None, messageId: int | None = None
+    ) -> None:
+        """
+        Raise the L{HTTPError} an error answer stands for.
+        """
+        code = response.code
+        if code < 400:
+            return
+        body = await response.content()
+        try:
+            message = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            message = body[:200].decode("utf-8", "replace") or "no explanation"
+        raise _errorFor(code, message, session, messageId)
+
+
+def _errorFor(code: int, message: str, session: str | None, messageId: int | None) -> HTTPError:
+    if code == 401:
+        return Unauthorized(code, message)
+    if code == 404:
+        if session is not None:
+            return UnknownSession(code, message)
+        if messageId is not None:
+            return UnknownMessage(code, message)
+        return NotFound(code, message)
+    if code in (400, 413, 422):
+        return BadRequest(code, message)
+    if code == 409:
+        return Conflict(code, message)
+    if code == 429:
+        return Throttled(code, message)
+    if code >= 500:
+        return Unavailable(code, message)
+    return HTTPError(code, message)
+
+
+def _segment(session: str) -> str:
+    return quote(session, safe="")
+
+
+def _reason(e: BaseException) -> str:
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        first = reasons[0]
+        e = first.value if isinstance(first, Failure) else first
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+class _End:
+    def __init__(self, reason: Failure) -> None:
+        self.reason = reason
+
+
+class _Chunks(Protocol):
+    """
+    Hands a streamed body's chunks to a queue, then an L{_End}.
+    """
+
+    def __init__(self, queue: DeferredQueue[bytes | _End]) -> None:
+        self._queue = queue
+
+    def dataReceived(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def connectionLost(self, reason: Failure = Failure(netError.ConnectionDone())) -> None:
+        self._queue.put(_End(reason))
+
+
+class EventStream:
+    """
+    A live event stream; see L{ChatWebClient.events}.
+
+    @ivar lastEventId: the id of the last event it gave (where a
+        reconnection resumes).
+    @ivar reconnects: how many times it reconnected.
+    """
+
+    #: Reconnection attempts in a row that find no server before giving up.
+    MAX_FAILED_RECONNECTS = 5
+
+    def __init__(
+        self, client: ChatWebClient, path: str, session: str | None, lastEventId: int | None
+    ) -> None:
+        self._client = client
+        self._path = path
+        self._session = session
+        self.lastEventId = lastEventId
+        self.reconnects = 0
+        self._queue: DeferredQueue[bytes | _End] | None = None
+        self._body: _Chunks | None = None
+        self._parser = EventStreamParser()
+        self._ready: list[StreamEvent] = []
+        self._closed = False
+
+    async def connect(self) -> None:
+        """
+        Open the stream (once the server answered, nothing sent after it is
+        missed); L{__anext__} does it when needed.
+        """
+        if self._queue is not None:
+            return
+        headers = {"Accept": "text/event-stream"}
+        if self.lastEventId is not None:
+            headers["Last-Event-ID"] = str(self.lastEventId)
+        response = await self._client._send(
+            "GET", self._path, headers=self._client._headers(headers), unbuffered=True
+        )
+        await self._client._check(response, self._session)
+        self._parser = EventStreamParser()
+        queue: DeferredQueue[bytes | _End] = DeferredQueue()
+        self._body = _Chunks(queue)
+        self._queue = queue
+        response.deliverBody(self._body)
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        while not self._ready:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._queue is None:
+                await self._reconnect()
+                continue
+            chunk = await self._queue.get()
+            if isinstance(chunk, _End):
+                self._queue = None
+                continue
+            for raw in self._parser.feed(chunk):
+                if raw.kind == "overflow":
+                    # The server closes this stream: resume where it says.
+                    resume = json.loads(raw.data).get("last_event_id")
+                    if isinstance(resume, int):
+                        self.lastEventId = resume
+                    continue
+                event = StreamEvent.fromText(raw.data)
+                self._ready.append(event)
+        event = self._ready.pop(0)
+        self.lastEventId = event.id
+        return event
+
+    async def _reconnect(self) -> None:
+        if self._body is None:
+            await self.connect()
+            return
+        failed = 0
+        while not self._closed:
+            delay = (self._parser.retry or 2000) / 1000
+            await deferLater(self._client._clock, delay)
+            try:
+                await self.connect()
+                self.reconnects += 1
+                return
+            except Unreachable:
+                failed += 1
+                if failed >= self.MAX_FAILED_RECONNECTS:
+                    raise
+
+    def close(self) -> None:
+        """
+        Close the stream: iteration ends.
+        """
+        self._closed = True
+        body, self._body = self._body, None
+        transport = getattr(body, "transport", None)
+        if transport is not None:
+            transport.stopProducing()
+        if self._queue is not None and self._queue.waiting:
+            self._queue.put(_End(Failure(netError.ConnectionDone())))
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
