@@ -50,11 +50,20 @@ class WheelTests(SynchronousTestCase):
         names = zipfile.ZipFile(self.wheel).namelist()
         self.assertIn("twisted/plugins/chatweb_plugin.py", names)
         self.assertIn("chatweb/render/templates/session.html", names)
-        for package in ("web", "render", "model", "store", "queue", "testing", "backends"):
+        for package in (
+            "web", "render", "model", "store", "queue", "testing", "backends", "client"
+        ):
             self.assertIn(f"chatweb/{package}/__init__.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertFalse([n for n in names if n.startswith("tests/")])
+
+    def test_wheelInstallsTheChatwebCommand(self) -> None:
+        wheel = zipfile.ZipFile(self.wheel)
+        [entryPoints] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        text = wheel.read(entryPoints).decode()
+        self.assertIn("[console_scripts]", text)
+        self.assertIn("chatweb = chatweb.__main__:main", text)
 
     def test_twistdFindsPluginFromWheelAlone(self) -> None:
         """

@@ -42,17 +42,22 @@ class EventStreamParser:
         self._kind = ""
         self.lastEventId = ""
         self.retry: int | None = None
+        #: The last chunk ended with a CR: an LF that starts the next one
+        #: belongs to it.
+        self._afterCR = False
 
     def feed(self, chunk: bytes) -> list[RawEvent]:
+        if not chunk:
+            return []
+        if self._afterCR and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._afterCR = chunk.endswith(b"\r")
         self._buffer += chunk
         events: list[RawEvent] = []
         start = 0
         while True:
             match = _LINE_END.search(self._buffer, start)
             if match is None:
-                break
-            if match.group() == b"\r" and match.end() == len(self._buffer):
-                # Maybe the first half of a CRLF: wait for the next chunk.
                 break
             line = bytes(self._buffer[start : match.start()])
             start = match.end()
