@@ -182,3 +182,166 @@ class WaitForAnswerTests(TestCase):
         )
         self.assertEqual(len(answers), 1)
         self.assertIn("hello there", answers[0])
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _processesMentioning(text: str) -> list[int]:
+    """
+    The ids of the running processes whose command line holds C{text}.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+class UserTrialExampleTests(TestCase):
+    """
+    docs/examples/test_with_chatweb.py, run as a user runs it: trial, in a
+    directory of its own.
+    """
+
+    async def runExample(self, replace: tuple[str, str] | None = None) -> tuple[int, str, str]:
+        from twisted.internet.utils import getProcessOutputAndValue
+        import sys
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(EXAMPLES, "test_with_chatweb.py"), encoding="utf-8") as f:
+            source = f.read()
+        if replace is not None:
+            self.assertIn(replace[0], source)
+            source = source.replace(*replace)
+        with open(os.path.join(directory, "test_with_chatweb.py"), "w", encoding="utf-8") as f:
+            f.write(source)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "twisted.trial", "test_with_chatweb"],
+            env=env, path=directory, reactor=reactor,
+        ).addTimeout(180, reactor)
+        self.assertEqual(_processesMentioning(directory), [])
+        return code, out.decode(), err.decode()
+
+    async def test_runsGreen(self) -> None:
+        code, out, err = await self.runExample()
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("test_busySessionIsDeliveredByTheSweep ...", out)
+        self.assertIn("PASSED (successes=4)", out)
+
+    async def test_failingTestLeavesNoProcess(self) -> None:
+        """
+        The user's twistd test fails after its process started: trial
+        reports the failure, and no twistd of that test is left running.
+        """
+        code, out, err = await self.runExample(
+            ('self.assertEqual(answer.texts, ("hello from a child",))',
+             'self.assertEqual(answer.texts, ("another answer",))')
+        )
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("another answer", out)
+        self.assertIn("FAILED (failures=1, successes=3)", out)
+
+
+def loadLinechat():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(
+        "linechat", os.path.join(EXAMPLES, "linechat.py")
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LinechatTests(TestCase):
+    """
+    docs/examples/linechat.py: a line-based chat server that gains chatweb,
+    its rooms as sessions, mounted under /chat/.
+    """
+
+    async def test_postedMessageWaitsForTheFloor(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.defer import Deferred as D
+        from twisted.protocols.basic import LineReceiver
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        from chatweb.client import ChatWebClient
+        from chatweb.web._twisted_compat import listeningDeferred
+
+        example = loadLinechat()
+        program = example.makeService(
+            [KEY], os.path.abspath(self.mktemp()),
+            "tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1",
+        )
+        chatServer, chatweb, web = list(program)
+        program.startService()
+        self.addCleanup(program.stopService)
+        self.addCleanup(web.factory.closeConnections)
+        await chatweb.ready
+        chatPort = (await listeningDeferred(chatServer)).getHost().port
+        webPort = (await listeningDeferred(web)).getHost().port
+
+        class Alice(LineReceiver):
+            delimiter = b"\n"
+
+            def connectionMade(self) -> None:
+                self.lines: list[str] = []
+                self.waiting: list[tuple[str, D]] = []
+
+            def lineReceived(self, line: bytes) -> None:
+                self.lines.append(line.decode())
+                for text, d in list(self.waiting):
+                    if text in line.decode():
+                        self.waiting.remove((text, d))
+                        d.callback(None)
+
+            def waitFor(self, text: str) -> D:
+                d: D = D()
+                self.waiting.append((text, d))
+                if any(text in line for line in self.lines):
+                    self.waiting.remove((text, d))
+                    d.callback(None)
+                return d.addTimeout(30, reactor)
+
+        alice = Alice()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", chatPort), alice)
+        self.addCleanup(alice.transport.loseConnection)
+        alice.sendLine(b"alice")
+        await alice.waitFor("you are in lobby")
+        alice.sendLine(b"/join ops")
+        await alice.waitFor("you are in ops")
+        alice.sendLine(b"/hold")
+        await alice.waitFor("alice holds the floor")
+
+        http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        client = ChatWebClient(f"http://127.0.0.1:{webPort}/chat", KEY, http=http)
+        sent = await client.send("ops", "deploy finished")
+        # A sender that can only post text, with the key as a bearer token.
+        response = await http.post(
+            f"http://127.0.0.1:{webPort}/chat/sessions/ops/messages",
+            data=b"second", headers={"Authorization": "Bearer " + KEY},
+        )
+        self.assertEqual(response.code, 204)
+        self.assertEqual((await client.status(sent.messageId)).state, "pending")
+        self.assertFalse([line for line in alice.lines if "<chatweb>" in line])
+
+        alice.sendLine(b"/release")
+        await alice.waitFor("<chatweb> second")
+        said = [line for line in alice.lines if line.startswith("<chatweb>")]
+        self.assertEqual(said, ["<chatweb> deploy finished", "<chatweb> second"])
+        self.assertEqual((await client.status(sent.messageId)).state, "delivered")
+        self.assertEqual(await client.sessions(), ["ops"])
+        messages = await client.messages("ops")
+        self.assertEqual(messages[-1].content, "chatweb: second")
+        response = await http.get(f"http://127.0.0.1:{webPort}/")
+        self.assertIn(b"linechat", await response.content())
