@@ -11,7 +11,8 @@ import textwrap
 import treq
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial import reporter
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatweb.testing import ChatWebProcess, startChatWeb
 
@@ -94,3 +95,34 @@ class ProcessOutputTests(TestCase):
         self.assertNoResult(found)
         output.outReceived(b"6231\n")
         self.assertEqual(self.successResultOf(found).group(1), b"36231")
+
+
+class InMemoryTests(SynchronousTestCase):
+    def test_stoppedWithTheTest(self) -> None:
+        """
+        chatWebInMemory's queue stops when the test that made it ends: no
+        sweep left on the clock.
+        """
+        from chatweb.testing import chatWebInMemory
+
+        made = []
+
+        class Inner(SynchronousTestCase):
+            def test_it(self) -> None:
+                made.append(chatWebInMemory(self))
+                made[0].clock.advance(5)
+
+        result = reporter.TestResult()
+        Inner("test_it").run(result)
+        self.assertTrue(result.wasSuccessful(), result.errors)
+        self.assertEqual(made[0].clock.getDelayedCalls(), [])
+
+    def test_runSaysWhenACallWaits(self) -> None:
+        from chatweb.testing import chatWebInMemory
+
+        chatweb = chatWebInMemory(self)
+        chatweb.journal.failAppends = True  # the store fails: 503, retried on the clock
+        with self.assertRaises(AssertionError) as caught:
+            chatweb.run(chatweb.client.send("ci", "x"))
+        self.assertIn("advance the clock", str(caught.exception))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

@@ -1,9 +1,10 @@
 """
 A user's own trial tests, written with chatweb.testing: run them with
 
-    python -m twisted.trial test_with_chatweb
+    python -m twisted.trial test_with_chatweb    (or: trial ./test_with_chatweb.py)
 
-(tests/test_examples.py does, from a fresh directory, as a user would).
+from the directory that holds it (tests/test_examples.py does, from a fresh
+directory, as a user would).
 """
 
 from __future__ import annotations
