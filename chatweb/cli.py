@@ -16,7 +16,13 @@ import sys
 from typing import Any, Awaitable, Callable, TextIO
 
 from chatweb.client import ChatWebClient, ChatWebError, StreamEvent
-from chatweb.config import KEY_FILE_NAME, ConfigError, defaultDataDir, readKeyFile
+from chatweb.config import (
+    KEY_FILE_NAME,
+    ConfigError,
+    checkKey,
+    defaultDataDir,
+    readKeyFile,
+)
 
 DEFAULT_URL = "http://127.0.0.1:7777"
 
@@ -110,7 +116,10 @@ def _apiKey(args: argparse.Namespace, environ: Any) -> str:
     if args.key_file:
         path = args.key_file
     elif environ.get("CHATWEB_API_KEY"):
-        return str(environ["CHATWEB_API_KEY"]).strip()
+        try:
+            return checkKey(str(environ["CHATWEB_API_KEY"]).strip(), "$CHATWEB_API_KEY")
+        except ConfigError as e:
+            raise UsageError(str(e))
     else:
         path = os.path.join(defaultDataDir(), KEY_FILE_NAME)
         if not os.path.exists(path):

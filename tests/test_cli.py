@@ -127,6 +127,9 @@ class CommandTests(TestCase):
         )
         self.assertOneLineError(await self.command("send", "ci", "x", key=None), "CHATWEB_API_KEY")
         self.assertOneLineError(
+            await self.command("send", "ci", "x", key="s\u00e9cret"), "printable ASCII"
+        )
+        self.assertOneLineError(
             await self.command("send", "--url", "http://127.0.0.1:1", "ci", "x"), "cannot reach"
         )
         self.assertOneLineError(await self.command("show", "nope"), "404", "nope")
