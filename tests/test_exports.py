@@ -16,6 +16,7 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 import chatweb
+import chatweb.backends
 import chatweb.model
 import chatweb.queue
 import chatweb.render
@@ -57,6 +58,14 @@ EXPORTS = {
         "ROLES",
         "Session",
         "Usage",
+    ],
+    chatweb.backends: [
+        "ModelError",
+        "ModelResponder",
+        "Provider",
+        "Stopped",
+        "loadProviders",
+        "providerFromOptions",
     ],
     chatweb.queue: ["MessageQueue", "RetryPolicy", "describeFailure"],
     chatweb.store: [
