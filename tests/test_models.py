@@ -397,3 +397,163 @@ class StreamTests(TestCase):
         self.assertFalse(error.transient)
         self.assertIn("no provider 'nope'", str(error))
         self.assertEqual(self.server.requests, [])
+
+
+async def _sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class ServiceTests(TestCase):
+    """
+    The whole path through a real chatweb service: a posted message is
+    answered by the local model server.
+    """
+
+    async def start(self, key: str | None = KEY, **kwargs: Any) -> Any:
+        from chatweb.queue import RetryPolicy
+        from chatweb.testing import startChatWeb
+
+        self.server = ModelServer()
+        self.server.start(self)
+        provider = Provider(
+            name="local", protocol="openai", baseUrl=self.server.url,
+            model="test-model", key=None if key is None else Secret(key), timeout=30,
+        )
+        kwargs.setdefault("retry", RetryPolicy(initialDelay=0.05, jitter=0))
+        self.chatweb = await startChatWeb(
+            self, responder=ModelResponder([provider], reactor), **kwargs
+        )
+        return self.chatweb
+
+    async def messages(self, session: str) -> list[dict[str, Any]]:
+        response = await self.chatweb.get("/messages?session=" + session)
+        if response.code == 404:
+            return []
+        self.assertEqual(response.code, 200)
+        return list(json.loads(await response.content()))
+
+    async def waitFor(self, session: str, test: Any) -> list[dict[str, Any]]:
+        for _ in range(500):
+            messages = await self.messages(session)
+            if test(messages):
+                return messages
+            await _sleep(0.01)
+        self.fail(f"never happened: {messages}")
+
+    async def test_answered(self) -> None:
+        """
+        The answer streams into the events stream as it arrives, then is
+        stored as chat.nvim stores it (assistant message with reasoning,
+        then the on_complete record with usage), and shows in the preview.
+        """
+        from .test_live import openStream
+
+        chatweb = await self.start()
+        events: list[dict[str, Any]] = []
+
+        def done(seen: list[dict[str, Any]]) -> bool:
+            events[:] = seen
+            return any(e["event"] == "delivery.done" for e in seen)
+
+        _, reader = await openStream(chatweb, "/sessions/ci/events", done)
+        self.assertEqual((await chatweb.post("ci", "hello")).code, 204)
+        await reader.done
+        kinds = [e["event"] for e in events]
+        texts = [e["data"]["data"]["text"] for e in events if e["event"] == "delivery.text"]
+        self.assertEqual(texts, ["Héllo", ", wörld ", "✓"])
+        # The text streamed before the answer was stored.
+        self.assertLess(kinds.index("delivery.text"), len(kinds) - 1 - kinds[::-1].index("message.added"))
+        messages = await self.messages("ci")
+        self.assertEqual([m.get("role") for m in messages], ["user", "assistant", None])
+        self.assertEqual(messages[1]["content"], "Héllo, wörld ✓")
+        self.assertEqual(messages[1]["reasoning_content"], "Thinking hard")
+        self.assertEqual(messages[2]["on_complete"], True)
+        self.assertEqual(messages[2]["usage"]["total_tokens"], 17)
+        page = await (await chatweb.get("/session?id=ci")).text()
+        self.assertIn("Héllo, wörld ✓", page)
+        self.assertIn("Thinking hard", page)
+        self.assertIn("<b>17</b>", page)
+
+    async def test_backToBack(self) -> None:
+        """
+        Two messages posted at once: the second is sent only once the first
+        answer is stored, with the first exchange as its history.
+        """
+        chatweb = await self.start()
+        self.assertEqual((await chatweb.post("s", "one")).code, 204)
+        self.assertEqual((await chatweb.post("s", "two")).code, 204)
+        await self.waitFor("s", lambda ms: sum(1 for m in ms if m.get("on_complete")) == 2)
+        self.assertEqual(len(self.server.requests), 2)
+        self.assertEqual(
+            self.server.requests[1].body["messages"],
+            [
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": "Héllo, wörld ✓"},
+                {"role": "user", "content": "two"},
+            ],
+        )
+
+    async def test_500ThenOK(self) -> None:
+        """
+        A 500 is retried: the message is answered once.
+        """
+        chatweb = await self.start()
+        self.server.then(Script([b'{"error": {"message": "busy"}}'], status=500))
+        await chatweb.post("s", "hi")
+        messages = await self.waitFor("s", lambda ms: any(m.get("on_complete") for m in ms))
+        await _sleep(0.2)
+        messages = await self.messages("s")
+        self.assertEqual([m.get("role") for m in messages], ["user", "assistant", None])
+        self.assertEqual(len(self.server.requests), 2)
+
+    async def test_permanentErrorStored(self) -> None:
+        """
+        A 401 is stored as chat.nvim's error record, not retried; the key
+        appears in no message, page or log line even when the server
+        quotes it.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        logged: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            logged.append(repr(event) + (formatEvent(event) or ""))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        chatweb = await self.start()
+        self.server.then(Script(status=401, echo=lambda h: json.dumps(
+            {"error": {"message": "bad key " + h["authorization"], "code": "invalid_api_key"}}
+        ).encode()))
+        await chatweb.post("s", "hi")
+        messages = await self.waitFor("s", lambda ms: any(m.get("error") for m in ms))
+        self.assertEqual(messages[-1]["error"], "API Error (invalid_api_key): bad key Bearer ***")
+        await _sleep(0.2)
+        self.assertEqual(len(self.server.requests), 1)
+        page = await (await chatweb.get("/session?id=s")).text()
+        self.assertIn("bad key Bearer ***", page)
+        everything = json.dumps(await self.messages("s")) + page + "".join(logged)
+        everything += repr(chatweb.service.adapter.responder)
+        self.assertNotIn(KEY, everything)
+        self.assertEqual(self.server.requests[0].headers["authorization"], "Bearer " + KEY)
+
+    async def test_stop(self) -> None:
+        """
+        POST /session/{id}/stop mid-stream closes the model's connection;
+        the partial answer is kept, marked stopped; nothing is retried.
+        """
+        chatweb = await self.start()
+        self.server.then(Script(pieces(openaiStream()[:5], 50), hold=True))
+        await chatweb.post("s", "hi")
+        while not self.server.requests or not self.server.requests[0].written.called:
+            await _sleep(0.01)
+        response = await chatweb.client.post(chatweb.url + "/session/s/stop", headers=chatweb.headers)
+        self.assertEqual(response.code, 204)
+        await self.server.requests[0].closed
+        messages = await self.waitFor("s", lambda ms: any(m.get("error") for m in ms))
+        self.assertEqual(messages[1]["content"], "Héllo")
+        self.assertEqual(messages[1]["reasoning_content"], "Thinking hard")
+        self.assertIn("cancelled", messages[2]["error"])
+        await _sleep(0.3)
+        self.assertEqual(len(self.server.requests), 1)
+        self.assertEqual(len(await self.messages("s")), 3)
