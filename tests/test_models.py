@@ -519,8 +519,8 @@ class ServiceTests(TestCase):
         def observer(event: dict[str, Any]) -> None:
             logged.append(repr(event) + (formatEvent(event) or ""))
 
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, observer)  # type: ignore[arg-type]
         chatweb = await self.start()
         self.server.then(Script(status=401, echo=lambda h: json.dumps(
             {"error": {"message": "bad key " + h["authorization"], "code": "invalid_api_key"}}
