@@ -135,6 +135,9 @@ class Script:
     drop: bool = False
     #: Called with the request's headers; returns extra parts (to echo).
     echo: Callable[[Any], bytes] | None = None
+    #: Write this many parts, then wait for C{resume} to fire.
+    pauseAfter: int | None = None
+    resume: Deferred[None] = attrs.field(factory=Deferred)
 
 
 @attrs.define
@@ -164,7 +167,7 @@ class _Endpoint(Resource):
         seen = Seen(json.loads(request.content.read()), headers, Deferred(), Deferred())
         server.requests.append(seen)
         finished = request.notifyFinish()
-        state = {"open": True}
+        state = {"open": True, "sent": 0}
 
         def lost(_: object) -> None:
             state["open"] = False
@@ -185,7 +188,11 @@ class _Endpoint(Resource):
                 return
             if parts:
                 request.write(parts.pop(0))
-                reactor.callLater(0, step)
+                state["sent"] += 1
+                if state["sent"] == script.pauseAfter:
+                    script.resume.addCallback(lambda _: step())
+                else:
+                    reactor.callLater(0, step)
                 return
             seen.written.callback(None)
             if script.drop:

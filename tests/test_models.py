@@ -55,10 +55,14 @@ class SSEDecoderTests(SynchronousTestCase):
         The same events come out wherever the bytes are cut: inside a
         UTF-8 sequence, a CRLF pair, a field name.
         """
-        stream = b"".join(openaiStream()).replace(b"\n", b"\r\n")
+        stream = (
+            b"".join(openaiStream() + anthropicStream() + [b"data: a\ndata: b\n\n"])
+        ).replace(b"\n", b"\r\n")
         whole = self.events([stream])
-        self.assertEqual(len(whole), 9)
+        self.assertEqual(len(whole), 21)
         self.assertIn("Héllo", whole[3][1])
+        self.assertEqual(whole[9][0], "message_start")
+        self.assertEqual(whole[-1], ("message", "a\nb"))
         for cut in range(len(stream)):
             self.assertEqual(self.events([stream[:cut], stream[cut:]]), whole, cut)
         self.assertEqual(self.events([bytes([b]) for b in stream]), whole)
@@ -216,6 +220,8 @@ class StreamTests(TestCase):
     A L{ModelResponder} against the local model server.
     """
 
+    timeout = 20
+
     def setUp(self) -> None:
         self.server = ModelServer()
         self.server.start(self)
@@ -358,11 +364,15 @@ class StreamTests(TestCase):
         A stream that stops sending for the timeout (on the injected
         clock) fails, transient, and its connection is closed.
         """
-        self.server.then(Script(pieces(openaiStream()[:5], 50), hold=True))
+        script = Script(openaiStream()[:6], hold=True, pauseAfter=5)
+        self.server.then(script)
         d = self.ask(self.responder(timeout=30.0, clock=self.clock))
-        while not self.server.requests or not self.server.requests[0].written.called:
-            await task.deferLater(reactor, 0.01, lambda: None)
         while not self.emitted:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.clock.advance(20)
+        # Data arriving restarts the wait.
+        script.resume.callback(None)
+        while not self.server.requests[0].written.called or len(self.emitted) < 2:
             await task.deferLater(reactor, 0.01, lambda: None)
         self.clock.advance(29)
         self.assertFalse(d.called)
@@ -408,6 +418,8 @@ class ServiceTests(TestCase):
     The whole path through a real chatweb service: a posted message is
     answered by the local model server.
     """
+
+    timeout = 30
 
     async def start(self, key: str | None = KEY, **kwargs: Any) -> Any:
         from chatweb.queue import RetryPolicy
