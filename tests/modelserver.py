@@ -240,3 +240,35 @@ class ModelServer:
         stopped = self.port.stopListening()
         if stopped is not None:
             await stopped
+
+
+def main(argv: list[str]) -> None:
+    """
+    C{python -m tests.modelserver [PORT]}: serve canned streamed answers on
+    127.0.0.1 (OpenAI's C{/v1/chat/completions}, Anthropic's
+    C{/v1/messages}), to try chatweb without a model.
+    """
+    server = ModelServer()
+
+    # The script is chosen before the request is recorded: choose by path.
+    server.default = lambda: Script(pieces(openaiStream(), 7))
+    anthropic = _Endpoint(server)
+    anthropic.render_POST = _anthropicFirst(anthropic.render_POST, server)  # type: ignore[method-assign]
+    server.site.resource.children[b"v1"].putChild(b"messages", anthropic)
+    port = reactor.listenTCP(int(argv[0]) if argv else 0, server.site, interface="127.0.0.1")  # type: ignore[arg-type]
+    print(f"model server on http://127.0.0.1:{port.getHost().port}/v1", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def _anthropicFirst(render: Any, server: ModelServer) -> Any:
+    def renderAnthropic(request: Any) -> Any:
+        server.scripts.insert(0, Script(pieces(anthropicStream(), 7)))
+        return render(request)
+
+    return renderAnthropic
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

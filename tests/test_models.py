@@ -208,6 +208,31 @@ class ProvidersTests(SynchronousTestCase):
         self.assertEqual(provider.key, Secret("k2"))
         self.assertIsNone(providerFromOptions("openai", environ={}).key)
 
+    def test_documented(self) -> None:
+        """
+        docs/models.md's providers file loads as it says, and every option
+        it names is one twistd chatweb takes.
+        """
+        import re
+
+        from chatweb.tap import Options
+
+        docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "models.md")
+        with open(docs, encoding="utf-8") as f:
+            text = f.read()
+        toml = text.split("```toml\n")[1].split("```")[0]
+        providers, default = loadProviders(self.write(toml), {"ANTHROPIC_API_KEY": KEY})
+        self.assertEqual(default, "ollama")
+        self.assertEqual(
+            [p.listing() for p in providers],
+            [{"name": "ollama", "protocol": "openai", "models": ["llama3.2", "qwen3"]},
+             {"name": "claude", "protocol": "anthropic", "models": ["claude-sonnet-4-5"]}],
+        )
+        self.assertEqual(providers[1].systemPrompt, "Answer briefly.")
+        known = {o[0] for o in Options.optParameters} | {o[0] for o in Options.optFlags}
+        for option in set(re.findall(r"`--([a-z-]+)", text)):
+            self.assertIn(option, known)
+
     def test_retryAfter(self) -> None:
         self.assertEqual(retryAfter(b"7", 0), 7.0)
         self.assertEqual(retryAfter(b"Thu, 01 Jan 1970 00:01:40 GMT", 40.0), 60.0)
