@@ -594,3 +594,50 @@ class ServiceTests(TestCase):
         await _sleep(0.3)
         self.assertEqual(len(self.server.requests), 1)
         self.assertEqual(len(await self.messages("s")), 3)
+
+
+class BackendTests(TestCase):
+    """
+    The default backend with a model responder, below the queue.
+    """
+
+    timeout = 20
+
+    async def test_cancelledAnswerIsAskedAgain(self) -> None:
+        """
+        A cancelled answer (stopped, or cut by the delivery timeout) keeps
+        its part, marked stopped, but does not count as the delivery's
+        answer: delivered again (the queue's retry), it is asked again.
+        """
+        from twisted.internet.defer import CancelledError
+
+        from chatweb.backends.local import SCHEMA, LocalBackend
+        from chatweb.model import Delivery
+        from chatweb.store import JOURNAL_SCHEMA, SQLiteDatabase
+
+        db = SQLiteDatabase(os.path.abspath(self.mktemp()), reactor)
+        self.addCleanup(db.close)
+        await db.open(JOURNAL_SCHEMA + SCHEMA)
+        server = ModelServer()
+        server.start(self)
+        server.then(Script(pieces(openaiStream()[:5], 50), hold=True))
+        provider = Provider(name="p", protocol="openai", baseUrl=server.url, model="m")
+        backend = LocalBackend(db, reactor, ModelResponder([provider], reactor))
+        emitted: list[str] = []
+        delivery = Delivery(3, "s", "hi", 1.0, emit=emitted.append)
+        d = backend.deliver(delivery)
+        while not emitted:
+            await _sleep(0.01)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertFalse(backend.isBusy("s"))
+        await backend.deliver(delivery)
+        session = await backend.getSession("s")
+        assert session is not None
+        self.assertEqual(
+            [(m.role, m.content, m.error is not None) for m in session.messages],
+            [("user", "hi", False), ("assistant", "Héllo", False), (None, None, True),
+             ("assistant", "Héllo, wörld ✓", False), (None, None, False)],
+        )
+        self.assertEqual(len(server.requests), 2)

@@ -98,7 +98,7 @@ def _recordDelivery(
 
 
 def _messageAdded(
-    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int | None, message: Message, now: float
+    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, message: Message, now: float
 ) -> Event:
     return insertEvent(
         cursor,
@@ -121,14 +121,20 @@ def _appendMessages(
 def _appendReplies(
     cursor: sqlite3.Cursor,
     sessionId: str,
-    deliveryId: int | None,
+    deliveryId: int,
     messages: list[Message],
     now: float,
     withEvents: bool,
+    answers: bool = True,
 ) -> tuple[None, list[Event]]:
+    """
+    Add C{messages} made for a delivery; unless they C{answers} it (a
+    stopped answer's part), a redelivery of it is answered again.
+    """
+    replyTo = deliveryId if answers else None
     cursor.executemany(
         "INSERT INTO messages (session, reply_to, data) VALUES (?, ?, ?)",
-        [(sessionId, deliveryId, _dumps(m.asDict())) for m in messages],
+        [(sessionId, replyTo, _dumps(m.asDict())) for m in messages],
     )
     if not withEvents:
         return None, []
@@ -436,10 +442,11 @@ class LocalBackend:
             await self._db.write(
                 _appendReplies,
                 delivery.session,
-                delivery.id if replyTo else None,
+                delivery.id,
                 messages,
                 self._clock.seconds(),
                 self.eventSink is not None,
+                replyTo,
             )
         )
 
