@@ -641,3 +641,59 @@ class BackendTests(TestCase):
              ("assistant", "Héllo, wörld ✓", False), (None, None, False)],
         )
         self.assertEqual(len(server.requests), 2)
+
+
+class ProcessTests(TestCase):
+    """
+    The real C{twistd chatweb --responder openai}.
+    """
+
+    timeout = 90
+
+    async def test_twistd(self) -> None:
+        """
+        Answers come from the model server; the key, taken from
+        OPENAI_API_KEY, reaches the server and no line of the log, even
+        when the server's error quotes it.
+        """
+        import treq
+
+        from chatweb.testing import ChatWebProcess
+
+        server = ModelServer()
+        server.start(self)
+        server.then(
+            Script(status=401, echo=lambda h: json.dumps(
+                {"error": {"message": "bad key " + h["authorization"]}}).encode()),
+            Script(pieces(openaiStream(), 7)),
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OPENAI_API_KEY=KEY, PYTHONPATH=root)
+        process = ChatWebProcess(
+            os.path.abspath(self.mktemp()),
+            args=["--responder", "openai", "--base-url", server.url, "--model", "m",
+                  "--access-log"],
+            env=env,
+            testCase=self,
+        )
+        url = await process.start()
+        headers = {"X-API-Key": process.apiKey}
+        for content in ["one", "two"]:
+            response = await treq.post(url + "/", json={"session": "s", "content": content},
+                                       headers=headers, persistent=False)
+            self.assertEqual(response.code, 204)
+        for _ in range(500):
+            response = await treq.get(url + "/messages?session=s", headers=headers, persistent=False)
+            messages = json.loads(await response.content())
+            if any(m.get("on_complete") for m in messages):
+                break
+            await _sleep(0.02)
+        self.assertEqual(
+            [m.get("role") or ("error" if "error" in m else "on_complete") for m in messages],
+            ["user", "error", "user", "assistant", "on_complete"],
+        )
+        self.assertEqual(server.requests[0].headers["authorization"], "Bearer " + KEY)
+        await process.stop()
+        self.assertIn("bad key Bearer ***", json.dumps(messages))
+        self.assertNotIn(KEY, process.output)
+        self.assertIn("delivered", process.output)

@@ -311,7 +311,7 @@ def _lastUserMessage(cursor: sqlite3.Cursor, sessionId: str) -> str | None:
 
 
 #: The error record stored after a stopped answer (chat.nvim's words).
-STOPPED = "Request cancelled by user. The partial answer above is kept."
+STOPPED = "Request cancelled. The partial answer above is kept."
 
 
 def sessionIdFor(when: float) -> str:
