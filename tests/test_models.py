@@ -346,6 +346,34 @@ class StreamTests(TestCase):
         self.assertIn("API Error (invalid_api_key): Incorrect API key provided: Bearer ***", str(error))
         self.assertNotIn(KEY, str(error))
 
+    async def test_unstreamed(self) -> None:
+        """
+        A server that ignores "stream" and sends one JSON answer is
+        understood (both protocols); an error sent with a 200 is stored as
+        an error.
+        """
+        json200 = {"Content-Type": "application/json"}
+        self.server.then(
+            Script([json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "Whole", "reasoning_content": "R"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()],
+                headers=json200),
+            Script([b'{"error": {"message": "quota", "code": "insufficient_quota"}}'], headers=json200),
+            Script([json.dumps({"type": "message", "content": [
+                {"type": "thinking", "thinking": "T"}, {"type": "text", "text": "Entier"}],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 4, "output_tokens": 5}}).encode()],
+                headers=json200),
+        )
+        messages = await self.ask(self.responder())
+        self.assertEqual((messages[0].content, messages[0].reasoning_content), ("Whole", "R"))
+        self.assertEqual(messages[1].usage, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+        self.assertEqual(self.emitted, ["Whole"])
+        error = await self.failure(self.ask(self.responder()))
+        self.assertEqual((error.transient, str(error)), (False, "API Error (insufficient_quota): quota"))
+        messages = await self.ask(self.responder("anthropic"))
+        self.assertEqual((messages[0].content, messages[0].reasoning_content), ("Entier", "T"))
+        self.assertEqual(messages[1].usage["total_tokens"], 9)  # type: ignore[index]
+
     async def test_errorMidStream(self) -> None:
         """
         An error event mid-stream is permanent; the partial answer is kept.

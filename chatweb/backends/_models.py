@@ -36,8 +36,8 @@ from chatweb.model._values import Message, Session
 
 _log = Logger()
 
-#: The most of an error response's body that is read.
-MAX_ERROR_BODY = 64 * 1024
+#: The most of an error response's (or an unstreamed answer's) body read.
+MAX_ERROR_BODY = 1024 * 1024
 #: The longest Retry-After honoured, in seconds.
 MAX_RETRY_AFTER = 3600.0
 
@@ -157,6 +157,9 @@ class OpenAIProtocol:
         }
         return provider.baseUrl + "/chat/completions", headers, body
 
+    def whole(self, answer: Answer, data: dict[str, Any]) -> None:
+        _openaiWhole(answer, data)
+
     def event(self, answer: Answer, event: SSEvent) -> str | None:
         """
         Take one event into C{answer}; the content text it adds, if any.
@@ -196,6 +199,29 @@ class OpenAIProtocol:
         return text
 
 
+def _openaiWhole(answer: Answer, data: dict[str, Any]) -> None:
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ModelError("the model's answer has no choices", False)
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise ModelError("the model's answer has no message", False)
+    if _text(message.get("content")):
+        answer.content.append(message["content"])
+    reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
+    if reasoning:
+        answer.reasoning.append(reasoning)
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for i, call in enumerate(calls):
+            if isinstance(call, dict):
+                answer.addToolCall(i, call)
+    if isinstance(data.get("usage"), dict):
+        answer.usage = data["usage"]
+    answer.finishReason = choices[0].get("finish_reason") or "stop"
+    answer.done = True
+
+
 class AnthropicProtocol:
     """
     Anthropic's Messages API, streamed.
@@ -224,6 +250,30 @@ class AnthropicProtocol:
         if system:
             body["system"] = system
         return provider.baseUrl + "/messages", headers, body
+
+    def whole(self, answer: Answer, data: dict[str, Any]) -> None:
+        blocks = data.get("content")
+        if not isinstance(blocks, list):
+            raise ModelError("the model's answer has no content", False)
+        for index, block in enumerate(blocks):
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and _text(block.get("text")):
+                answer.content.append(block["text"])
+            elif block.get("type") == "thinking" and _text(block.get("thinking")):
+                answer.reasoning.append(block["thinking"])
+            elif block.get("type") == "tool_use":
+                answer.addToolCall(index, {
+                    "id": block.get("id"),
+                    "function": {
+                        "name": block.get("name", ""),
+                        "arguments": json.dumps(block.get("input", {})),
+                    },
+                })
+        if isinstance(data.get("usage"), dict):
+            self._usage(answer, data["usage"])
+        answer.finishReason = data.get("stop_reason") or "stop"
+        answer.done = True
 
     def event(self, answer: Answer, event: SSEvent) -> str | None:
         chunk = _json(event)
@@ -403,7 +453,12 @@ class _Call:
             return
         self._response = response
         self._arm()
-        self._body = _Body(self, streaming=response.code == 200)
+        contentType = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        # A server that ignores "stream" answers with one JSON document.
+        streaming = response.code == 200 and not contentType.lower().startswith(
+            b"application/json"
+        )
+        self._body = _Body(self, streaming=streaming)
         response.deliverBody(self._body)
 
     def _requestFailed(self, failure: Failure) -> None:
@@ -443,7 +498,10 @@ class _Call:
         if self._finished:
             return
         if not body.streaming:
-            self._fail(self._statusError(b"".join(body.received)))
+            if self._response.code == 200 and body.size <= MAX_ERROR_BODY:
+                self._whole(b"".join(body.received))
+            else:
+                self._fail(self._statusError(b"".join(body.received)))
             return
         if self.answer.done or (
             self.answer.finishReason is not None
@@ -459,6 +517,34 @@ class _Call:
                 transient=False,
             )
         )
+
+    def _whole(self, body: bytes) -> None:
+        """
+        An answer sent as one JSON document (the server ignored "stream"),
+        or an error sent with a 200 (as some providers do).
+        """
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            self._fail(ModelError("the model sent a malformed answer", False))
+            return
+        if data.get("error") is not None:
+            self._fail(ModelError(_apiError(data["error"], 200), False))
+            return
+        if "code" in data and "msg" in data:
+            self._fail(ModelError(f"API Error ({data['code']}): {data['msg']}", False))
+            return
+        try:
+            self._protocol.whole(self.answer, data)
+        except ModelError as e:
+            self._fail(e)
+            return
+        text = "".join(self.answer.content)
+        if text and self._emit is not None:
+            self._emit(text)
+        self._succeed()
 
     def _statusError(self, body: bytes) -> ModelError:
         code = self._response.code
