@@ -558,6 +558,33 @@ class ServiceTests(TestCase):
             ],
         )
 
+    async def test_sessionChoosesProviderAndModel(self) -> None:
+        """
+        GET /providers lists the providers; a session's model (set at
+        POST /session/new or by PUT) is the one asked; a session naming an
+        unknown provider gets an error record and the model is not asked.
+        """
+        chatweb = await self.start()
+        response = await chatweb.get("/providers")
+        self.assertEqual(
+            json.loads(await response.content()),
+            [{"name": "local", "protocol": "openai", "models": ["test-model"]}],
+        )
+        created = await chatweb.client.post(
+            chatweb.url + "/session/new", json={"model": "other-model"}, headers=chatweb.headers)
+        sessionId = json.loads(await created.content())["id"]
+        await chatweb.post(sessionId, "hi")
+        await self.waitFor(sessionId, lambda ms: any(m.get("on_complete") for m in ms))
+        self.assertEqual(self.server.requests[0].body["model"], "other-model")
+        put = await chatweb.client.put(
+            chatweb.url + f"/session/{sessionId}/provider", json={"provider": "elsewhere"},
+            headers=chatweb.headers)
+        self.assertIn(put.code, (200, 204))
+        await chatweb.post(sessionId, "again")
+        messages = await self.waitFor(sessionId, lambda ms: any(m.get("error") for m in ms))
+        self.assertEqual(messages[-1]["error"], "no provider 'elsewhere'; configured: local")
+        self.assertEqual(len(self.server.requests), 1)
+
     async def test_500ThenOK(self) -> None:
         """
         A 500 is retried: the message is answered once.
