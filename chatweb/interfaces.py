@@ -201,6 +201,12 @@ class IResponder(Interface):
         @param message: the new user L{chatweb.model.Message}.
         @return: a L{Deferred} firing with a list of messages to add to the
             session (possibly empty).  Cancelling it stops the answer.
+            A responder that asks a model fails with a
+            L{chatweb.backends.ModelError}: a transient one is retried by the
+            queue; a permanent one is stored in the session as an error
+            record.  A responder with a true C{streams} attribute is
+            called with C{emit=} too: a callable given the answer's text as
+            it arrives (or None).
         """
 
 

@@ -68,6 +68,22 @@ class Options(usage.Options):
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
+        ["base-url", None, None, "The model server of --responder openai or"
+         " anthropic, e.g. http://127.0.0.1:11434/v1 [default: OpenAI's or"
+         " Anthropic's]."],
+        ["model", None, None, "The model asked when a session names none."],
+        ["provider-key-file", None, None, "A file holding the model server's key"
+         " [default: $OPENAI_API_KEY or $ANTHROPIC_API_KEY; none if unset]."],
+        ["system-prompt", None, None, "The system message of sessions that have"
+         " no prompt of their own."],
+        ["system-prompt-file", None, None, "A file holding the system prompt."],
+        ["model-timeout", None, 120.0, "Seconds the model server may stay silent"
+         " (before its answer starts, or in the middle of it) before the request"
+         " fails and is retried.", None],
+        ["history-budget", None, 200000, "Characters of a session's history sent"
+         " to the model at most (the oldest messages are left out).", None],
+        ["providers", None, None, "A TOML file of named model providers"
+         " (see docs/models.md); sessions choose one by their provider."],
         ["max-attempts", None, 10, "Failed deliveries of a message before it is"
          " kept as failed (a dead letter).", None],
         ["delivery-timeout", None, 600.0, "Seconds a delivery may take before it"
@@ -105,6 +121,9 @@ class Options(usage.Options):
             "responder": usage.CompleteList(list(RESPONDERS)),
             "data-dir": usage.CompleteDirs(),
             "api-key-file": usage.CompleteFiles(),
+            "provider-key-file": usage.CompleteFiles(),
+            "system-prompt-file": usage.CompleteFiles(),
+            "providers": usage.CompleteFiles(),
         }
     )
 
@@ -184,6 +203,22 @@ class Options(usage.Options):
         warning = shortKeyWarning(self["keys"], origin)
         if warning is not None:
             print(warning, file=sys.stderr, flush=True)
+        modelOptions = [
+            name for name in ("base-url", "model", "provider-key-file",
+                              "system-prompt", "system-prompt-file", "providers")
+            if self[name] is not None
+        ]
+        if self["providers"] is not None and self["responder"] == "none":
+            self["responder"] = "openai"
+        if modelOptions and self["responder"] not in ("openai", "anthropic"):
+            raise usage.UsageError(
+                f"--{modelOptions[0]} needs --responder openai or anthropic"
+            )
+        if self["providers"] is not None and len(modelOptions) > 1:
+            raise usage.UsageError(
+                "--providers names every provider's settings: give no"
+                f" --{[n for n in modelOptions if n != 'providers'][0]} with it"
+            )
         if self["data-dir"] is None:
             self["data-dir"] = defaultDataDir()
         if self["listen"] is None:
@@ -199,6 +234,8 @@ class Options(usage.Options):
 #: The numeric options: their type and least value.
 _NUMBERS = {
     "interval": (float, 0.1),
+    "model-timeout": (float, 0.1),
+    "history-budget": (int, 100),
     "max-attempts": (int, 1),
     "delivery-timeout": (float, 0),
     "shutdown-timeout": (float, 0),
@@ -271,11 +308,33 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
     from chatweb.queue._queue import RetryPolicy
     from chatweb.service import ChatWebService
 
+    responder: Any = options["responder"]
+    if responder in ("openai", "anthropic"):
+        from chatweb.backends.responders import makeResponder
+        from twisted.internet import reactor
+
+        if options["providers"] is not None:
+            responder = makeResponder(
+                responder, reactor, providersFile=options["providers"],
+                historyBudget=options["history-budget"],
+            )
+        else:
+            responder = makeResponder(
+                responder,
+                reactor,
+                baseUrl=options["base-url"],
+                model=options["model"],
+                keyFile=options["provider-key-file"],
+                systemPrompt=options["system-prompt"],
+                systemPromptFile=options["system-prompt-file"],
+                timeout=options["model-timeout"],
+                historyBudget=options["history-budget"],
+            )
     return ChatWebService(
         apiKeys=options["keys"],
         dataDir=options["data-dir"],
         endpoint=options["listen"],
-        responder=options["responder"],
+        responder=responder,
         interval=options["interval"],
         accessLog=bool(options["access-log"]),
         limits=options.limits(),

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import chatweb
 import chatweb.client
+import chatweb.backends
 import chatweb.model
 import chatweb.queue
 import chatweb.render
@@ -58,6 +59,14 @@ EXPORTS = {
         "ROLES",
         "Session",
         "Usage",
+    ],
+    chatweb.backends: [
+        "ModelError",
+        "ModelResponder",
+        "Provider",
+        "Stopped",
+        "loadProviders",
+        "providerFromOptions",
     ],
     chatweb.queue: ["MessageQueue", "RetryPolicy", "describeFailure"],
     chatweb.store: [

@@ -211,6 +211,39 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(self.journal.rows[1].attempts, 3)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_retryAfterHonoured(self) -> None:
+        """
+        A failure that says how long to wait (a model server's 429 with
+        Retry-After) is retried no sooner; a shorter one keeps the backoff.
+        """
+        from chatweb.backends import ModelError
+
+        errors = [ModelError("429", True, retryAfter=10.0), ModelError("429", True, retryAfter=0.5)]
+        deliver = self.adapter.deliver
+
+        def failing(delivery):  # type: ignore[no-untyped-def]
+            if errors:
+                self.adapter.delivered.append(delivery)
+                return fail(errors.pop(0))
+            return deliver(delivery)
+
+        self.adapter.deliver = failing  # type: ignore[method-assign]
+        self.queue = self.makeQueue(
+            retry=RetryPolicy(maxAttempts=5, initialDelay=1, factor=2, jitter=0),
+            interval=1000,
+        )
+        self.start()
+        self.post("ci", "a")
+        self.assertEqual(len(self.adapter.delivered), 1)
+        self.clock.advance(9.9)
+        self.assertEqual(len(self.adapter.delivered), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.adapter.delivered), 2)
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.adapter.delivered), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(self.adapter.contents("ci"), ["a"])
+
     def test_otherSessionsNotHeldByFailures(self) -> None:
         self.start()
         self.adapter.failures = 1

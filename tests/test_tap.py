@@ -143,6 +143,57 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("empty", self.refused("--api-key-file", empty))
         self.assertIn("No such file", self.refused("--api-key-file", "/nonexistent/key"))
 
+    def test_modelOptions(self) -> None:
+        """
+        --responder openai with its options makes a model responder whose
+        key comes from the key file and shows nowhere; --providers makes
+        one of the file's providers; model options without a model
+        responder, or both forms at once, are refused in one line.
+        """
+        keyFile = self.mktemp()
+        with open(keyFile, "w") as f:
+            f.write("sk-provider-secret-0123456789\n")
+        service = makeService(self.parse(
+            "--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0",
+            "--responder", "openai", "--base-url", "http://127.0.0.1:11434/v1/",
+            "--model", "llama3.2", "--provider-key-file", keyFile,
+            "--model-timeout", "5", "--system-prompt", "Be brief."))
+        self.addCleanup(service.stopService)
+        responder = service.adapter.responder
+        self.assertEqual(
+            responder.providers(),
+            [{"name": "openai", "protocol": "openai", "models": ["llama3.2"]}],
+        )
+        provider = responder._providers["openai"]
+        self.assertEqual(
+            (provider.baseUrl, provider.timeout, provider.systemPrompt),
+            ("http://127.0.0.1:11434/v1", 5.0, "Be brief."),
+        )
+        self.assertEqual(provider.key.reveal(), "sk-provider-secret-0123456789")
+        self.assertNotIn("sk-provider-secret", repr(provider) + repr(responder))
+
+        providers = self.mktemp()
+        with open(providers, "w") as f:
+            f.write('[providers.a]\nmodel = "m"\n[providers.b]\nprotocol = "anthropic"\n')
+        options = self.parse("--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0",
+                             "--providers", providers)
+        self.assertEqual(options["responder"], "openai")
+        service = makeService(options)
+        self.addCleanup(service.stopService)
+        self.assertEqual([p["name"] for p in service.adapter.responder.providers()], ["a", "b"])
+
+        self.assertIn("--model needs --responder openai",
+                      self.refused("--api-key", KEY, "--model", "x"))
+        self.assertIn("give no --model",
+                      self.refused("--api-key", KEY, "--providers", providers, "--model", "x"))
+        with open(providers, "w") as f:
+            f.write("[providers.a]\nprotocol = 'x'\n")
+        options = self.parse("--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0",
+                             "--providers", providers)
+        with self.assertRaises(SystemExit) as raised:
+            makeService(options)
+        self.assertIn("protocol must be openai or anthropic", str(raised.exception.code))
+
     def test_badEndpointAndDataDir(self) -> None:
         options = self.parse("--api-key", KEY, "--listen", "carrier-pigeon:1")
         with self.assertRaises(SystemExit) as raised:

@@ -10,7 +10,7 @@ import sqlite3
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -19,6 +19,7 @@ from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import EventSink, insertEvent
 from chatweb.model._values import Delivery, Event, EventKind, Message, Session
 from chatweb.backends.responders import NoResponder
+from chatweb.backends._models import ModelError, Stopped
 
 SCHEMA: list[str | Upgrades] = [
     """
@@ -124,10 +125,16 @@ def _appendReplies(
     messages: list[Message],
     now: float,
     withEvents: bool,
+    answers: bool = True,
 ) -> tuple[None, list[Event]]:
+    """
+    Add C{messages} made for a delivery; unless they C{answers} it (a
+    stopped answer's part), a redelivery of it is answered again.
+    """
+    replyTo = deliveryId if answers else None
     cursor.executemany(
         "INSERT INTO messages (session, reply_to, data) VALUES (?, ?, ?)",
-        [(sessionId, deliveryId, _dumps(m.asDict())) for m in messages],
+        [(sessionId, replyTo, _dumps(m.asDict())) for m in messages],
     )
     if not withEvents:
         return None, []
@@ -303,6 +310,10 @@ def _lastUserMessage(cursor: sqlite3.Cursor, sessionId: str) -> str | None:
     return content
 
 
+#: The error record stored after a stopped answer (chat.nvim's words).
+STOPPED = "Request cancelled. The partial answer above is kept."
+
+
 def sessionIdFor(when: float) -> str:
     """
     chat.nvim's form of a server-made session id: the local time,
@@ -397,18 +408,60 @@ class LocalBackend:
         session = await self.getSession(delivery.session)
         if session is None or not session.messages:
             return
-        replies = await self.responder.respond(session, session.messages[-1])
-        if replies:
-            self._published(
-                await self._db.write(
-                    _appendReplies,
-                    delivery.session,
-                    delivery.id,
-                    list(replies),
-                    self._clock.seconds(),
-                    self.eventSink is not None,
+        try:
+            respond: Any = self.responder.respond
+            if getattr(self.responder, "streams", False):
+                replies = await respond(
+                    session, session.messages[-1], emit=delivery.emit
                 )
+            else:
+                replies = await self.responder.respond(session, session.messages[-1])
+        except Stopped as stopped:
+            # Kept, marked stopped as chat.nvim marks a cancelled request,
+            # but not as this delivery's answer: a delivery cancelled by its
+            # timeout is tried again.
+            await self._store(
+                delivery, stopped.partial + [self._errorRecord(STOPPED)], replyTo=False
             )
+            raise CancelledError()
+        except ModelError as e:
+            if e.transient:
+                raise
+            # Permanent: the error is the answer; the queue moves on.
+            replies = e.partial + [self._errorRecord(str(e))]
+        if replies:
+            await self._store(delivery, list(replies))
+
+    def _errorRecord(self, error: str) -> Message:
+        return Message(error=error, created=int(self._clock.seconds()))
+
+    async def _store(
+        self, delivery: Delivery, messages: list[Message], replyTo: bool = True
+    ) -> None:
+        self._published(
+            await self._db.write(
+                _appendReplies,
+                delivery.session,
+                delivery.id,
+                messages,
+                self._clock.seconds(),
+                self.eventSink is not None,
+                replyTo,
+            )
+        )
+
+    def providers(self) -> list[dict[str, Any]]:
+        """
+        What C{GET /providers} lists: the responder's providers, if it has
+        some; else the responder itself if it answers.
+        """
+        providers = getattr(self.responder, "providers", None)
+        if callable(providers):
+            return list(providers())
+        if not self.responder.answers:
+            return []
+        name = str(self.responder.name)
+        return [{"name": name, "models": [name]}]
 
     def _published(self, result: tuple[Any, list[Event]]) -> Any:
         value, events = result

@@ -692,8 +692,14 @@ class MessageQueue:
                 # in flight goes first; this one's attempts are updated.
                 self._forgetHead(queue)
                 if not final and self._running:
+                    # An adapter's error may say how long to wait at least
+                    # (a model server's Retry-After).
+                    after = getattr(failure.value, "retryAfter", None)
+                    delay = self._retry.delay(attempts, self._rng)
+                    if isinstance(after, (int, float)) and after > delay:
+                        delay = float(after)
                     queue.retryCall = self._clock.callLater(
-                        self._retry.delay(attempts, self._rng), self._retryNow, session
+                        delay, self._retryNow, session
                     )
             finally:
                 self._settled(session, queue)
