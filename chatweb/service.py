@@ -24,6 +24,7 @@ from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
 from chatweb.config import DATABASE_NAME, dataDirWarning, ensureShareSecret, withBacklog
+from chatweb.store._postgresql import PostgreSQLDatabase, isPostgreSQL
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
@@ -86,6 +87,8 @@ class ChatWebService(MultiService):
         shareLinks: bool = True,
         reactor: Any = None,
         metricsEndpoint: str | None = None,
+        database: str | None = None,
+        databasePassword: str | None = None,
     ) -> None:
         super().__init__()
         # Before anything starts threads or writes files.
@@ -96,7 +99,17 @@ class ChatWebService(MultiService):
             reactor = globalReactor
         self._reactor = reactor
         self.dataDir = dataDir
-        self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
+        self.database: SQLiteDatabase
+        if database is not None:
+            # A postgresql:// DSN: the store shared with other instances
+            # (see docs/deploy.md).
+            if not isPostgreSQL(database):
+                raise ValueError("database must be a postgresql:// DSN")
+            self.database = PostgreSQLDatabase(database, reactor, databasePassword)
+            self._where = f"the database {self.database.path}"
+        else:
+            self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
+            self._where = f"the database in {dataDir}"
         #: Every change, published once committed (see L{EventHub}).
         self.events = EventHub()
         self.journal = SQLiteJournal(
@@ -266,14 +279,14 @@ class ChatWebService(MultiService):
         def failed(failure: Failure) -> None:
             if self.exitOnFailure:
                 self._fatal(
-                    f"cannot start on the database in {self.dataDir}:"
+                    f"cannot start on {self._where}:"
                     f" {failure.getErrorMessage()}"
                 )
             else:
                 _log.failure(
-                    "chatweb cannot start on the database in {dataDir}",
+                    "chatweb cannot start on {where}",
                     failure,
-                    dataDir=self.dataDir,
+                    where=self._where,
                 )
             self._settleReady(failure)
 

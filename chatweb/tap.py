@@ -65,6 +65,12 @@ class Options(usage.Options):
          " (one per line, to rotate keys)."],
         ["data-dir", "d", None, "Where sessions and the queue are kept"
          " [default: $XDG_DATA_HOME/chatweb or ~/.local/share/chatweb]."],
+        ["database", None, None, "postgresql://USER@HOST:PORT/DB: keep sessions"
+         " and the queue in PostgreSQL, shared by several instances (default:"
+         " SQLite in the data directory).  The password comes from $PGPASSWORD,"
+         " --database-password-file, or the DSN.", None],
+        ["database-password-file", None, None, "A file holding the PostgreSQL"
+         " password.", None],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
@@ -186,6 +192,25 @@ class Options(usage.Options):
             print(warning, file=sys.stderr, flush=True)
         if self["data-dir"] is None:
             self["data-dir"] = defaultDataDir()
+        self["database-password"] = None
+        if self["database"] is not None:
+            from chatweb.store._postgresql import isPostgreSQL
+
+            if not isPostgreSQL(self["database"]):
+                raise usage.UsageError(
+                    "--database must be a postgresql:// DSN (SQLite is the default,"
+                    " in --data-dir)"
+                )
+            if self["database-password-file"] is not None:
+                try:
+                    with open(self["database-password-file"], encoding="utf-8") as f:
+                        self["database-password"] = f.read().strip()
+                except OSError as e:
+                    raise usage.UsageError(
+                        f"cannot read --database-password-file: {e.strerror}"
+                    )
+        elif self["database-password-file"] is not None:
+            raise usage.UsageError("--database-password-file needs --database")
         if self["listen"] is None:
             from twisted.internet.endpoints import quoteStringArgument
 
@@ -234,7 +259,8 @@ def makeService(options: Options) -> Any:
 
     try:
         ensureDataDir(options["data-dir"])
-        checkDatabase(os.path.join(options["data-dir"], DATABASE_NAME))
+        if options["database"] is None:
+            checkDatabase(os.path.join(options["data-dir"], DATABASE_NAME))
     except ConfigError as e:
         _exit(str(e))
     try:
@@ -285,6 +311,8 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         exitOnFailure=True,
         allowedHosts=allowedHosts,
         metricsEndpoint=options["metrics-listen"],
+        database=options["database"],
+        databasePassword=options["database-password"],
     )
 
 
