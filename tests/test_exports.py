@@ -63,6 +63,7 @@ EXPORTS = {
         "DatabaseClosed",
         "JOURNAL_SCHEMA",
         "MemoryJournal",
+        "PostgreSQLDatabase",
         "SQLiteDatabase",
         "SQLiteJournal",
     ],
