@@ -11,14 +11,16 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import EchoResponder
-from chatweb.model import Delivery
+from chatweb.interfaces import IResponder
+from chatweb.model import Delivery, Message, Session
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
 from chatweb.store._postgresql import PostgreSQLDatabase, redact, translate
@@ -236,3 +238,135 @@ class RoundTripTests(TestCase):
             ["session.created", "message.added", "message.added"],
         )
         self.assertEqual(json.loads(json.dumps(events[1].data))["delivery"], 1)
+
+
+@implementer(IResponder)
+class CountingResponder:
+    """
+    Echoes after a short wait, shared by several instances: counts how
+    many answers are under way per session at once, across all of them.
+    """
+
+    name = "counting"
+    answers = True
+
+    def __init__(self, delay: float = 0.005) -> None:
+        self.delay = delay
+        self.inFlight: dict[str, int] = {}
+        self.most = 0
+
+    def respond(self, session: Session, message: Message) -> Deferred[list[Message]]:
+        from twisted.internet.task import deferLater
+
+        self.inFlight[session.id] = self.inFlight.get(session.id, 0) + 1
+        self.most = max(self.most, self.inFlight[session.id])
+
+        def answer() -> list[Message]:
+            self.inFlight[session.id] -= 1
+            return [Message(role="assistant", content=message.content, created=0.0)]
+
+        return deferLater(reactor, self.delay, answer)
+
+
+async def waitFor(condition: Any, timeout: float = 30.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not await condition():
+        if waited > timeout:
+            raise AssertionError("timed out waiting")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+
+
+class SeveralInstancesTests(TestCase):
+    """
+    Two instances (in this process) on one PostgreSQL database.
+    """
+
+    async def startTwo(self, **kwargs: Any) -> tuple[Any, Any]:
+        from chatweb.testing import startChatWeb
+
+        self.dsn = freshDatabase(self)
+        a = await startChatWeb(self, database=self.dsn, **kwargs)
+        b = await startChatWeb(self, database=self.dsn, **kwargs)
+        return a, b
+
+    async def sessionMessages(self, instance: Any, session: str) -> list[tuple[str, str]]:
+        got = await instance.service.adapter.getSession(session)
+        return [] if got is None else [(m.role, m.content) for m in got.messages]
+
+    async def test_eventsCrossInstances(self) -> None:
+        """
+        A subscriber to instance A's events sees a message posted through
+        instance B, and its answer, in order.
+        """
+        a, b = await self.startTwo(responder="echo")
+        seen: list[Any] = []
+        a.service.events.subscribe(seen.append, "ci")
+        response = await b.post("ci", "posted on B")
+        self.assertEqual(response.code, 204)
+
+        async def answered() -> bool:
+            return [e.data["message"]["role"] for e in seen
+                    if e.kind.value == "message.added"] == ["user", "assistant"]
+
+        await waitFor(answered)
+        kinds = [e.kind.value for e in seen]
+        self.assertEqual(kinds[0], "message.queued")
+        self.assertIn("delivery.done", kinds)
+        self.assertEqual([e.id for e in seen], sorted(e.id for e in seen))
+        self.assertEqual(seen[1 + kinds[1:].index("message.added")].data["message"]["content"],
+                         "posted on B")
+
+    async def test_oneDeliveryInFlightPerSessionAcrossInstances(self) -> None:
+        """
+        Messages posted alternately through two instances into two
+        sessions are each delivered once, in order, never two at once in a
+        session.
+        """
+        responder = CountingResponder()
+        a, b = await self.startTwo(responder=responder, interval=0.2)
+        sent: dict[str, list[str]] = {"s1": [], "s2": []}
+        for i in range(30):
+            for session in sent:
+                content = f"{session}-{i}"
+                response = await (a if i % 2 else b).post(session, content)
+                self.assertEqual(response.code, 204)
+                sent[session].append(content)
+
+        async def allDelivered() -> bool:
+            for session, contents in sent.items():
+                if len(await self.sessionMessages(a, session)) < 2 * len(contents):
+                    return False
+            return True
+
+        await waitFor(allDelivered)
+        for session, contents in sent.items():
+            expected = [(role, c) for c in contents for role in ("user", "assistant")]
+            self.assertEqual(await self.sessionMessages(b, session), expected)
+        self.assertEqual(responder.most, 1)
+
+    async def test_expiredLeaseTakenOver(self) -> None:
+        """
+        A session whose lease is held by an instance that died (it renews
+        no more) is delivered by another once the lease has expired.
+        """
+        import psycopg
+
+        a, b = await self.startTwo(responder="echo", interval=0.2)
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO leases (session, owner, expires) VALUES"
+                " ('ci', 'dead', EXTRACT(EPOCH FROM clock_timestamp()) + 1.5)"
+            )
+        start = reactor.seconds()
+        await b.post("ci", "after the crash")
+
+        async def answered() -> bool:
+            return len(await self.sessionMessages(a, "ci")) == 2
+
+        await waitFor(answered)
+        self.assertGreater(reactor.seconds() - start, 1.0)
+        self.assertEqual(await self.sessionMessages(a, "ci"),
+                         [("user", "after the crash"), ("assistant", "after the crash")])

@@ -30,10 +30,13 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
+
+_log = Logger()
 
 Operation = Callable[..., Any]
 
@@ -334,3 +337,179 @@ class PostgreSQLDatabase(SQLiteDatabase):
                 threads.stop()
         if self._pool is not None:
             self._pool.close()
+
+
+#: The leases: which instance delivers to a session, until when (seconds
+#: of the database's clock, so instances' clocks need not agree).
+LEASE_SCHEMA: list[str | Upgrades] = [
+    """
+    CREATE TABLE IF NOT EXISTS leases (
+        session TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL
+    )
+    """,
+]
+
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
+
+
+def _claim(cursor: Any, session: str, owner: str, ttl: float) -> bool:
+    cursor.execute(
+        "INSERT INTO leases (session, owner, expires)"
+        f" VALUES (?, ?, {_NOW} + ?)"
+        " ON CONFLICT (session) DO UPDATE SET owner = EXCLUDED.owner,"
+        " expires = EXCLUDED.expires"
+        f" WHERE leases.owner = EXCLUDED.owner OR leases.expires < {_NOW}",
+        (session, owner, ttl),
+    )
+    return cursor.rowcount == 1
+
+
+def _renew(cursor: Any, sessions: list[str], owner: str, ttl: float) -> int:
+    renewed = 0
+    for session in sessions:
+        cursor.execute(
+            f"UPDATE leases SET expires = {_NOW} + ? WHERE session = ? AND owner = ?",
+            (ttl, session, owner),
+        )
+        renewed += cursor.rowcount
+    return renewed
+
+
+def _release(cursor: Any, session: str, owner: str) -> None:
+    cursor.execute("DELETE FROM leases WHERE session = ? AND owner = ?", (session, owner))
+
+
+def _lastEventId(cursor: Any) -> int:
+    cursor.execute("SELECT COALESCE(MAX(id), 0) FROM events")
+    return int(cursor.fetchone()[0])
+
+
+class Leases:
+    """
+    Claims on sessions in the shared database: an instance delivers to a
+    session only while it holds its lease, so one delivery is in flight per
+    session across all instances.  A lease lasts C{ttl} seconds unless
+    renewed; an instance that dies stops renewing, and another takes the
+    session over once it has expired.
+    """
+
+    def __init__(self, database: PostgreSQLDatabase, owner: str, ttl: float = 15.0) -> None:
+        self._db = database
+        self.owner = owner
+        self.ttl = ttl
+        #: The sessions this instance holds.
+        self.held: set[str] = set()
+
+    def claim(self, session: str) -> Deferred[bool]:
+        def claimed(ok: bool) -> bool:
+            if ok:
+                self.held.add(session)
+            return ok
+
+        return self._db.write(_claim, session, self.owner, self.ttl).addCallback(claimed)
+
+    def release(self, session: str) -> Deferred[None]:
+        self.held.discard(session)
+        return self._db.write(_release, session, self.owner)
+
+    def renew(self) -> Deferred[int]:
+        return self._db.write(_renew, sorted(self.held), self.owner, self.ttl)
+
+
+class SharedEvents:
+    """
+    Publishes every event committed by any instance, in id order, to this
+    instance's hub: its own (told by the journal) and the others' (told by
+    LISTEN/NOTIFY), each read back from the events table, so none is
+    skipped or published twice (writes commit in id order: see
+    L{WRITE_LOCK}).
+    """
+
+    def __init__(
+        self,
+        database: PostgreSQLDatabase,
+        reader: Callable[[int], Deferred[list[Any]]],
+        publish: Callable[[Any], None],
+        reactor: Any,
+        onChange: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._db = database
+        self._read = reader
+        self._publish = publish
+        self._reactor = reactor
+        #: Called (in the reactor thread) whenever another instance may have
+        #: changed something: the queue looks again.
+        self.onChange = onChange
+        self.lastId = 0
+        self._reading = False
+        self._again = False
+        self._listening = False
+
+    def start(self) -> Deferred[None]:
+        """
+        Publish from the newest event on; start listening.
+        """
+
+        def started(lastId: int) -> None:
+            self.lastId = lastId
+            self._listening = True
+            self._reactor.callInThread(self._listen)
+
+        return self._db.read(_lastEventId).addCallback(started)
+
+    def stop(self) -> None:
+        self._listening = False
+
+    def _listen(self) -> None:
+        # A thread of its own, with a connection of its own.
+        import time
+
+        while self._listening:
+            try:
+                connection = self._db.connect()
+            except Exception:
+                time.sleep(1)
+                continue
+            try:
+                connection.execute(f"LISTEN {CHANNEL}")
+                # Whatever was committed while not listening.
+                self._reactor.callFromThread(self.changed)
+                while self._listening:
+                    for _ in connection.notifies(timeout=0.5, stop_after=1):
+                        self._reactor.callFromThread(self.changed)
+            except Exception:
+                time.sleep(0.2)
+            finally:
+                connection.close()
+
+    def changed(self, _: object = None) -> None:
+        """
+        Something was committed: publish what is new.
+        """
+        if not self._listening:
+            return  # stopped (or not started): the database may be closed
+        if self._reading:
+            self._again = True
+            return
+        self._reading = True
+        self._again = False
+
+        def got(events: list[Any]) -> None:
+            for event in events:
+                if event.id > self.lastId:
+                    self.lastId = event.id
+                    self._publish(event)
+            if len(events) >= 1000:
+                self._again = True
+
+        def done(_: object) -> None:
+            self._reading = False
+            if self._again:
+                self.changed()
+
+        self._read(self.lastId).addCallback(got).addErrback(
+            lambda f: _log.failure("Could not read the new events", f)
+        ).addBoth(done)
+        self.onChange()
