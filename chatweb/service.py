@@ -98,6 +98,7 @@ class ChatWebService(MultiService):
         metricsEndpoint: str | None = None,
         database: str | None = None,
         databasePassword: str | None = None,
+        leaseTTL: float = 15.0,
     ) -> None:
         super().__init__()
         # Before anything starts threads or writes files.
@@ -128,7 +129,9 @@ class ChatWebService(MultiService):
         self.sharedEvents: SharedEvents | None = None
         if isinstance(self.database, PostgreSQLDatabase):
             self.leases = Leases(
-                self.database, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+                self.database,
+                f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                leaseTTL,
             )
             self.sharedEvents = SharedEvents(
                 self.database,

@@ -71,6 +71,9 @@ class Options(usage.Options):
          " --database-password-file, or the DSN.", None],
         ["database-password-file", None, None, "A file holding the PostgreSQL"
          " password.", None],
+        ["lease-ttl", None, 15.0, "With --database: seconds an instance's claim"
+         " on a session lasts unless renewed (another instance takes the session"
+         " over this long after the first dies).", None],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
@@ -224,6 +227,7 @@ class Options(usage.Options):
 #: The numeric options: their type and least value.
 _NUMBERS = {
     "interval": (float, 0.1),
+    "lease-ttl": (float, 1.0),
     "max-attempts": (int, 1),
     "delivery-timeout": (float, 0),
     "shutdown-timeout": (float, 0),
@@ -313,6 +317,7 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         metricsEndpoint=options["metrics-listen"],
         database=options["database"],
         databasePassword=options["database-password"],
+        leaseTTL=options["lease-ttl"],
     )
 
 
