@@ -370,3 +370,101 @@ class SeveralInstancesTests(TestCase):
         self.assertGreater(reactor.seconds() - start, 1.0)
         self.assertEqual(await self.sessionMessages(a, "ci"),
                          [("user", "after the crash"), ("assistant", "after the crash")])
+
+
+class MigrateTests(TestCase):
+    """
+    C{python -m chatweb migrate --to postgresql://...}, as a user runs it.
+    """
+
+    async def runMigrate(self, *args: str) -> tuple[int, str]:
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        import chatweb
+
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(chatweb.__file__)))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "chatweb", "migrate", *args], env=env
+        )
+        return code, (out + err).decode()
+
+    async def test_sessionsQueuedAndFailedMovedIntact(self) -> None:
+        from chatweb.store._sqlite import SQLiteDatabase
+        from chatweb.testing import startChatWeb
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        db = SQLiteDatabase(os.path.join(dataDir, "chatweb.sqlite3"), reactor)
+        await db.open(SCHEMA)
+        journal = SQLiteJournal(db, eventSink=lambda e: None)
+        backend = LocalBackend(db, reactor, EchoResponder(reactor), eventSink=lambda e: None)
+        delivered = await journal.append("done", "answered \x00 before", 1.0)
+        await backend.deliver(delivered.delivery())
+        await journal.markDelivered(delivered.id)
+        failed = await journal.append("broken", "failed for good", 2.0)
+        await journal.recordFailure(failed.id, "RuntimeError: no", True)
+        now = reactor.seconds()
+        # As the API stores an Idempotency-Key: scoped by the API key.
+        import hashlib
+
+        scope = hashlib.sha256(b"test-api-key").hexdigest()[:16]
+        queued = [await journal.append("ci", f"queued {n}", now - 60 + n, f"{scope}:key-{n}")
+                  for n in range(3)]
+        await db.close()
+
+        dsn = self.dsnFor()
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual(code, 0, output)
+        self.assertIn("2 messages", output)
+        self.assertIn("5 queue", output)
+        # Into a database that already holds a store: refused, nothing written.
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual(code, 1)
+        self.assertIn("already holds chatweb data", output)
+
+        chatweb = await startChatWeb(self, database=dsn, responder="echo")
+        service = chatweb.service
+        session = await service.adapter.getSession("done")
+        self.assertEqual([(m.role, m.content) for m in session.messages],
+                         [("user", "answered \x00 before"), ("assistant", "answered \x00 before")])
+        self.assertEqual(await service.journal.failedSessions(), ["broken"])
+        [dead] = await service.journal.messages("broken")
+        self.assertEqual((dead.id, dead.lastError), (failed.id, "RuntimeError: no"))
+        # The idempotency keys came along: a retried POST is not stored twice.
+        response = await chatweb.client.post(
+            chatweb.url + "/", json={"session": "ci", "content": "queued 0"},
+            headers={**chatweb.headers, "Idempotency-Key": "key-0"})
+        await response.content()
+        self.assertEqual(response.headers.getRawHeaders("x-message-id"), [str(queued[0].id)])
+        await service.queue.whenDelivered()
+        session = await service.adapter.getSession("ci")
+        self.assertEqual([m.content for m in session.messages if m.role == "user"],
+                         ["queued 0", "queued 1", "queued 2"])
+        # New ids continue after the copied ones.
+        response = await chatweb.post("ci", "after")
+        await response.content()
+        await service.queue.whenDelivered()
+        self.assertGreater(int(response.headers.getRawHeaders("x-message-id")[0]), queued[-1].id)
+
+    def dsnFor(self) -> str:
+        return freshDatabase(self)
+
+    async def test_wrongPasswordNotShown(self) -> None:
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        from chatweb.store._sqlite import SQLiteDatabase
+
+        db = SQLiteDatabase(os.path.join(dataDir, "chatweb.sqlite3"), reactor)
+        await db.open(SCHEMA)
+        await db.close()
+        server = cluster()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("Not-The-Password-42")
+        code, output = await self.runMigrate(
+            "--data-dir", dataDir, "--to", server.tcpDSN(), "--database-password-file", path)
+        self.assertEqual(code, 1)
+        self.assertIn("password authentication failed", output)
+        self.assertNotIn("Not-The-Password-42", output)
