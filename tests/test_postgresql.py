@@ -468,3 +468,28 @@ class MigrateTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn("password authentication failed", output)
         self.assertNotIn("Not-The-Password-42", output)
+
+
+class EventStreamAcrossInstancesTests(TestCase):
+    async def test_streamOnASeesPostThroughB(self) -> None:
+        """
+        A client following C{GET /sessions/ci/events} on instance A sees the
+        message posted through instance B queued, answered and delivered.
+        """
+        from chatweb.testing import startChatWeb
+
+        from .test_live import doneWith, kinds, openStream
+
+        dsn = freshDatabase(self)
+        a = await startChatWeb(self, database=dsn, responder="echo")
+        b = await startChatWeb(self, database=dsn, responder="echo")
+        response, reader = await openStream(a, "/sessions/ci/events", doneWith)
+        self.assertEqual(response.code, 200)
+        posted = await b.post("ci", "posted on B")
+        self.assertEqual(posted.code, 204)
+        events = await reader.done
+        self.assertEqual(kinds(events)[0], "message.queued")
+        self.assertEqual(kinds(events)[-1], "delivery.done")
+        added = [e["data"]["data"]["message"] for e in events if e["event"] == "message.added"]
+        self.assertEqual([(m["role"], m["content"]) for m in added],
+                         [("user", "posted on B"), ("assistant", "posted on B")])
