@@ -352,9 +352,9 @@ class SeveralInstancesTests(TestCase):
         A session whose lease is held by an instance that died (it renews
         no more) is delivered by another once the lease has expired.
         """
+        a, b = await self.startTwo(responder="echo", interval=0.2)
         import psycopg
 
-        a, b = await self.startTwo(responder="echo", interval=0.2)
         with psycopg.connect(self.dsn, autocommit=True) as connection:
             connection.execute(
                 "INSERT INTO leases (session, owner, expires) VALUES"
