@@ -55,6 +55,21 @@ def readStore(dsn: str) -> tuple[dict[str, list[tuple[str, str]]], int]:
     return dict(sessions), pending[0] if pending else 0
 
 
+def redeliveries(dsn: str) -> int:
+    """
+    How many messages had their delivery started more than once (taken
+    over from the killed instance).
+    """
+    import psycopg
+
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM (SELECT data::json->>'message' FROM events"
+            " WHERE kind = 'delivery.started' GROUP BY 1 HAVING count(*) > 1) AS again"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 class KillOneOfThreeTests(TestCase):
     timeout = 240
 
@@ -138,9 +153,11 @@ class KillOneOfThreeTests(TestCase):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         elapsed = reactor.seconds() - started
+        again = await deferToThread(redeliveries, dsn)
         print(f"\nseed {seed}: instance {victim} killed after {killAt} messages;"
               f" {len(acknowledged)} posted in {posting:.1f}s, all delivered in"
-              f" {elapsed:.1f}s; {len(unanswered)} request(s) met the dead instance")
+              f" {elapsed:.1f}s; {len(unanswered)} request(s) met the dead instance;"
+              f" {again} delivery(ies) started again after the kill")
 
         self.assertEqual(len(acknowledged), perClient * CLIENTS)
         users = [c for v in stored.values() for role, c in v if role == "user"]
