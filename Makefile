@@ -40,6 +40,7 @@ run: $(RUN_VENV)/.installed
 
 test: $(VENV)/.installed
 	@sh scripts/ensure-browser.sh
+	@sh scripts/ensure-postgresql.sh
 	$(BIN)/python -m pytest tests
 
 bench: $(VENV)/.installed

@@ -9,6 +9,9 @@ A command either sets C{run} (a function of the parsed arguments that
 returns the exit status; see L{chatweb.cli.addClientCommands}) or is
 dispatched by name below.
 
+C{python -m chatweb migrate --to postgresql://... [--data-dir DIR]
+[--database-password-file FILE]} moves a SQLite store into PostgreSQL.
+
 (The service itself runs as C{twistd -n chatweb}.)
 """
 
@@ -58,10 +61,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="overwrite sessions that already exist (default: skip them)",
     )
+    migrate = commands.add_parser(
+        "migrate",
+        help="copy the data directory's SQLite store (sessions, the queue with"
+        " its pending and failed messages, the event log) into an empty"
+        " PostgreSQL database; stop chatweb first",
+    )
+    migrate.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB",
+                         help="the target; the password from $PGPASSWORD,"
+                         " --database-password-file, or the DSN")
+    migrate.add_argument("--data-dir", default=None)
+    migrate.add_argument("--database-password-file", default=None)
     addClientCommands(commands)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is not None:
         return int(args.run(args))
+    if args.command == "migrate":
+        return _migrate(args.data_dir or defaultDataDir(), args.to,
+                        args.database_password_file)
     if args.command == "import":
         return _import(args.files, args.data_dir or defaultDataDir(), args.replace)
     if args.command == "ensure-key":
@@ -97,6 +114,49 @@ def _import(files: list[str], dataDir: str, replace: bool) -> int:
             status[0] = await runImport(reactor, files, dataDir, replace)
         except ConfigError as e:
             print(f"chatweb: {e}", file=sys.stderr)
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return status[0]
+
+
+def _migrate(dataDir: str, dsn: str, passwordFile: str | None) -> int:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    from chatweb.migrate import runMigrate
+    from chatweb.store._postgresql import isPostgreSQL, redact
+
+    if not isPostgreSQL(dsn):
+        print("chatweb: --to must be a postgresql:// DSN", file=sys.stderr)
+        return 2
+    password = None
+    if passwordFile is not None:
+        try:
+            with open(passwordFile, encoding="utf-8") as f:
+                password = f.read().strip()
+        except OSError as e:
+            print(f"chatweb: cannot read --database-password-file: {e.strerror}",
+                  file=sys.stderr)
+            return 1
+    status: list[int] = [1]
+
+    async def run(reactor: object) -> None:
+        try:
+            counts = await runMigrate(reactor, dataDir, dsn, password)
+        except ConfigError as e:
+            print(f"chatweb: {e}", file=sys.stderr)
+            return
+        except Exception as e:
+            # psycopg's messages name the server and user, never the password.
+            print(f"chatweb: migrating to {redact(dsn)} failed: {e}", file=sys.stderr)
+            return
+        shown = ", ".join(f"{n} {table}" for table, n in counts.items())
+        print(f"chatweb: copied {shown} from {dataDir} to {redact(dsn)}")
+        status[0] = 0
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

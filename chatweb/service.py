@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
+import uuid
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -24,11 +26,19 @@ from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
 from chatweb.config import DATABASE_NAME, dataDirWarning, ensureShareSecret, withBacklog
+from chatweb.store._postgresql import (
+    LEASE_SCHEMA,
+    Leases,
+    PostgreSQLDatabase,
+    SharedEvents,
+    isPostgreSQL,
+)
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.interfaces import IResponder, ISessionAdapter
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
 from chatweb.events import EventHub
+from chatweb.model import Event
 from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
@@ -86,6 +96,9 @@ class ChatWebService(MultiService):
         shareLinks: bool = True,
         reactor: Any = None,
         metricsEndpoint: str | None = None,
+        database: str | None = None,
+        databasePassword: str | None = None,
+        leaseTTL: float = 15.0,
     ) -> None:
         super().__init__()
         # Before anything starts threads or writes files.
@@ -96,19 +109,43 @@ class ChatWebService(MultiService):
             reactor = globalReactor
         self._reactor = reactor
         self.dataDir = dataDir
-        self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
+        self.database: SQLiteDatabase
+        if database is not None:
+            # A postgresql:// DSN: the store shared with other instances
+            # (see docs/deploy.md).
+            if not isPostgreSQL(database):
+                raise ValueError("database must be a postgresql:// DSN")
+            self.database = PostgreSQLDatabase(database, reactor, databasePassword)
+            self._where = f"the database {self.database.path}"
+        else:
+            self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
+            self._where = f"the database in {dataDir}"
         #: Every change, published once committed (see L{EventHub}).
         self.events = EventHub()
-        self.journal = SQLiteJournal(
-            self.database, now=reactor.seconds, eventSink=self.events.publish
-        )
+        sink: Callable[[Event], None] = self.events.publish
+        #: With PostgreSQL: the leases on sessions, and the events of every
+        #: instance (LISTEN/NOTIFY), in id order.
+        self.leases: Leases | None = None
+        self.sharedEvents: SharedEvents | None = None
+        if isinstance(self.database, PostgreSQLDatabase):
+            self.leases = Leases(
+                self.database,
+                f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                leaseTTL,
+            )
+            self.sharedEvents = SharedEvents(
+                self.database,
+                lambda after: self.journal.eventsSince(after),
+                self.events.publish,
+                reactor,
+            )
+            sink = self.sharedEvents.changed
+        self.journal = SQLiteJournal(self.database, now=reactor.seconds, eventSink=sink)
         self._ownsAdapter = adapter is None
         if adapter is None:
             if isinstance(responder, str):
                 responder = makeResponder(responder, reactor)
-            adapter = LocalBackend(
-                self.database, reactor, responder, eventSink=self.events.publish
-            )
+            adapter = LocalBackend(self.database, reactor, responder, eventSink=sink)
         self.adapter = adapter
         self.queue = MessageQueue(
             self.journal,
@@ -119,11 +156,16 @@ class ChatWebService(MultiService):
             deliveryTimeout=deliveryTimeout,
             maxPendingPerSession=limits.maxPendingPerSession,
             maxPendingTotal=limits.maxPendingTotal,
+            leases=self.leases,
         )
+        if self.sharedEvents is not None:
+            self.sharedEvents.onChange = self.queue.othersChanged
         self.limits = limits
         self._shareLinks = shareLinks
         #: The tables to create: the local backend's only when it is in use.
         self._schema = JOURNAL_SCHEMA + (SESSIONS_SCHEMA if self._ownsAdapter else [])
+        if self.leases is not None:
+            self._schema = self._schema + LEASE_SCHEMA
         self.shutdownTimeout = shutdownTimeout
         self.exitOnFailure = exitOnFailure
         self.api = ChatWebAPI(
@@ -266,20 +308,22 @@ class ChatWebService(MultiService):
         def failed(failure: Failure) -> None:
             if self.exitOnFailure:
                 self._fatal(
-                    f"cannot start on the database in {self.dataDir}:"
+                    f"cannot start on {self._where}:"
                     f" {failure.getErrorMessage()}"
                 )
             else:
                 _log.failure(
-                    "chatweb cannot start on the database in {dataDir}",
+                    "chatweb cannot start on {where}",
                     failure,
-                    dataDir=self.dataDir,
+                    where=self._where,
                 )
             self._settleReady(failure)
 
-        self.database.open(self._schema).addCallback(
-            lambda _: self.queue.start()
-        ).addCallbacks(started, failed)
+        opened = self.database.open(self._schema)
+        shared = self.sharedEvents
+        if shared is not None:
+            opened.addCallback(lambda _: shared.start())
+        opened.addCallback(lambda _: self.queue.start()).addCallbacks(started, failed)
         self._privilegedStarted = True
         with self._listenFailuresExit():
             super().startService()
@@ -332,5 +376,8 @@ class ChatWebService(MultiService):
         self.api.live.closeAll()
         stopped = super().stopService() or succeed(None)
         stopped.addCallback(lambda _: self.queue.stop(self.shutdownTimeout))
+        shared = self.sharedEvents
+        if shared is not None:
+            stopped.addCallback(lambda _: shared.stop())
         stopped.addCallback(lambda _: self.database.close())
         return stopped

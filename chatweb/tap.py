@@ -65,6 +65,15 @@ class Options(usage.Options):
          " (one per line, to rotate keys)."],
         ["data-dir", "d", None, "Where sessions and the queue are kept"
          " [default: $XDG_DATA_HOME/chatweb or ~/.local/share/chatweb]."],
+        ["database", None, None, "postgresql://USER@HOST:PORT/DB: keep sessions"
+         " and the queue in PostgreSQL, shared by several instances (default:"
+         " SQLite in the data directory).  The password comes from $PGPASSWORD,"
+         " --database-password-file, or the DSN.", None],
+        ["database-password-file", None, None, "A file holding the PostgreSQL"
+         " password.", None],
+        ["lease-ttl", None, 15.0, "With --database: seconds an instance's claim"
+         " on a session lasts unless renewed (another instance takes the session"
+         " over this long after the first dies).", None],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
@@ -221,6 +230,25 @@ class Options(usage.Options):
             )
         if self["data-dir"] is None:
             self["data-dir"] = defaultDataDir()
+        self["database-password"] = None
+        if self["database"] is not None:
+            from chatweb.store._postgresql import isPostgreSQL
+
+            if not isPostgreSQL(self["database"]):
+                raise usage.UsageError(
+                    "--database must be a postgresql:// DSN (SQLite is the default,"
+                    " in --data-dir)"
+                )
+            if self["database-password-file"] is not None:
+                try:
+                    with open(self["database-password-file"], encoding="utf-8") as f:
+                        self["database-password"] = f.read().strip()
+                except OSError as e:
+                    raise usage.UsageError(
+                        f"cannot read --database-password-file: {e.strerror}"
+                    )
+        elif self["database-password-file"] is not None:
+            raise usage.UsageError("--database-password-file needs --database")
         if self["listen"] is None:
             from twisted.internet.endpoints import quoteStringArgument
 
@@ -236,6 +264,7 @@ _NUMBERS = {
     "interval": (float, 0.1),
     "model-timeout": (float, 0.1),
     "history-budget": (int, 100),
+    "lease-ttl": (float, 1.0),
     "max-attempts": (int, 1),
     "delivery-timeout": (float, 0),
     "shutdown-timeout": (float, 0),
@@ -271,7 +300,8 @@ def makeService(options: Options) -> Any:
 
     try:
         ensureDataDir(options["data-dir"])
-        checkDatabase(os.path.join(options["data-dir"], DATABASE_NAME))
+        if options["database"] is None:
+            checkDatabase(os.path.join(options["data-dir"], DATABASE_NAME))
     except ConfigError as e:
         _exit(str(e))
     try:
@@ -344,6 +374,9 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         exitOnFailure=True,
         allowedHosts=allowedHosts,
         metricsEndpoint=options["metrics-listen"],
+        database=options["database"],
+        databasePassword=options["database-password"],
+        leaseTTL=options["lease-ttl"],
     )
 
 

@@ -73,6 +73,7 @@ EXPORTS = {
         "DatabaseClosed",
         "JOURNAL_SCHEMA",
         "MemoryJournal",
+        "PostgreSQLDatabase",
         "SQLiteDatabase",
         "SQLiteJournal",
     ],

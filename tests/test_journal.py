@@ -16,12 +16,15 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from chatweb.store._postgresql import PostgreSQLDatabase
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
 from chatweb.store._journal import IDEMPOTENCY_WINDOW, SCHEMA, UPGRADES, SQLiteJournal
 from chatweb.model import DELIVERED, DISCARDED, FAILED, PENDING, Event, EventKind
 from chatweb.testing import MemoryJournal
+
+from .postgres import freshDatabase
 
 T0 = 1_700_000_000.0
 
@@ -314,6 +317,18 @@ class JournalContractMixin:
 class SQLiteJournalContractTests(JournalContractMixin, TestCase):
     async def makeJournal(self, now: Any = None) -> IJournal:
         db = SQLiteDatabase(os.path.abspath(self.mktemp()) + ".sqlite3", reactor)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        return SQLiteJournal(db, now=now or (lambda: 0.0))
+
+
+class PostgreSQLJournalContractTests(JournalContractMixin, TestCase):
+    """
+    The same contract on PostgreSQL (a real server: see L{tests.postgres}).
+    """
+
+    async def makeJournal(self, now: Any = None) -> IJournal:
+        db = PostgreSQLDatabase(freshDatabase(self), reactor)
         self.addCleanup(db.close)
         await db.open(SCHEMA)
         return SQLiteJournal(db, now=now or (lambda: 0.0))

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.store._journal import EVENT_RETENTION
+from chatweb.store._sqlite import DatabaseClosed
 from chatweb.model._values import PENDING, EventKind, QueuedMessage
 
 _log = Logger()
@@ -90,6 +91,11 @@ class _SessionQueue:
     stopping: bool = False
     #: Fired when the stopped delivery is settled.
     stopWaiters: list[Deferred[None]] = attrs.field(factory=list)
+    #: With leases (several instances): this instance holds the session's
+    #: lease; a claim is under way; another instance holds it.
+    claimed: bool = False
+    claiming: bool = False
+    leaseTaken: bool = False
 
     def cancelRetry(self) -> None:
         if self.retryCall is not None and self.retryCall.active():
@@ -124,7 +130,13 @@ class MessageQueue:
         maxPendingPerSession: int | None = None,
         maxPendingTotal: int | None = None,
         eventRetention: float = EVENT_RETENTION,
+        leases: Any = None,
     ) -> None:
+        #: Claims on sessions shared with other instances (see
+        #: L{chatweb.store.PostgreSQLDatabase}): a session is delivered to
+        #: only while its lease is held.  None: this instance is alone.
+        self._leases = leases
+        self._renewal: LoopingCall | None = None
         self._journal = journal
         self._adapter = adapter
         self._clock = clock
@@ -165,6 +177,12 @@ class MessageQueue:
         self._sweep.start(self.interval, now=False).addErrback(
             lambda f: _log.failure("The queue sweep stopped", f)
         )
+        if self._leases is not None:
+            self._renewal = LoopingCall(self._renewLeases)
+            self._renewal.clock = self._clock
+            self._renewal.start(self._leases.ttl / 3, now=False).addErrback(
+                lambda f: _log.failure("Lease renewal stopped", f)
+            )
         return self._journal.pendingSessions().addCallback(self._loadPending)
 
     def _loadPending(self, pending: dict[str, tuple[int, int]]) -> None:
@@ -207,6 +225,8 @@ class MessageQueue:
         self._running = False
         if self._sweep.running:
             self._sweep.stop()
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
         for queue in self._queues.values():
             queue.cancelRetry()
             if queue.idleWait is not None:
@@ -442,6 +462,76 @@ class MessageQueue:
             except Exception:
                 _log.failure("Sweep of session {session!r} failed", session=session)
         self._pruneEvents()
+        if self._leases is not None and self._loaded:
+            # Messages other instances stored (and may not deliver: one
+            # that died) are found here.
+            self._journal.pendingSessions().addCallbacks(
+                self._resync,
+                lambda f: _log.failure("Could not read the pending sessions", f),
+            )
+
+    def _resync(self, pending: dict[str, tuple[int, int]]) -> None:
+        for session, (count, _) in pending.items():
+            queue = self._queues.setdefault(session, _SessionQueue())
+            if queue.delivering is None:
+                queue.count = max(queue.count, count)
+            self._kick(session)
+
+    def _renewLeases(self) -> Deferred[Any] | None:
+        assert self._leases is not None
+        if not self._leases.held:
+            return None
+        return self._leases.renew().addErrback(
+            lambda f: _log.failure("Could not renew the session leases", f)
+        )
+
+    def othersChanged(self) -> None:
+        """
+        Another instance committed something (with leases): the sessions
+        whose lease it held are tried again.
+        """
+        for session, queue in list(self._queues.items()):
+            if queue.leaseTaken:
+                queue.leaseTaken = False
+                self._kick(session)
+
+    def _claim(self, session: str, queue: _SessionQueue) -> None:
+        assert self._leases is not None
+        if queue.claiming:
+            return
+        queue.claiming = True
+
+        def claimed(ok: bool) -> None:
+            queue.claiming = False
+            if self._queues.get(session) is not queue or not self._running:
+                if ok:
+                    self._release(session, queue, force=True)
+                return
+            if ok:
+                queue.claimed = True
+                # What was read before may have been delivered by another.
+                self._forgetHead(queue)
+                self._kick(session)
+            else:
+                queue.leaseTaken = True
+
+        def failed(failure: Failure) -> None:
+            queue.claiming = False
+            _log.failure("Could not claim session {session!r}", failure, session=session)
+
+        self._leases.claim(session).addCallbacks(claimed, failed)
+
+    def _release(self, session: str, queue: _SessionQueue, force: bool = False) -> None:
+        if self._leases is None or not (queue.claimed or force):
+            return
+        queue.claimed = False
+
+        def failed(failure: Failure) -> None:
+            # Closed while stopping: the lease expires by itself.
+            if not failure.check(DatabaseClosed):
+                _log.failure("Could not release session {session!r}", failure, session=session)
+
+        self._leases.release(session).addErrback(failed)
 
     def _pruneEvents(self) -> None:
         # At most once a minute (each prune is a write).
@@ -478,8 +568,12 @@ class MessageQueue:
         if queue.delivering is not None or queue.retryCall is not None:
             return
         if queue.count <= 0:
+            self._release(session, queue)
             if queue.idleWait is None and queue.reading is None and not queue.skipThrough:
                 del self._queues[session]
+            return
+        if self._leases is not None and not queue.claimed:
+            self._claim(session, queue)
             return
         if queue.head is None:
             self._readHead(session, queue)
@@ -712,6 +806,8 @@ class MessageQueue:
 
     def _settled(self, session: str, queue: _SessionQueue) -> None:
         queue.delivering = None
+        # Other instances may deliver the session's next message.
+        self._release(session, queue)
         queue.stopping = False
         waiters, queue.stopWaiters = queue.stopWaiters, []
         for waiter in waiters:

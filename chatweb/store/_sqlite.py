@@ -144,6 +144,8 @@ class SQLiteDatabase:
         #: building a database touches no file and starts no thread.
         self._writer: ConnectionPool | None = None
         self._reader: ConnectionPool | None = None
+        #: open() has made the pools: writes may go.
+        self._started = False
         self._waiting: list[tuple[Operation, tuple[Any, ...], Deferred[Any]]] = []
         self._writing = False
         self._drained: list[Deferred[None]] = []
@@ -177,31 +179,14 @@ class SQLiteDatabase:
         except OSError:
             self._openFailure = Failure()
             return fail(self._openFailure)
-        common = dict(
-            check_same_thread=False,
-            isolation_level=None,
-            cp_openfun=_configure,
-            cp_reactor=self._reactor,
-            cp_noisy=False,
-        )
-        self._writer = ConnectionPool(
-            "sqlite3", self.path, cp_min=1, cp_max=1, cp_name="chatweb-writer", **common
-        )
-        self._reader = ConnectionPool(
-            "sqlite3",
-            self.path,
-            cp_min=1,
-            cp_max=self._readers,
-            cp_name="chatweb-reader",
-            **common,
-        )
+        try:
+            self._startPools()
+        except Exception:
+            self._openFailure = Failure()
+            return fail(self._openFailure)
+        self._started = True
 
-        def create(cursor: sqlite3.Cursor) -> None:
-            for statement in schema:
-                if isinstance(statement, Upgrades):
-                    _upgrade(cursor, statement)
-                else:
-                    cursor.execute(statement)
+        create = self._creator(schema)
 
         def opened(result: None) -> None:
             self._isOpen = True
@@ -265,8 +250,7 @@ class SQLiteDatabase:
         def run(_: None) -> Deferred[T]:
             if self._closed:
                 raise DatabaseClosed()
-            assert self._reader is not None  # open() made it
-            return self._reader.runWithConnection(_runRead, operation, args)
+            return self._runRead(operation, args)
 
         self._reading += 1
         return self._whenOpen().addCallback(run).addBoth(self._readDone)
@@ -280,7 +264,7 @@ class SQLiteDatabase:
         return result
 
     def _flush(self) -> None:
-        if self._writer is None:
+        if not self._started:
             # Not open yet: writes wait for open() to make the pools.
             return
         if self._writing or not self._waiting:
@@ -309,9 +293,9 @@ class SQLiteDatabase:
                 d.errback(failure)
             self._flush()
 
-        self._writer.runWithConnection(
-            _runBatch, [(op, args) for op, args, _ in batch]
-        ).addCallbacks(committed, failed)
+        self._runBatch([(op, args) for op, args, _ in batch]).addCallbacks(
+            committed, failed
+        )
 
     def close(self) -> Deferred[None]:
         """
@@ -333,9 +317,51 @@ class SQLiteDatabase:
             self._readsDone.append(readsDone)
             finished.append(readsDone)
 
-        def closeBoth(_: object) -> None:
-            for pool in (self._writer, self._reader):
-                if pool is not None:
-                    pool.close()
+        return gatherResults(finished).addCallback(lambda _: self._closePools())
 
-        return gatherResults(finished).addCallback(closeBoth)
+    # -- what is particular to the engine (L{PostgreSQLDatabase} has its own)
+
+    def _startPools(self) -> None:
+        common = dict(
+            check_same_thread=False,
+            isolation_level=None,
+            cp_openfun=_configure,
+            cp_reactor=self._reactor,
+            cp_noisy=False,
+        )
+        self._writer = ConnectionPool(
+            "sqlite3", self.path, cp_min=1, cp_max=1, cp_name="chatweb-writer", **common
+        )
+        self._reader = ConnectionPool(
+            "sqlite3",
+            self.path,
+            cp_min=1,
+            cp_max=self._readers,
+            cp_name="chatweb-reader",
+            **common,
+        )
+
+    def _creator(self, schema: Sequence[Union[str, Upgrades]]) -> Operation:
+        def create(cursor: sqlite3.Cursor) -> None:
+            for statement in schema:
+                if isinstance(statement, Upgrades):
+                    _upgrade(cursor, statement)
+                else:
+                    cursor.execute(statement)
+
+        return create
+
+    def _runBatch(
+        self, batch: list[tuple[Operation, tuple[Any, ...]]]
+    ) -> Deferred[list[tuple[bool, Any]]]:
+        assert self._writer is not None  # open() made it
+        return self._writer.runWithConnection(_runBatch, batch)
+
+    def _runRead(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
+        assert self._reader is not None  # open() made it
+        return self._reader.runWithConnection(_runRead, operation, args)
+
+    def _closePools(self) -> None:
+        for pool in (self._writer, self._reader):
+            if pool is not None:
+                pool.close()

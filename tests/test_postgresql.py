@@ -1,0 +1,495 @@
+"""
+The PostgreSQL engine on a real server (see L{tests.postgres}): the local
+backend's session storage, the schema made by instances starting at once,
+the password never shown, and the service wired to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
+from chatweb.backends.local import LocalBackend
+from chatweb.backends.responders import EchoResponder
+from chatweb.interfaces import IResponder
+from chatweb.model import Delivery, Message, Session
+from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+from chatweb.store._journal import SQLiteJournal
+from chatweb.store._postgresql import PostgreSQLDatabase, redact, translate
+from chatweb.tap import Options
+
+from . import test_sessionapi, test_storage
+from .postgres import PASSWORD, USER, cluster, freshDatabase
+
+SCHEMA = JOURNAL_SCHEMA + SESSIONS_SCHEMA
+
+
+class PostgreSQLStorageMixin:
+    """
+    Runs a L{test_storage} TestCase on a fresh PostgreSQL database.
+    """
+
+    def setUp(self) -> Any:
+        self.dsn = freshDatabase(self)
+        self.db = self.openDatabase()
+        return self.db.open(SCHEMA)
+
+    def openDatabase(self) -> Any:
+        db = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(db.close)  # type: ignore[attr-defined]
+        return db
+
+
+class PostgreSQLJournalTests(PostgreSQLStorageMixin, test_storage.JournalTests):
+    async def test_appendIsDurable(self) -> None:  # type: ignore[override]
+        """
+        An appended message is there for another connection once its
+        append has fired.
+        """
+        import psycopg
+
+        journal = SQLiteJournal(self.db)
+        first = await journal.append("ci", "one", 1.0)
+        await journal.append("ci", "two", 2.0)
+        with psycopg.connect(self.dsn) as other:
+            rows = other.execute("SELECT content FROM queue ORDER BY id").fetchall()
+        self.assertEqual(rows, [("one",), ("two",)])
+        await journal.markDelivered(first.id)
+        self.assertEqual([m.content for m in await journal.pending()], ["two"])
+
+
+class PostgreSQLLocalBackendTests(PostgreSQLStorageMixin, test_storage.LocalBackendTests):
+    pass
+
+
+class PostgreSQLIdempotencyTests(PostgreSQLStorageMixin, test_storage.IdempotencyJournalTests):
+    pass
+
+
+class ServiceTests(TestCase):
+    async def test_chatNvimExamplesOnPostgreSQL(self) -> None:
+        """
+        chat.nvim's documented requests, over HTTP, with sessions and the
+        queue in PostgreSQL (C{database=}): the same answers as on SQLite.
+        """
+        dsn = freshDatabase(self)
+        import chatweb.testing
+
+        original = chatweb.testing.startChatWeb
+
+        async def onPostgreSQL(testCase: Any, **kwargs: Any) -> Any:
+            return await original(testCase, database=dsn, **kwargs)
+
+        self.patch(chatweb.testing, "startChatWeb", onPostgreSQL)
+        await test_sessionapi.LocalBackendTests.test_chatNvimExamples(self)  # type: ignore[arg-type]
+        import psycopg
+
+        with psycopg.connect(dsn) as connection:
+            count = connection.execute("SELECT COUNT(*) FROM events").fetchone()
+        self.assertTrue(count[0] > 10)
+
+
+class SchemaTests(TestCase):
+    async def test_instancesStartingAtOnce(self) -> None:
+        """
+        Eight instances opening one empty database at once all start (the
+        schema is made once, under an advisory lock) and share it.
+        """
+        dsn = freshDatabase(self)
+        dbs = [PostgreSQLDatabase(dsn, reactor) for _ in range(8)]
+        for db in dbs:
+            self.addCleanup(db.close)
+        await gatherResults([db.open(SCHEMA) for db in dbs])
+        message = await SQLiteJournal(dbs[0]).append("s", "x", 1.0)
+        self.assertEqual(await SQLiteJournal(dbs[4]).pending(), [message])
+
+    async def test_newerSchemaRefused(self) -> None:
+        dsn = freshDatabase(self)
+        db = PostgreSQLDatabase(dsn, reactor)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        import psycopg
+
+        with psycopg.connect(dsn) as connection:
+            connection.execute("UPDATE chatweb_schema SET version = 99")
+        again = PostgreSQLDatabase(dsn, reactor)
+        self.addCleanup(again.close)
+        failure = await self.assertFailure(again.open(SCHEMA), RuntimeError)
+        self.assertIn("newer", str(failure))
+
+    def test_translation(self) -> None:
+        self.assertEqual(
+            translate("INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)")[0],
+            "INSERT INTO sessions (id, created) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        )
+        self.assertEqual(
+            translate("INSERT OR REPLACE INTO t (k, a, b) VALUES (?, ?, ?)")[0],
+            "INSERT INTO t (k, a, b) VALUES (%s, %s, %s)"
+            " ON CONFLICT (k) DO UPDATE SET a = EXCLUDED.a, b = EXCLUDED.b",
+        )
+
+
+class PasswordTests(TestCase):
+    """
+    The password reaches PostgreSQL (over TCP, which asks for it) from a
+    file, $PGPASSWORD or the DSN, and is never shown.
+    """
+
+    def setUp(self) -> None:
+        self.server = cluster()
+        self.name = self.server.createDatabase()
+        self.addCleanup(self.server.dropDatabase, self.name)
+        self.logged: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            from twisted.logger import formatEvent
+
+            self.logged.append(formatEvent(event) + repr(event.get("log_failure", "")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def opens(self, dsn: str, password: str | None = None) -> None:
+        db = PostgreSQLDatabase(dsn, reactor, password)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        await SQLiteJournal(db).append("s", "x", 1.0)
+
+    async def test_passwordFromFileOption(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(PASSWORD + "\n")
+        options = Options()
+        options.parseOptions([
+            "--api-key", "k" * 32, "--database", self.server.tcpDSN(self.name),
+            "--database-password-file", path,
+        ])
+        self.assertEqual(options["database-password"], PASSWORD)
+        await self.opens(options["database"], options["database-password"])
+
+    async def test_passwordFromEnvironment(self) -> None:
+        os.environ["PGPASSWORD"] = PASSWORD
+        self.addCleanup(os.environ.pop, "PGPASSWORD")
+        await self.opens(self.server.tcpDSN(self.name))
+
+    async def test_passwordInDSNNeverShown(self) -> None:
+        dsn = self.server.tcpDSN(self.name).replace(f"{USER}@", f"{USER}:{PASSWORD}@")
+        await self.opens(dsn)
+        db = PostgreSQLDatabase(dsn, reactor)
+        self.assertNotIn(PASSWORD, db.path)
+        self.assertNotIn(PASSWORD, redact(f"host=x password={PASSWORD} user=y"))
+
+    async def test_wrongPasswordFailsWithoutShowingIt(self) -> None:
+        """
+        A wrong password: the service does not start, and neither the log
+        nor the error holds the password (or the right one).
+        """
+        from chatweb.service import ChatWebService
+
+        wrong = "Wr0ng-pass-w0rd-xyz"
+        dsn = self.server.tcpDSN(self.name).replace(f"{USER}@", f"{USER}:{wrong}@")
+        service = ChatWebService(
+            ["k" * 32], os.path.abspath(self.mktemp()), endpoint=None, database=dsn
+        )
+        os.makedirs(service.dataDir)
+        service.startService()
+        self.addCleanup(service.stopService)
+        failure = await self.assertFailure(service.ready, Exception)
+        self.assertIn("password authentication failed", str(failure))
+        self.assertNotIn(wrong, str(failure))
+        text = "\n".join(self.logged)
+        self.assertIn("cannot start on the database postgresql://", text)
+        self.assertIn(":***@127.0.0.1", text)
+        self.assertNotIn(wrong, text)
+        self.assertNotIn(PASSWORD, text)
+        import psycopg
+
+        self.assertEqual(len(self.flushLoggedErrors(psycopg.OperationalError)), 1)
+
+
+class RoundTripTests(TestCase):
+    async def test_echoAnswersStored(self) -> None:
+        """
+        The local backend on PostgreSQL answers once per delivery id, even
+        when the delivery comes again (a crash before it was recorded).
+        """
+        db = PostgreSQLDatabase(freshDatabase(self), reactor)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        backend = LocalBackend(db, reactor, EchoResponder(reactor), eventSink=lambda e: None)
+        await backend.deliver(Delivery(1, "ci", "a\x00b", 1.0))
+        await backend.deliver(Delivery(1, "ci", "a\x00b", 1.0))
+        session = await backend.getSession("ci")
+        self.assertEqual(
+            [(m.role, m.content) for m in session.messages],
+            [("user", "a\x00b"), ("assistant", "a\x00b")],
+        )
+        events = await SQLiteJournal(db).eventsSince(0)
+        self.assertEqual(
+            [e.kind.value for e in events],
+            ["session.created", "message.added", "message.added"],
+        )
+        self.assertEqual(json.loads(json.dumps(events[1].data))["delivery"], 1)
+
+
+@implementer(IResponder)
+class CountingResponder:
+    """
+    Echoes after a short wait, shared by several instances: counts how
+    many answers are under way per session at once, across all of them.
+    """
+
+    name = "counting"
+    answers = True
+
+    def __init__(self, delay: float = 0.005) -> None:
+        self.delay = delay
+        self.inFlight: dict[str, int] = {}
+        self.most = 0
+
+    def respond(self, session: Session, message: Message) -> Deferred[list[Message]]:
+        from twisted.internet.task import deferLater
+
+        self.inFlight[session.id] = self.inFlight.get(session.id, 0) + 1
+        self.most = max(self.most, self.inFlight[session.id])
+
+        def answer() -> list[Message]:
+            self.inFlight[session.id] -= 1
+            return [Message(role="assistant", content=message.content, created=0.0)]
+
+        return deferLater(reactor, self.delay, answer)
+
+
+async def waitFor(condition: Any, timeout: float = 30.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not await condition():
+        if waited > timeout:
+            raise AssertionError("timed out waiting")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+
+
+class SeveralInstancesTests(TestCase):
+    """
+    Two instances (in this process) on one PostgreSQL database.
+    """
+
+    async def startTwo(self, **kwargs: Any) -> tuple[Any, Any]:
+        from chatweb.testing import startChatWeb
+
+        self.dsn = freshDatabase(self)
+        a = await startChatWeb(self, database=self.dsn, **kwargs)
+        b = await startChatWeb(self, database=self.dsn, **kwargs)
+        return a, b
+
+    async def sessionMessages(self, instance: Any, session: str) -> list[tuple[str, str]]:
+        got = await instance.service.adapter.getSession(session)
+        return [] if got is None else [(m.role, m.content) for m in got.messages]
+
+    async def test_eventsCrossInstances(self) -> None:
+        """
+        A subscriber to instance A's events sees a message posted through
+        instance B, and its answer, in order.
+        """
+        a, b = await self.startTwo(responder="echo")
+        seen: list[Any] = []
+        a.service.events.subscribe(seen.append, "ci")
+        response = await b.post("ci", "posted on B")
+        self.assertEqual(response.code, 204)
+
+        async def answered() -> bool:
+            return [e.data["message"]["role"] for e in seen
+                    if e.kind.value == "message.added"] == ["user", "assistant"]
+
+        await waitFor(answered)
+        kinds = [e.kind.value for e in seen]
+        self.assertEqual(kinds[0], "message.queued")
+        self.assertIn("delivery.done", kinds)
+        self.assertEqual([e.id for e in seen], sorted(e.id for e in seen))
+        self.assertEqual(seen[1 + kinds[1:].index("message.added")].data["message"]["content"],
+                         "posted on B")
+
+    async def test_oneDeliveryInFlightPerSessionAcrossInstances(self) -> None:
+        """
+        Messages posted alternately through two instances into two
+        sessions are each delivered once, in order, never two at once in a
+        session.
+        """
+        responder = CountingResponder()
+        a, b = await self.startTwo(responder=responder, interval=0.2)
+        sent: dict[str, list[str]] = {"s1": [], "s2": []}
+        for i in range(30):
+            for session in sent:
+                content = f"{session}-{i}"
+                response = await (a if i % 2 else b).post(session, content)
+                self.assertEqual(response.code, 204)
+                sent[session].append(content)
+
+        async def allDelivered() -> bool:
+            for session, contents in sent.items():
+                if len(await self.sessionMessages(a, session)) < 2 * len(contents):
+                    return False
+            return True
+
+        await waitFor(allDelivered)
+        for session, contents in sent.items():
+            expected = [(role, c) for c in contents for role in ("user", "assistant")]
+            self.assertEqual(await self.sessionMessages(b, session), expected)
+        self.assertEqual(responder.most, 1)
+
+    async def test_expiredLeaseTakenOver(self) -> None:
+        """
+        A session whose lease is held by an instance that died (it renews
+        no more) is delivered by another once the lease has expired.
+        """
+        a, b = await self.startTwo(responder="echo", interval=0.2)
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO leases (session, owner, expires) VALUES"
+                " ('ci', 'dead', EXTRACT(EPOCH FROM clock_timestamp()) + 1.5)"
+            )
+        start = reactor.seconds()
+        await b.post("ci", "after the crash")
+
+        async def answered() -> bool:
+            return len(await self.sessionMessages(a, "ci")) == 2
+
+        await waitFor(answered)
+        self.assertGreater(reactor.seconds() - start, 1.0)
+        self.assertEqual(await self.sessionMessages(a, "ci"),
+                         [("user", "after the crash"), ("assistant", "after the crash")])
+
+
+class MigrateTests(TestCase):
+    """
+    C{python -m chatweb migrate --to postgresql://...}, as a user runs it.
+    """
+
+    async def runMigrate(self, *args: str) -> tuple[int, str]:
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        import chatweb
+
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(chatweb.__file__)))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "chatweb", "migrate", *args], env=env
+        )
+        return code, (out + err).decode()
+
+    async def test_sessionsQueuedAndFailedMovedIntact(self) -> None:
+        from chatweb.store._sqlite import SQLiteDatabase
+        from chatweb.testing import startChatWeb
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        db = SQLiteDatabase(os.path.join(dataDir, "chatweb.sqlite3"), reactor)
+        await db.open(SCHEMA)
+        journal = SQLiteJournal(db, eventSink=lambda e: None)
+        backend = LocalBackend(db, reactor, EchoResponder(reactor), eventSink=lambda e: None)
+        delivered = await journal.append("done", "answered \x00 before", 1.0)
+        await backend.deliver(delivered.delivery())
+        await journal.markDelivered(delivered.id)
+        failed = await journal.append("broken", "failed for good", 2.0)
+        await journal.recordFailure(failed.id, "RuntimeError: no", True)
+        now = reactor.seconds()
+        # As the API stores an Idempotency-Key: scoped by the API key.
+        import hashlib
+
+        scope = hashlib.sha256(b"test-api-key").hexdigest()[:16]
+        queued = [await journal.append("ci", f"queued {n}", now - 60 + n, f"{scope}:key-{n}")
+                  for n in range(3)]
+        await db.close()
+
+        dsn = self.dsnFor()
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual(code, 0, output)
+        self.assertIn("2 messages", output)
+        self.assertIn("5 queue", output)
+        # Into a database that already holds a store: refused, nothing written.
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual(code, 1)
+        self.assertIn("already holds chatweb data", output)
+
+        chatweb = await startChatWeb(self, database=dsn, responder="echo")
+        service = chatweb.service
+        session = await service.adapter.getSession("done")
+        self.assertEqual([(m.role, m.content) for m in session.messages],
+                         [("user", "answered \x00 before"), ("assistant", "answered \x00 before")])
+        self.assertEqual(await service.journal.failedSessions(), ["broken"])
+        [dead] = await service.journal.messages("broken")
+        self.assertEqual((dead.id, dead.lastError), (failed.id, "RuntimeError: no"))
+        # The idempotency keys came along: a retried POST is not stored twice.
+        response = await chatweb.client.post(
+            chatweb.url + "/", json={"session": "ci", "content": "queued 0"},
+            headers={**chatweb.headers, "Idempotency-Key": "key-0"})
+        await response.content()
+        self.assertEqual(response.headers.getRawHeaders("x-message-id"), [str(queued[0].id)])
+        await service.queue.whenDelivered()
+        session = await service.adapter.getSession("ci")
+        self.assertEqual([m.content for m in session.messages if m.role == "user"],
+                         ["queued 0", "queued 1", "queued 2"])
+        # New ids continue after the copied ones.
+        response = await chatweb.post("ci", "after")
+        await response.content()
+        await service.queue.whenDelivered()
+        self.assertGreater(int(response.headers.getRawHeaders("x-message-id")[0]), queued[-1].id)
+
+    def dsnFor(self) -> str:
+        return freshDatabase(self)
+
+    async def test_wrongPasswordNotShown(self) -> None:
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        from chatweb.store._sqlite import SQLiteDatabase
+
+        db = SQLiteDatabase(os.path.join(dataDir, "chatweb.sqlite3"), reactor)
+        await db.open(SCHEMA)
+        await db.close()
+        server = cluster()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("Not-The-Password-42")
+        code, output = await self.runMigrate(
+            "--data-dir", dataDir, "--to", server.tcpDSN(), "--database-password-file", path)
+        self.assertEqual(code, 1)
+        self.assertIn("password authentication failed", output)
+        self.assertNotIn("Not-The-Password-42", output)
+
+
+class EventStreamAcrossInstancesTests(TestCase):
+    async def test_streamOnASeesPostThroughB(self) -> None:
+        """
+        A client following C{GET /sessions/ci/events} on instance A sees the
+        message posted through instance B queued, answered and delivered.
+        """
+        from chatweb.testing import startChatWeb
+
+        from .test_live import doneWith, kinds, openStream
+
+        dsn = freshDatabase(self)
+        a = await startChatWeb(self, database=dsn, responder="echo")
+        b = await startChatWeb(self, database=dsn, responder="echo")
+        response, reader = await openStream(a, "/sessions/ci/events", doneWith)
+        self.assertEqual(response.code, 200)
+        posted = await b.post("ci", "posted on B")
+        self.assertEqual(posted.code, 204)
+        events = await reader.done
+        self.assertEqual(kinds(events)[0], "message.queued")
+        self.assertEqual(kinds(events)[-1], "delivery.done")
+        added = [e["data"]["data"]["message"] for e in events if e["event"] == "message.added"]
+        self.assertEqual([(m["role"], m["content"]) for m in added],
+                         [("user", "posted on B"), ("assistant", "posted on B")])
