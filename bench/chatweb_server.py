@@ -1,0 +1,100 @@
+"""
+The real L{ChatWebService} (SQLite store, the local backend, responder
+"none") for bench/table.py, with what a black-box client cannot see:
+
+  - the time each POST / is answered (its message is stored) and each
+    adapter C{deliver} call and its end, per session (delivery and
+    hand-over latency);
+  - the reactor's stalls: a 1 ms timer notes every gap above 2 ms.
+
+    python bench/chatweb_server.py DATA_DIR PORT STATS_FILE
+
+Prints "ready" once it listens; on SIGTERM writes the records as JSON to
+STATS_FILE (times from time.monotonic, which the client shares).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from twisted.internet import reactor, task  # noqa: E402
+
+from chatweb.backends.local import LocalBackend  # noqa: E402
+from chatweb.queue._queue import MessageQueue  # noqa: E402
+from chatweb.service import ChatWebService  # noqa: E402
+
+KEY = "bench-key-0123456789abcdef"
+records: dict[str, list] = {"stored": [], "deliver": [], "delivered": [], "stalls": []}
+
+
+def instrument() -> None:
+    post, deliver = MessageQueue.post, LocalBackend.deliver
+
+    def timedPost(self, session, content, *args, **kwargs):  # type: ignore[no-untyped-def]
+        d = post(self, session, content, *args, **kwargs)
+
+        def stored(result):  # type: ignore[no-untyped-def]
+            records["stored"].append((session, content, time.monotonic()))
+            return result
+
+        return d.addCallback(stored)
+
+    def timedDeliver(self, delivery):  # type: ignore[no-untyped-def]
+        records["deliver"].append((delivery.session, delivery.content, time.monotonic()))
+        d = deliver(self, delivery)
+
+        def done(result):  # type: ignore[no-untyped-def]
+            records["delivered"].append((delivery.session, delivery.content, time.monotonic()))
+            return result
+
+        return d.addBoth(done)
+
+    MessageQueue.post = timedPost  # type: ignore[method-assign]
+    LocalBackend.deliver = timedDeliver  # type: ignore[method-assign]
+
+
+def watchStalls() -> None:
+    last = [time.monotonic()]
+
+    def tick() -> None:
+        now = time.monotonic()
+        gap = now - last[0]
+        if gap > 0.002:
+            records["stalls"].append((now, gap))
+        last[0] = now
+
+    task.LoopingCall(tick).start(0.001)
+
+
+def main() -> None:
+    dataDir, port, statsFile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    instrument()
+    service = ChatWebService(
+        [KEY], dataDir, endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024"
+    )
+    service.startService()
+
+    def ready(_: object) -> None:
+        watchStalls()
+        print("ready", flush=True)
+
+    assert service.listening is not None
+    service.listening.addCallback(ready)
+
+    def save() -> None:
+        with open(statsFile, "w") as f:
+            json.dump(records, f)
+
+    reactor.addSystemEventTrigger("before", "shutdown", save)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
