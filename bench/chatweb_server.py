@@ -70,11 +70,48 @@ def watchStalls() -> None:
         last[0] = now
 
     task.LoopingCall(tick).start(0.001)
+    if os.environ.get("BENCH_WATCHDOG"):
+        watchdog(last)
+
+
+def watchdog(last: list[float]) -> None:
+    """
+    Where the reactor's thread is while it is late (BENCH_WATCHDOG=1): the
+    stacks seen more than 10 ms after the timer's last tick, counted.
+    """
+    import collections
+    import threading
+    import traceback
+
+    main = threading.main_thread().ident
+    seen: collections.Counter[str] = collections.Counter()
+    records["late"] = seen  # type: ignore[assignment]
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.002)
+            if time.monotonic() - last[0] > 0.010:
+                frames = sys._current_frames()
+                frame = frames.get(main)  # type: ignore[arg-type]
+                for ident, other in frames.items():
+                    if ident not in (main, threading.get_ident()):
+                        top = traceback.extract_stack(other)[-3:]
+                        seen["other: " + " < ".join(
+                            f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}"
+                            for f in reversed(top))] += 1
+                if frame is not None:
+                    stack = traceback.extract_stack(frame)[-14:]
+                    seen[" < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}"
+                                    for f in reversed(stack))] += 1
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main() -> None:
     dataDir, port, statsFile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     instrument()
+    if os.environ.get("BENCH_SWITCH"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     service = ChatWebService(
         [KEY], dataDir, endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024"
     )
