@@ -5,7 +5,8 @@ The real L{ChatWebService} (SQLite store, the local backend, responder
   - the time each POST / is answered (its message is stored) and each
     adapter C{deliver} call and its end, per session (delivery and
     hand-over latency);
-  - the reactor's stalls: a 1 ms timer notes every gap above 2 ms.
+  - the reactor's stalls: a 1 ms timer notes every gap above 2 ms, and
+    the CPU time the reactor's thread spent in it.
 
     python bench/chatweb_server.py DATA_DIR PORT STATS_FILE
 
@@ -15,6 +16,7 @@ STATS_FILE (times from time.monotonic, which the client shares).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -61,13 +63,16 @@ def instrument() -> None:
 
 def watchStalls() -> None:
     last = [time.monotonic()]
+    lastCPU = [time.thread_time()]
 
     def tick() -> None:
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.thread_time()
         gap = now - last[0]
         if gap > 0.002:
-            records["stalls"].append((now, gap))
-        last[0] = now
+            # The wall-clock gap, and the CPU time the reactor's thread
+            # used in it (its own work, not waiting for the GIL or a core).
+            records["stalls"].append((now, gap, cpu - lastCPU[0]))
+        last[0], lastCPU[0] = now, cpu
 
     task.LoopingCall(tick).start(0.001)
     if os.environ.get("BENCH_WATCHDOG"):
@@ -110,12 +115,13 @@ def watchdog(last: list[float]) -> None:
 def main() -> None:
     dataDir, port, statsFile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     instrument()
-    if os.environ.get("BENCH_SWITCH"):
-        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     service = ChatWebService(
         [KEY], dataDir, endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024"
     )
     service.startService()
+    # As `twistd chatweb` does once started (chatweb/tap.py, _FreezeAtStart).
+    gc.collect()
+    gc.freeze()
 
     def ready(_: object) -> None:
         watchStalls()

@@ -375,13 +375,16 @@ def stall(large: str, seconds: float) -> None:
     finally:
         records = server.records()
 
-    def longest(window: tuple[float, float]) -> float:
-        gaps = [gap for t, gap in records["stalls"] if window[0] <= t <= window[1]]
+    def longest(window: tuple[float, float], column: int) -> float:
+        gaps = [s[column] for s in records["stalls"] if window[0] <= s[0] <= window[1]]
         return max(gaps, default=0.001) * 1000
 
-    quiet, mixed = longest(windows["idle"]), longest(windows["mixed"])
+    quiet, mixed = longest(windows["idle"], 1), longest(windows["mixed"], 1)
     row("longest reactor stall, mixed load, ms", f"{mixed:.1f}", f"idle {quiet:.1f}",
         f"{mixed / quiet:.1f} x idle", "<= 10 ms", mixed <= 10)
+    quiet, mixed = longest(windows["idle"], 2), longest(windows["mixed"], 2)
+    row("  of it CPU of the reactor's thread, ms", f"{mixed:.1f}", f"idle {quiet:.1f}",
+        f"{mixed / max(quiet, 0.01):.1f} x idle", "<= 10 ms", mixed <= 10)
 
 
 def rss() -> None:

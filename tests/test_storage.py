@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from time import perf_counter
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
@@ -68,6 +70,58 @@ class DatabaseTests(StorageTestCase):
         self.assertEqual(sorted(ids, key=int), [str(n) for n in range(50)])
         # The first write goes alone; the 49 asked for meanwhile go together.
         self.assertEqual(batches, [1, 49])
+
+    def slowAnswers(self, count: int, answered: list, first) -> list:
+        """
+        C{count} writes grouped in one commit, whose callers each take a
+        millisecond of CPU to handle the answer; C{first()} is called in
+        the first one's handler.
+        """
+
+        def handler(n):
+            def handle(_):
+                end = perf_counter() + 0.001
+                while perf_counter() < end:
+                    pass
+                answered.append(n)
+                if n == 0:
+                    first()
+
+            return handle
+
+        self.db.write(lambda c: None)  # goes alone: the others wait, and group
+        return [self.db.write(lambda c: None).addCallback(handler(n)) for n in range(count)]
+
+    @inlineCallbacks
+    def test_aCommittedGroupLetsTheReactorIn(self):
+        """
+        The callers of a committed group whose answers take long are
+        answered in order over several turns of the reactor, so that a
+        timer (another request, a delivery) gets in between.
+        """
+        answered, between = [], []
+        writes = self.slowAnswers(
+            30, answered, lambda: reactor.callLater(0, lambda: between.append(len(answered)))
+        )
+        yield gatherResults(writes)
+        self.assertEqual(answered, list(range(30)))
+        self.assertEqual(len(between), 1)
+        self.assertLess(between[0], 30)
+
+    @inlineCallbacks
+    def test_closeWaitsForEveryAnswer(self):
+        """
+        close() asked for while a committed group is being answered fires
+        once every caller of the group has its answer.
+        """
+        answered, closed = [], []
+        writes = self.slowAnswers(
+            30, answered, lambda: self.db.close().addCallback(lambda _: closed.append(len(answered)))
+        )
+        yield gatherResults(writes)
+        while not closed:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(closed, [30])
 
     @inlineCallbacks
     def test_failingWriteDoesNotUndoItsGroup(self):
