@@ -221,6 +221,29 @@ class LocalBackendTests(StorageTestCase):
         self.assertEqual((yield backend.listSessions()), sorted(ids))
 
     @inlineCallbacks
+    def test_listSeesEveryChange(self):
+        """
+        The list is read again after any change: a delivery, a deleted
+        session, and a session written by another connection (another
+        process on the same file).
+        """
+        backend = LocalBackend(self.db, reactor)
+        yield backend.deliver(Delivery(1, "a", "x", 1700000000.0))
+        for _ in range(3):  # each reader connection
+            self.assertEqual((yield backend.listSessions()), ["a"])
+        yield backend.deliver(Delivery(2, "b", "x", 1700000000.0))
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["a", "b"])
+        yield backend.deleteSession("a")
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["b"])
+        with sqlite3.connect(self.path) as other:
+            other.execute("INSERT INTO sessions (id, created) VALUES ('c', 0)")
+        other.close()
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["b", "c"])
+
+    @inlineCallbacks
     def test_redeliveryIsIgnored(self):
         """
         The same delivery id twice (a crash between delivery and its record)

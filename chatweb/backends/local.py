@@ -353,11 +353,30 @@ class LocalBackend:
         self.responder = responder if responder is not None else NoResponder()
         self._busy: set[str] = set()
         self._idleWaiters: dict[str, list[Deferred[None]]] = {}
+        #: Per reader connection: the data_version of its last list, and
+        #: the list (10,000 ids took 2 ms to read again).
+        self._listed: dict[sqlite3.Connection, tuple[int, list[str]]] = {}
 
     # -- reading
 
     def listSessions(self) -> Deferred[list[str]]:
-        return self._db.read(_listSessions)
+        return self._db.read(self._listSessionsOnce)
+
+    def _listSessionsOnce(self, cursor: sqlite3.Cursor) -> list[str]:
+        """
+        The session ids, read again only when the database has changed
+        since this reader connection last read them (C{PRAGMA
+        data_version} counts the commits of every other connection, of
+        this process or another).  Runs on a reader thread.
+        """
+        connection = cursor.connection
+        version = cursor.execute("PRAGMA data_version").fetchone()[0]
+        listed = self._listed.get(connection)
+        if listed is not None and listed[0] == version:
+            return list(listed[1])
+        ids = _listSessions(cursor)
+        self._listed[connection] = (version, ids)
+        return list(ids)
 
     def getSession(self, sessionId: str) -> Deferred[Session | None]:
         return self._db.read(_getSession, sessionId)
