@@ -353,10 +353,14 @@ def stall(large: str, seconds: float) -> None:
         windows["idle"] = (start, time.monotonic())
         stop = threading.Event()
 
+        listed: list[float] = []
+
         def view(paths: list[str]) -> None:
             n = 0
             while not stop.is_set():
-                get(server.port, paths[n % len(paths)])
+                took = get(server.port, paths[n % len(paths)])
+                if paths[n % len(paths)] == "/sessions":
+                    listed.append(took)
                 n += 1
 
         readers = [
@@ -383,8 +387,11 @@ def stall(large: str, seconds: float) -> None:
     row("longest reactor stall, mixed load, ms", f"{mixed:.1f}", f"idle {quiet:.1f}",
         f"{mixed / quiet:.1f} x idle", "<= 10 ms", mixed <= 10)
     quiet, mixed = longest(windows["idle"], 2), longest(windows["mixed"], 2)
-    row("  of it CPU of the reactor's thread, ms", f"{mixed:.1f}", f"idle {quiet:.1f}",
+    row("  most CPU of the reactor's thread in one gap, ms", f"{mixed:.1f}", f"idle {quiet:.1f}",
         f"{mixed / max(quiet, 0.01):.1f} x idle", "<= 10 ms", mixed <= 10)
+    if listed:
+        row("GET /sessions, 10,000 sessions, under the mixed load: p50 ms",
+            f"{statistics.median(listed) * 1000:.2f}", "", "")
 
 
 def rss() -> None:
