@@ -20,7 +20,7 @@ from chatweb.backends.responders import EchoResponder
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
-from chatweb.model import DELIVERED, FAILED, Delivery
+from chatweb.model import DELIVERED, FAILED, Delivery, Message, Session
 
 
 class StorageTestCase(TestCase):
@@ -242,6 +242,55 @@ class LocalBackendTests(StorageTestCase):
         other.close()
         for _ in range(3):
             self.assertEqual((yield backend.listSessions()), ["b", "c"])
+
+    @inlineCallbacks
+    def test_sessionReadAgainSeesEveryChange(self):
+        """
+        A session read again (its messages parsed once) is the same as one
+        read by a fresh backend, and shows every change: a deleted
+        message, a replaced session, a cleared one.
+        """
+        backend = LocalBackend(self.db, reactor)
+        for n in range(3):
+            yield backend.deliver(Delivery(n + 1, "s", f"m{n}", 1700000000.0 + n))
+        yield backend.updateSession("s", "title", "T")
+        first = yield backend.getSession("s")
+        self.assertEqual((yield backend.getSession("s")), first)
+        self.assertEqual((yield LocalBackend(self.db, reactor).getSession("s")), first)
+        self.assertEqual((first.title, [m.content for m in first.messages]),
+                         ("T", ["m0", "m1", "m2"]))
+
+        def contents(session):
+            return [m.content for m in session.messages]
+
+        yield backend.deleteMessage("s", 0)
+        self.assertEqual(contents((yield backend.getSession("s"))), ["m1", "m2"])
+        yield backend.deliver(Delivery(4, "s", "m3", 1700000003.0))
+        self.assertEqual(contents((yield backend.getSession("s"))), ["m1", "m2", "m3"])
+        yield backend.importSession(
+            Session(id="s", messages=(Message(role="user", content="new"),)), replace=True
+        )
+        self.assertEqual(contents((yield backend.getSession("s"))), ["new"])
+        yield backend.clearSession("s")
+        self.assertEqual(contents((yield backend.getSession("s"))), [])
+
+    @inlineCallbacks
+    def test_parsedMessagesAreBounded(self):
+        """
+        The parsed messages kept are forgotten past a size; reads stay
+        right across it.
+        """
+        import chatweb.backends.local
+
+        self.patch(chatweb.backends.local, "PARSED_MESSAGES_SIZE", 200)
+        backend = LocalBackend(self.db, reactor)
+        for n in range(20):
+            yield backend.deliver(Delivery(n + 1, "s", f"message {n}", 1700000000.0))
+        for _ in range(2):
+            session = yield backend.getSession("s")
+            self.assertEqual([m.content for m in session.messages],
+                             [f"message {n}" for n in range(20)])
+            self.assertLess(len(backend._parsed), 20)
 
     @inlineCallbacks
     def test_redeliveryIsIgnored(self):
