@@ -47,7 +47,7 @@ SCHEMA: list[str | Upgrades] = [
 
 #: Characters of message JSON whose parsed messages are kept (about three
 #: times as many bytes of memory); then they are forgotten, all at once.
-PARSED_MESSAGES_SIZE = 16_000_000
+PARSED_MESSAGES_SIZE = 8_000_000
 
 
 def _dumps(value: Any) -> str:
