@@ -147,9 +147,14 @@ def wrk(port: int, path: str, connections: int, seconds: float, key: str,
     if not match:
         raise RuntimeError(f"wrk said: {out}")
     requests, duration, bad, errors, p50, p99, worst = map(int, match.groups())
-    if bad or errors:
+    if bad:
         raise RuntimeError(f"{path}: {bad} answers not 2xx, {errors} socket errors")
-    return {"rps": requests / (duration / 1e6), "p50": p50 / 1000, "p99": p99 / 1000}
+    if errors:
+        # Timeouts (wrk waits 2 s) or refused connections on a loaded
+        # machine: counted, not fatal.
+        print(f"  {path}, {connections} conn: {errors} socket errors", file=sys.stderr)
+    return {"rps": requests / (duration / 1e6), "p50": p50 / 1000, "p99": p99 / 1000,
+            "errors": errors}
 
 
 # POST / ---------------------------------------------------------------------
@@ -182,6 +187,8 @@ def post(seconds: float) -> None:
             target: dict[str, Any] = {}
             if mode == "keep-alive" and c == 16:
                 target = dict(target=">= 0.80 x bare", ok=cw["rps"] / b["rps"] >= 0.8)
+            if cw["errors"] or b["errors"] or k["errors"]:
+                name += f" ({cw['errors']}/{b['errors']}/{k['errors']} socket errors)"
             row(f"{name}: req/s", f"{cw['rps']:,.0f}", f"bare {b['rps']:,.0f}",
                 f"{cw['rps'] / b['rps']:.2f} x bare", **target)
             row(f"{name}: req/s", f"{cw['rps']:,.0f}", f"klein {k['rps']:,.0f}",
