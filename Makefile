@@ -16,7 +16,7 @@ RESPONDER ?= none
 ARGS ?=
 SOURCES := $(shell find chatweb twisted -name '*.py' -o -name '*.html' 2>/dev/null)
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-table clean
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "chatweb needs Python 3.10 or newer" or 0)'
@@ -45,6 +45,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
+
+# One table of ratios against baselines of the same run (bench/README.md);
+# needs wrk (apt-get install wrk) and taskset.
+bench-table: $(VENV)/.installed
+	$(BIN)/python bench/table.py
 
 clean:
 	rm -rf $(VENV) $(RUN_VENV) .venv-min build *.egg-info _trial_temp

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +36,9 @@ def start(command: list[str], pattern: bytes, env: dict[str, str] | None = None)
         line = process.stdout.readline()
         match = re.search(pattern, line)
         if match:
+            # Keep reading its output (chatweb logs each message): a full
+            # pipe would stop the server.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process, int(match.group(1))
         if not line and process.poll() is not None:
             break
@@ -78,7 +82,7 @@ def main() -> None:
             args.connections,
             env=dict(os.environ, CHATWEB_API_KEY="bench"),
         )
-    print(f"baseline (in-memory Klein, no auth, no disk): {baseline:8.0f} requests/s")
+    print(f"baseline (in-memory Klein, key, validation): {baseline:8.0f} requests/s")
     print(f"chatweb  (auth, validation, SQLite commit)  : {chatweb:8.0f} requests/s")
     print(f"ratio chatweb / baseline: {chatweb / baseline:.2f}")
 

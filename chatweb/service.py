@@ -48,6 +48,8 @@ from twisted.web.server import Site
 from chatweb.web._health import OK, STARTING, STOPPING, HealthCheck
 
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
+#: Route templates of request paths kept for the metrics (see _routeOf).
+ROUTE_CACHE_SIZE = 1024
 
 _log = Logger()
 
@@ -108,6 +110,8 @@ class ChatWebService(MultiService):
 
             reactor = globalReactor
         self._reactor = reactor
+        self._routes: dict[tuple[str, str], str | None] = {}
+        self._urls: Any = None
         self.dataDir = dataDir
         self.database: SQLiteDatabase
         if database is not None:
@@ -357,13 +361,25 @@ class ChatWebService(MultiService):
         path = "/" + "/".join(
             s.decode("utf-8", "replace") for s in segments[len(mount) :]
         )
+        method = request.method.decode("ascii", "replace")
+        # Matching again costs about as much as Klein's own routing: the
+        # answers for the paths seen last are kept (a bounded number: paths
+        # hold session ids).
+        key = (path, method)
+        if key in self._routes:
+            return self._routes[key]
+        if self._urls is None:
+            self._urls = self.api.app.url_map.bind("localhost")
         try:
-            rule, _ = self.api.app.url_map.bind("localhost").match(
-                path, method=request.method.decode("ascii", "replace"), return_rule=True
-            )
+            rule, _ = self._urls.match(path, method=method, return_rule=True)
         except Exception:
-            return None
-        return str(rule.rule)
+            route = None
+        else:
+            route = str(rule.rule)
+        if len(self._routes) >= ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[key] = route
+        return route
 
     def _health(self) -> str:
         if self._stopped:

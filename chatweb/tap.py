@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.python import usage
 
 from chatweb.backends.responders import RESPONDERS
@@ -327,11 +328,30 @@ def makeService(options: Options) -> Any:
         service = _makeService(options, allowedHosts)
     except ConfigError as e:
         _exit(str(e))
+    _FreezeAtStart().setServiceParent(service)
     # Listen now, before twistd writes its pidfile or daemonizes: a port in
     # use is then the same one line and exit status with or without -n, and
     # leaves no pidfile behind.
     service.privilegedStartService()
     return service
+
+
+class _FreezeAtStart(Service):
+    """
+    Once everything has started, moves the objects that exist then (the
+    modules, the wiring: they live as long as the process) out of the cyclic
+    garbage collector's sight (C{gc.freeze}).  Under load, its full
+    collections went through all of them and held the reactor for 20 to
+    37 ms twice a second (bench/table.py, reactor stall); after, 2 ms.
+    Only for the twistd plugin: chatweb's own process.
+    """
+
+    def startService(self) -> None:
+        import gc
+
+        super().startService()
+        gc.collect()
+        gc.freeze()
 
 
 def _makeService(options: Options, allowedHosts: list[str]) -> Any:

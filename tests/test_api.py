@@ -292,6 +292,20 @@ class ReadTests(APITestCase):
         self.assertIn(b"waiting &lt;b&gt;here&lt;/b&gt;", page)
         self.assertIn(b"queued", page)
 
+    def test_listMergesQueuedSessionsInOrderOnce(self) -> None:
+        """
+        The list is sorted and names each session once, whatever order the
+        adapter lists its sessions in, with the sessions that only have
+        queued messages in their place among them.
+        """
+        for session in ("zeta", "alpha"):
+            self.post({"session": session, "content": "x"})
+        for session in ("alpha", "mid"):
+            self.adapter.setBusy(session)
+            self.post({"session": session, "content": "waiting"})
+        _, body = self.request("GET", "/sessions")
+        self.assertEqual(json.loads(body), ["alpha", "mid", "zeta"])
+
     def test_sessionsNeedKey(self) -> None:
         response, body = self.request("GET", "/sessions", headers={})
         self.assertError(response, body, 401)

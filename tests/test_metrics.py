@@ -117,3 +117,33 @@ class MetricsTests(TestCase):
         self.assertEqual(
             sample(first.exposition().decode(), "chatweb_delivery_failures_total"), 0.0
         )
+
+
+class _Request:
+    def __init__(self, method: bytes, path: bytes) -> None:
+        self.method = method
+        self.prepath: list[bytes] = []
+        self.postpath = path[1:].split(b"/")
+
+
+class RouteTests(TestCase):
+    async def test_routeTemplatesOfManyPaths(self) -> None:
+        """
+        Requests are counted by route template and method: the same path
+        under another method is another answer, and many distinct paths
+        (session ids, message ids) keep their templates while the answers
+        kept for them stay bounded.
+        """
+        from chatweb.service import ROUTE_CACHE_SIZE
+
+        service = (await startChatWeb(self)).service
+        routeOf = service._routeOf
+        retry = routeOf(_Request(b"POST", b"/queue/1/retry"))
+        self.assertIsNotNone(retry)
+        self.assertIn("retry", retry)
+        self.assertIsNone(routeOf(_Request(b"GET", b"/queue/1/retry")))
+        self.assertEqual(routeOf(_Request(b"POST", b"/queue/1/retry")), retry)
+        for n in range(ROUTE_CACHE_SIZE * 3):
+            self.assertEqual(routeOf(_Request(b"POST", b"/queue/%d/retry" % n)), retry)
+        self.assertLessEqual(len(service._routes), ROUTE_CACHE_SIZE)
+        self.assertEqual(routeOf(_Request(b"POST", b"/")), "/")

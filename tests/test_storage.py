@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from time import perf_counter
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
@@ -18,7 +20,7 @@ from chatweb.backends.responders import EchoResponder
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
-from chatweb.model import DELIVERED, FAILED, Delivery
+from chatweb.model import DELIVERED, FAILED, Delivery, Message, Session
 
 
 class StorageTestCase(TestCase):
@@ -68,6 +70,58 @@ class DatabaseTests(StorageTestCase):
         self.assertEqual(sorted(ids, key=int), [str(n) for n in range(50)])
         # The first write goes alone; the 49 asked for meanwhile go together.
         self.assertEqual(batches, [1, 49])
+
+    def slowAnswers(self, count: int, answered: list, first) -> list:
+        """
+        C{count} writes grouped in one commit, whose callers each take a
+        millisecond of CPU to handle the answer; C{first()} is called in
+        the first one's handler.
+        """
+
+        def handler(n):
+            def handle(_):
+                end = perf_counter() + 0.001
+                while perf_counter() < end:
+                    pass
+                answered.append(n)
+                if n == 0:
+                    first()
+
+            return handle
+
+        self.db.write(lambda c: None)  # goes alone: the others wait, and group
+        return [self.db.write(lambda c: None).addCallback(handler(n)) for n in range(count)]
+
+    @inlineCallbacks
+    def test_aCommittedGroupLetsTheReactorIn(self):
+        """
+        The callers of a committed group whose answers take long are
+        answered in order over several turns of the reactor, so that a
+        timer (another request, a delivery) gets in between.
+        """
+        answered, between = [], []
+        writes = self.slowAnswers(
+            30, answered, lambda: reactor.callLater(0, lambda: between.append(len(answered)))
+        )
+        yield gatherResults(writes)
+        self.assertEqual(answered, list(range(30)))
+        self.assertEqual(len(between), 1)
+        self.assertLess(between[0], 30)
+
+    @inlineCallbacks
+    def test_closeWaitsForEveryAnswer(self):
+        """
+        close() asked for while a committed group is being answered fires
+        once every caller of the group has its answer.
+        """
+        answered, closed = [], []
+        writes = self.slowAnswers(
+            30, answered, lambda: self.db.close().addCallback(lambda _: closed.append(len(answered)))
+        )
+        yield gatherResults(writes)
+        while not closed:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(closed, [30])
 
     @inlineCallbacks
     def test_failingWriteDoesNotUndoItsGroup(self):
@@ -153,6 +207,90 @@ class LocalBackendTests(StorageTestCase):
         self.assertEqual([(m.role, m.content, m.created) for m in session.messages],
                          [("user", "Build completed successfully!", 1700000000.0)])
         self.assertIsNone((yield backend.getSession("nope")))
+
+    @inlineCallbacks
+    def test_listsEverySessionSortedOnce(self):
+        """
+        Sessions are listed each once, in order, whatever their ids hold
+        (spaces, commas, non-ASCII).
+        """
+        backend = LocalBackend(self.db, reactor)
+        ids = ["zeta", "a b, c", "\u00e9t\u00e9", "2024-01-15-10-30-00", "\U0001f600"]
+        for n, sessionId in enumerate(ids + ["zeta"]):
+            yield backend.deliver(Delivery(n + 1, sessionId, "x", 1700000000.0))
+        self.assertEqual((yield backend.listSessions()), sorted(ids))
+
+    @inlineCallbacks
+    def test_listSeesEveryChange(self):
+        """
+        The list is read again after any change: a delivery, a deleted
+        session, and a session written by another connection (another
+        process on the same file).
+        """
+        backend = LocalBackend(self.db, reactor)
+        yield backend.deliver(Delivery(1, "a", "x", 1700000000.0))
+        for _ in range(3):  # each reader connection
+            self.assertEqual((yield backend.listSessions()), ["a"])
+        yield backend.deliver(Delivery(2, "b", "x", 1700000000.0))
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["a", "b"])
+        yield backend.deleteSession("a")
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["b"])
+        with sqlite3.connect(self.path) as other:
+            other.execute("INSERT INTO sessions (id, created) VALUES ('c', 0)")
+        other.close()
+        for _ in range(3):
+            self.assertEqual((yield backend.listSessions()), ["b", "c"])
+
+    @inlineCallbacks
+    def test_sessionReadAgainSeesEveryChange(self):
+        """
+        A session read again (its messages parsed once) is the same as one
+        read by a fresh backend, and shows every change: a deleted
+        message, a replaced session, a cleared one.
+        """
+        backend = LocalBackend(self.db, reactor)
+        for n in range(3):
+            yield backend.deliver(Delivery(n + 1, "s", f"m{n}", 1700000000.0 + n))
+        yield backend.updateSession("s", "title", "T")
+        first = yield backend.getSession("s")
+        self.assertEqual((yield backend.getSession("s")), first)
+        self.assertEqual((yield LocalBackend(self.db, reactor).getSession("s")), first)
+        self.assertEqual((first.title, [m.content for m in first.messages]),
+                         ("T", ["m0", "m1", "m2"]))
+
+        def contents(session):
+            return [m.content for m in session.messages]
+
+        yield backend.deleteMessage("s", 0)
+        self.assertEqual(contents((yield backend.getSession("s"))), ["m1", "m2"])
+        yield backend.deliver(Delivery(4, "s", "m3", 1700000003.0))
+        self.assertEqual(contents((yield backend.getSession("s"))), ["m1", "m2", "m3"])
+        yield backend.importSession(
+            Session(id="s", messages=(Message(role="user", content="new"),)), replace=True
+        )
+        self.assertEqual(contents((yield backend.getSession("s"))), ["new"])
+        yield backend.clearSession("s")
+        self.assertEqual(contents((yield backend.getSession("s"))), [])
+
+    @inlineCallbacks
+    def test_parsedMessagesAreBounded(self):
+        """
+        The parsed messages kept are forgotten past a size; reads stay
+        right across it.
+        """
+        import chatweb.backends.local
+
+        self.patch(chatweb.backends.local, "PARSED_MESSAGES_SIZE", 200)
+        backend = LocalBackend(self.db, reactor)
+        for n in range(20):
+            yield backend.deliver(Delivery(n + 1, "s", f"message {n}", 1700000000.0))
+        for _ in range(2):
+            session = yield backend.getSession("s")
+            self.assertEqual([m.content for m in session.messages],
+                             [f"message {n}" for n in range(20)])
+            self.assertLess(len(backend._parsed), 20)
 
     @inlineCallbacks
     def test_redeliveryIsIgnored(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from time import perf_counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, Union
 
@@ -135,6 +136,8 @@ class SQLiteDatabase:
     """
 
     maxBatch = 1000
+    #: Seconds of callbacks of a committed group run in one reactor turn.
+    settleSlice = 0.005
 
     def __init__(self, path: str, reactor: IReactorCore, readers: int = 2) -> None:
         self.path = path
@@ -148,6 +151,8 @@ class SQLiteDatabase:
         self._started = False
         self._waiting: list[tuple[Operation, tuple[Any, ...], Deferred[Any]]] = []
         self._writing = False
+        #: Committed groups whose Deferreds are still being fired.
+        self._settling = 0
         self._drained: list[Deferred[None]] = []
         #: Callers waiting for open() to finish.
         self._openWaiters: list[Deferred[None]] = []
@@ -268,7 +273,7 @@ class SQLiteDatabase:
             # Not open yet: writes wait for open() to make the pools.
             return
         if self._writing or not self._waiting:
-            if not self._writing and not self._waiting:
+            if not self._writing and not self._waiting and not self._settling:
                 drained, self._drained = self._drained, []
                 for d in drained:
                     d.callback(None)
@@ -279,12 +284,8 @@ class SQLiteDatabase:
 
         def committed(results: list[tuple[bool, Any]]) -> None:
             self._writing = False
-            for (_, _, d), (ok, value) in zip(batch, results):
-                if ok:
-                    d.callback(value)
-                else:
-                    d.errback(value)
-            self._flush()
+            self._settling += 1
+            self._settle([(d, ok, value) for (_, _, d), (ok, value) in zip(batch, results)])
 
         def failed(failure: Failure) -> None:
             # Each caller gets the failure, and logs it if it cannot handle it.
@@ -296,6 +297,27 @@ class SQLiteDatabase:
         self._runBatch([(op, args) for op, args, _ in batch]).addCallbacks(
             committed, failed
         )
+
+    def _settle(self, outcomes: list[tuple[Deferred[Any], bool, Any]]) -> None:
+        """
+        Fire the Deferreds of a committed group, for at most L{settleSlice}
+        seconds in one turn of the reactor: a group of a thousand writes
+        (each answering a request, starting a delivery, ...) would
+        otherwise hold the reactor for tens of milliseconds.
+        """
+        deadline = perf_counter() + self.settleSlice
+        for n, (d, ok, value) in enumerate(outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+            if n + 1 < len(outcomes) and perf_counter() > deadline:
+                self._reactor.callLater(  # type: ignore[attr-defined]
+                    0, self._settle, outcomes[n + 1 :]
+                )
+                return
+        self._settling -= 1
+        self._flush()
 
     def close(self) -> Deferred[None]:
         """

