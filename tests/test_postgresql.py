@@ -47,6 +47,12 @@ class PostgreSQLStorageMixin:
         self.addCleanup(db.close)  # type: ignore[attr-defined]
         return db
 
+    def writeElsewhere(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn) as other:
+            other.execute(statement)
+
 
 class PostgreSQLJournalTests(PostgreSQLStorageMixin, test_storage.JournalTests):
     async def test_appendIsDurable(self) -> None:  # type: ignore[override]
@@ -68,6 +74,26 @@ class PostgreSQLJournalTests(PostgreSQLStorageMixin, test_storage.JournalTests):
 
 class PostgreSQLLocalBackendTests(PostgreSQLStorageMixin, test_storage.LocalBackendTests):
     pass
+
+
+class PostgreSQLCollationTests(PostgreSQLStorageMixin, TestCase):
+    async def test_sessionsListedInCodePointOrder(self) -> None:
+        """
+        Sessions are listed as SQLite lists them (by code point), whatever
+        the database's locale: its text columns use the "C" collation.
+        """
+        import psycopg
+
+        backend = LocalBackend(self.db, reactor)
+        for n, sessionId in enumerate(["b", "C", "a", "B"]):
+            await backend.deliver(Delivery(n + 1, sessionId, "x", 1700000000.0))
+        self.assertEqual(await backend.listSessions(), ["B", "C", "a", "b"])
+        with psycopg.connect(self.dsn) as other:
+            collations = other.execute(
+                "SELECT DISTINCT collation_name FROM information_schema.columns"
+                " WHERE table_schema = 'public' AND data_type = 'text'"
+            ).fetchall()
+        self.assertEqual(collations, [("C",)])
 
 
 class PostgreSQLIdempotencyTests(PostgreSQLStorageMixin, test_storage.IdempotencyJournalTests):

@@ -34,6 +34,15 @@ class StorageTestCase(TestCase):
         self.addCleanup(db.close)
         return db
 
+    def writeElsewhere(self, statement: str) -> None:
+        """
+        Run C{statement} on a connection of its own, as another process on
+        the same store would.
+        """
+        with sqlite3.connect(self.path) as other:
+            other.execute(statement)
+        other.close()
+
     def reopen(self) -> Deferred:
         closing = self.db.close()
         self.db = self.openDatabase()
@@ -237,9 +246,7 @@ class LocalBackendTests(StorageTestCase):
         yield backend.deleteSession("a")
         for _ in range(3):
             self.assertEqual((yield backend.listSessions()), ["b"])
-        with sqlite3.connect(self.path) as other:
-            other.execute("INSERT INTO sessions (id, created) VALUES ('c', 0)")
-        other.close()
+        self.writeElsewhere("INSERT INTO sessions (id, created) VALUES ('c', 0)")
         for _ in range(3):
             self.assertEqual((yield backend.listSessions()), ["b", "c"])
 

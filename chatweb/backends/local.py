@@ -55,6 +55,10 @@ def _dumps(value: Any) -> str:
 
 
 def _listSessions(cursor: sqlite3.Cursor) -> list[str]:
+    if not isinstance(cursor, sqlite3.Cursor):
+        # PostgreSQL (its text cannot hold the NUL separator).
+        cursor.execute("SELECT id FROM sessions ORDER BY id")
+        return [row[0] for row in cursor.fetchall()]
     # One string rather than a row per session: 10,000 rows took 6 ms of
     # Python objects (and GIL) against 2.5 ms.  Session ids have no control
     # characters (chatweb.web._validation), so NUL separates them.
@@ -367,6 +371,8 @@ class LocalBackend:
         data_version} counts the commits of every other connection, of
         this process or another).  Runs on a reader thread.
         """
+        if not isinstance(cursor, sqlite3.Cursor):
+            return _listSessions(cursor)  # PostgreSQL: no data_version
         connection = cursor.connection
         version = cursor.execute("PRAGMA data_version").fetchone()[0]
         listed = self._listed.get(connection)

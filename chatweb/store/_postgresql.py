@@ -96,6 +96,9 @@ def translate(sql: str, returning: bool = True) -> tuple[str, str | None]:
         sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
         sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
         sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+        # SQLite compares text by code point; so does the "C" collation,
+        # whatever the database's locale (en_US would order "B" < "a" < "C").
+        sql = re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', sql)
     key = None
     match = _INSERT_OR_REPLACE.match(sql)
     if match:
