@@ -9,6 +9,7 @@ import html
 import json
 import os
 import re
+import threading
 from html.parser import HTMLParser
 
 from markupsafe import Markup
@@ -616,9 +617,13 @@ class BoundedCostTests(SynchronousTestCase):
         render it) past its small budget, and caches no plain-text stand-in.
         """
         now = [0.0]
+        me = threading.get_ident()
 
         def clock() -> float:
-            now[0] += 0.001
+            # Only this thread's readings advance it: a render thread left
+            # running by another test reads the same patched clock.
+            if threading.get_ident() == me:
+                now[0] += 0.001
             return now[0]
 
         self.patch(preview, "_cpuTime", clock)
