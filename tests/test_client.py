@@ -24,14 +24,13 @@ from treq.client import HTTPClient
 from chatweb.client import (
     BadRequest,
     ChatWebClient,
-    EventStreamParser,
-    RawEvent,
     Throttled,
     Unauthorized,
     UnknownMessage,
     UnknownSession,
     Unreachable,
 )
+from chatweb._sse import SSEDecoder, SSEvent
 from chatweb.testing import chatWebInMemory, startChatWeb
 
 STREAM = (
@@ -42,14 +41,14 @@ STREAM = (
     "id: 3\revent: x\rdata:no space\r\r"
 ).encode("utf-8")
 EXPECTED = [
-    RawEvent("message.added", '{"text": "caf\u00e9 \u2713"}', "1"),
-    RawEvent("delivery.done", "line one\nline two", "2"),
-    RawEvent("x", "no space", "3"),
+    SSEvent(event="message.added", data='{"text": "caf\u00e9 \u2713"}', id="1"),
+    SSEvent(event="delivery.done", data="line one\nline two", id="2"),
+    SSEvent(event="x", data="no space", id="3"),
 ]
 
 
-def _parse(chunks: list[bytes]) -> list[RawEvent]:
-    parser = EventStreamParser()
+def _parse(chunks: list[bytes]) -> list[SSEvent]:
+    parser = SSEDecoder(errors="replace")
     events = []
     for chunk in chunks:
         events.extend(parser.feed(chunk))
@@ -58,7 +57,7 @@ def _parse(chunks: list[bytes]) -> list[RawEvent]:
 
 class ParserTests(SynchronousTestCase):
     def test_whole(self) -> None:
-        parser = EventStreamParser()
+        parser = SSEDecoder(errors="replace")
         self.assertEqual(parser.feed(STREAM), EXPECTED)
         self.assertEqual(parser.retry, 2000)
 
@@ -74,9 +73,9 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(_parse(chunks), EXPECTED)
 
     def test_incompleteEventWaits(self) -> None:
-        parser = EventStreamParser()
+        parser = SSEDecoder(errors="replace")
         self.assertEqual(parser.feed(b"id: 7\ndata: x\n"), [])
-        self.assertEqual(parser.feed(b"\n"), [RawEvent("message", "x", "7")])
+        self.assertEqual(parser.feed(b"\n"), [SSEvent(event="message", data="x", id="7")])
 
 
 class _Flaky(Resource):

@@ -24,7 +24,7 @@ from chatweb.backends import (
 from chatweb.backends._history import anthropicMessages, conversation, openaiMessages
 from chatweb.backends._models import retryAfter
 from chatweb.backends._providers import Secret
-from chatweb.backends._sse import SSEDecoder, SSEError
+from chatweb._sse import SSEDecoder, SSEError
 from chatweb.config import ConfigError
 from chatweb.model import Message, Session
 

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from chatweb.backends._history import DEFAULT_BUDGET, anthropicMessages, openaiMessages
 from chatweb.backends._providers import Provider
-from chatweb.backends._sse import SSEDecoder, SSEError, SSEvent
+from chatweb._sse import SSEDecoder, SSEError, SSEvent
 from chatweb.interfaces import IResponder
 from chatweb.model._values import Message, Session
 

@@ -27,7 +27,6 @@ from chatweb.client._errors import (
     UnknownSession,
     Unreachable,
 )
-from chatweb.client._sse import EventStreamParser, RawEvent
 from chatweb.client._values import (
     Answer,
     MessageStatus,
@@ -44,11 +43,9 @@ __all__ = [
     "ChatWebError",
     "Conflict",
     "EventStream",
-    "EventStreamParser",
     "HTTPError",
     "MessageStatus",
     "NotFound",
-    "RawEvent",
     "Sent",
     "SessionDetail",
     "ShareLink",

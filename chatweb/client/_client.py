@@ -31,7 +31,7 @@ from chatweb.client._errors import (
     UnknownSession,
     Unreachable,
 )
-from chatweb.client._sse import EventStreamParser
+from chatweb._sse import SSEDecoder
 from chatweb.client._values import (
     Answer,
     MessageStatus,
@@ -397,7 +397,7 @@ class EventStream:
         self.reconnects = 0
         self._queue: DeferredQueue[bytes | _End] | None = None
         self._body: _Chunks | None = None
-        self._parser = EventStreamParser()
+        self._parser = SSEDecoder(errors="replace")
         self._ready: list[StreamEvent] = []
         self._closed = False
 
@@ -415,7 +415,7 @@ class EventStream:
             "GET", self._path, headers=self._client._headers(headers), unbuffered=True
         )
         await self._client._check(response, self._session)
-        self._parser = EventStreamParser()
+        self._parser = SSEDecoder(errors="replace")
         queue: DeferredQueue[bytes | _End] = DeferredQueue()
         self._body = _Chunks(queue)
         self._queue = queue
@@ -436,7 +436,7 @@ class EventStream:
                 self._queue = None
                 continue
             for raw in self._parser.feed(chunk):
-                if raw.kind == "overflow":
+                if raw.event == "overflow":
                     # The server closes this stream: resume where it says.
                     resume = json.loads(raw.data).get("last_event_id")
                     if isinstance(resume, int):

@@ -1,8 +1,9 @@
 """
-An incremental decoder of Server-Sent Events (C{text/event-stream}), as
-model servers stream their answers: bytes go in as the network hands them
-over, split anywhere (inside a line, a CRLF pair or a UTF-8 sequence), and
-whole events come out.
+An incremental decoder of Server-Sent Events (C{text/event-stream}), for
+both ends chatweb reads: a model server's streamed answer and chatweb's own
+event streams (L{chatweb.client}).  Bytes go in as the network hands them
+over, split anywhere (inside a line, between a CR and its LF, inside a
+UTF-8 character), and whole events come out.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import attrs
 _EOL = re.compile("\r\n|\r|\n")
 
 #: The longest line kept while waiting for its end: a server that never
-#: ends a line cannot make chatweb hold all it sends.
+#: ends a line cannot make its reader hold all it sends.
 MAX_LINE = 4 * 1024 * 1024
 
 
 class SSEError(ValueError):
     """
-    The bytes are not an event stream: bad UTF-8, or a line too long.
+    The bytes are not an event stream: bad UTF-8 (when decoding strictly),
+    or a line too long.
     """
 
 
 @attrs.frozen
 class SSEvent:
     """
-    One dispatched event: its C{event} name ("message" when unnamed) and its
-    C{data} (several C{data:} lines joined by newlines).
+    One dispatched event: its C{event} name ("message" when unnamed), its
+    C{data} (several C{data:} lines joined by newlines), and the last C{id:}
+    seen on the stream (it carries over to the events after it).
     """
 
     data: str
@@ -40,38 +43,49 @@ class SSEvent:
 class SSEDecoder:
     """
     Feed it bytes (L{feed}); it returns the events they complete.  Follows
-    the WHATWG parsing rules: CR, LF and CRLF end lines, lines starting with
-    a colon are comments, one space after the field's colon is dropped, an
-    empty line dispatches the event if it has data.
+    the WHATWG rules: CR, LF and CRLF end lines, lines starting with a colon
+    are comments, one space after the field's colon is dropped, an empty
+    line dispatches the event if it has data.
+
+    @ivar retry: the reconnection time in milliseconds the server asked for
+        (C{retry:}), or None.
     """
 
-    def __init__(self, maxLine: int = MAX_LINE) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    def __init__(self, maxLine: int = MAX_LINE, errors: str = "strict") -> None:
+        """
+        @param errors: C{"strict"} (bad UTF-8 is an L{SSEError}) or
+            C{"replace"}.
+        """
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors)
         self._text = ""
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
         self._maxLine = maxLine
         self._started = False
+        #: The last chunk ended with a CR, which ended its line at once (a
+        #: live stream must not wait for the next byte): an LF that starts
+        #: the next chunk belongs to it.
+        self._afterCR = False
+        self.retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEvent]:
         try:
             text = self._decoder.decode(chunk)
         except UnicodeDecodeError as e:
             raise SSEError(f"the stream is not UTF-8: {e.reason}") from None
-        if not self._started and text:
+        if not text:
+            return []
+        if not self._started:
             self._started = True
             text = text.removeprefix("\ufeff")
+        if self._afterCR and text.startswith("\n"):
+            text = text[1:]
+        self._afterCR = text.endswith("\r")
         self._text += text
         events: list[SSEvent] = []
         position = 0
-        while True:
-            match = _EOL.search(self._text, position)
-            # A CR last may be the first half of a CRLF: wait for more.
-            if match is None or (
-                match.group() == "\r" and match.end() == len(self._text)
-            ):
-                break
+        for match in _EOL.finditer(self._text):
             event = self._line(self._text[position : match.start()])
             if event is not None:
                 events.append(event)
@@ -87,7 +101,7 @@ class SSEDecoder:
         True if bytes were fed that made no whole event yet: a stream that
         ends now was cut short.
         """
-        return bool(self._text.strip("\r") or self._data)
+        return bool(self._text or self._data)
 
     def _line(self, line: str) -> SSEvent | None:
         if not line:
@@ -110,4 +124,6 @@ class SSEDecoder:
             self._event = value
         elif field == "id" and "\0" not in value:
             self._id = value
+        elif field == "retry" and value.isascii() and value.isdigit():
+            self.retry = int(value)
         return None
