@@ -127,15 +127,23 @@ class Messages:
             refused = _error(request, 404, f"no queued message {messageId}")
         return refused
 
-    def post(self, request: IRequest) -> Any:
+    def _admit(self, request: IRequest) -> bytes | _Refused:
+        """
+        The body of an authorized POST within the size limit, or the
+        refusal to answer with.
+        """
         refused = self._api._refuse(request, b"POST")
         if refused is not None:
-            return refused
-        limits = self._api._limits
+            return _Refused(refused)
         try:
-            body = _readBody(request, limits.maxBodySize)
+            return _readBody(request, self._api._limits.maxBodySize)
         except _Refused as refusal:
-            return refusal.body
+            return refusal
+
+    def post(self, request: IRequest) -> Any:
+        body = self._admit(request)
+        if isinstance(body, _Refused):
+            return body.body
         try:
             idempotencyKey = _idempotencyKey(request)
             session, content = parseMessage(body)
@@ -153,14 +161,9 @@ class Messages:
         from chatweb.web._pages import _mountPrefix
         from chatweb.web._sessionapi import rawSegments
 
-        refused = self._api._refuse(request, b"POST")
-        if refused is not None:
-            return refused
-        limits = self._api._limits
-        try:
-            body = _readBody(request, limits.maxBodySize)
-        except _Refused as refusal:
-            return refusal.body
+        body = self._admit(request)
+        if isinstance(body, _Refused):
+            return body.body
         try:
             idempotencyKey = _idempotencyKey(request)
             segments = rawSegments(request, _mountPrefix(request))
