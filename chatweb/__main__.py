@@ -102,9 +102,7 @@ def _version() -> str:
 
 
 def _import(files: list[str], dataDir: str, replace: bool) -> int:
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
-
+    from chatweb.cli import runWithReactor
     from chatweb.importer import runImport
 
     status: list[int] = [1]
@@ -115,18 +113,11 @@ def _import(files: list[str], dataDir: str, replace: bool) -> int:
         except ConfigError as e:
             print(f"chatweb: {e}", file=sys.stderr)
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return int(e.code) if isinstance(e.code, int) else 1
-    return status[0]
+    return runWithReactor(run, status)
 
 
 def _migrate(dataDir: str, dsn: str, passwordFile: str | None) -> int:
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
-
+    from chatweb.cli import runWithReactor
     from chatweb.migrate import runMigrate
     from chatweb.store._postgresql import isPostgreSQL, redact
 
@@ -158,12 +149,7 @@ def _migrate(dataDir: str, dsn: str, passwordFile: str | None) -> int:
         print(f"chatweb: copied {shown} from {dataDir} to {redact(dsn)}")
         status[0] = 0
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return int(e.code) if isinstance(e.code, int) else 1
-    return status[0]
+    return runWithReactor(run, status)
 
 
 if __name__ == "__main__":

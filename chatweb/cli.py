@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, TextIO
+from typing import Any, Awaitable, Callable, Coroutine, TextIO
 
 from chatweb.client import ChatWebClient, ChatWebError, StreamEvent
 from chatweb.config import (
@@ -143,9 +143,6 @@ def runCommand(
     Run a client command under the reactor (C{react}); its exit status.
     C{prepare} does what must not run on the reactor (reading stdin).
     """
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
-
     stderr = sys.stderr if stderr is None else stderr
     try:
         if prepare is not None:
@@ -165,6 +162,19 @@ def runCommand(
             status[0] = _fail(stderr, str(e))
         finally:
             await client.close()
+
+    return runWithReactor(main, status)
+
+
+def runWithReactor(
+    main: Callable[[Any], Coroutine[Any, Any, None]], status: list[int]
+) -> int:
+    """
+    Run C{main(reactor)} under L{react} and return the exit status that
+    C{main} left in C{status[0]} (react's own SystemExit when it failed).
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
