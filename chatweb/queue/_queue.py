@@ -314,7 +314,20 @@ class MessageQueue:
         if not self._loaded:
             self._early.append(message)
             return message
-        self._queues.setdefault(message.session, _SessionQueue()).count += 1
+        queue = self._queues.setdefault(message.session, _SessionQueue())
+        if (
+            self._leases is None
+            and queue.count == 0
+            and queue.head is None
+            and queue.reading is None
+            and queue.delivering is None
+            and message.id > queue.skipThrough
+        ):
+            # Nothing else of the session is pending: the message just
+            # stored is its next one, without reading it back.  (With
+            # leases, other instances may have stored earlier ones.)
+            queue.head = message
+        queue.count += 1
         # The message is on disk: whatever delivery does now, the post
         # succeeded (the sweep tries again).
         try:
