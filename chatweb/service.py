@@ -92,6 +92,7 @@ class ChatWebService(MultiService):
         deliveryTimeout: float | None = 600.0,
         limits: Limits = Limits(),
         accessLog: bool = False,
+        logEachMessage: bool = False,
         shutdownTimeout: float = 10.0,
         exitOnFailure: bool = False,
         allowedHosts: Sequence[str] = (),
@@ -161,6 +162,7 @@ class ChatWebService(MultiService):
             maxPendingPerSession=limits.maxPendingPerSession,
             maxPendingTotal=limits.maxPendingTotal,
             leases=self.leases,
+            logEachMessage=logEachMessage,
         )
         if self.sharedEvents is not None:
             self.sharedEvents.onChange = self.queue.othersChanged

@@ -125,6 +125,9 @@ class Options(usage.Options):
     optFlags = [
         ["access-log", None, "Log every request (method, path, status; never"
          " the query string)."],
+        ["log-each-message", None, "Log every message queued and delivered"
+         " (by default a summary of how many, once a minute; failures are"
+         " always logged one by one)."],
     ]
     compData = usage.Completions(
         optActions={
@@ -387,6 +390,7 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         responder=responder,
         interval=options["interval"],
         accessLog=bool(options["access-log"]),
+        logEachMessage=bool(options["log-each-message"]),
         limits=options.limits(),
         retry=RetryPolicy(maxAttempts=options["max-attempts"]),
         deliveryTimeout=options["delivery-timeout"] or None,

@@ -144,6 +144,7 @@ class QueueEventTests(SynchronousTestCase):
         each logged once with the session, message id, attempt (and
         duration when delivered or failed); never their content.
         """
+        self.queue.logEachMessage = True
         logged: list[dict] = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
@@ -168,6 +169,37 @@ class QueueEventTests(SynchronousTestCase):
         self.assertEqual(mine[4]["log_level"].name, "error")
         text = repr(mine)
         self.assertNotIn("secret", text)
+
+    def test_successesSummarizedOnceAMinuteByDefault(self) -> None:
+        """
+        By default a message queued or delivered is not logged one by one:
+        the sweep logs how many were, at most once a minute (and not at all
+        when none were); a failure is still logged when it happens.
+        """
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        first = self.successResultOf(self.queue.post("s", "secret-one"))
+        self.adapter.complete()
+        bad = self.successResultOf(self.queue.post("s", "secret-two"))
+        self.adapter.failWaiting()
+        self.assertEqual([e.get("id") for e in logged], [bad.id])
+        self.assertEqual(logged[0]["log_level"].name, "warn")
+        logged.clear()
+        self.clock.advance(55)
+        self.assertEqual(logged, [])
+        self.clock.advance(5)
+        summaries = [e for e in logged if "queued" in e]
+        self.assertEqual(
+            [(e["queued"], e["delivered"], e["pending"]) for e in summaries],
+            [(2, 1, 1)],
+        )
+        self.assertEqual(summaries[0]["log_level"].name, "info")
+        self.assertNotIn("secret", repr(logged))
+        self.assertNotIn(first.id, [e.get("id") for e in logged])
+        logged.clear()
+        self.clock.advance(60)
+        self.assertEqual([e for e in logged if "queued" in e], [])
 
     def test_sweepPrunesOldEvents(self) -> None:
         """

@@ -726,8 +726,9 @@ class ProcessTests(TestCase):
         env = dict(os.environ, OPENAI_API_KEY=KEY, PYTHONPATH=root)
         process = ChatWebProcess(
             os.path.abspath(self.mktemp()),
+            # Every line that could carry the key: requests, and each message.
             args=["--responder", "openai", "--base-url", server.url, "--model", "m",
-                  "--access-log"],
+                  "--access-log", "--log-each-message"],
             env=env,
             testCase=self,
         )

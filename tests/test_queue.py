@@ -67,6 +67,31 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(self.adapter.contents("ci"), ["one"])
         self.assertEqual(self.successResultOf(self.queue.pendingFor("ci")), [])
 
+    def test_idleSessionDeliveredWithoutReadingBack(self) -> None:
+        """
+        A message posted to a session with nothing else pending is
+        delivered as stored, without reading it back from the journal;
+        one posted behind another is read back once that one is done.
+        """
+        reads: list[tuple[str, int]] = []
+        original = self.journal.nextPending
+
+        def counted(session: str, afterId: int = 0) -> Deferred:
+            reads.append((session, afterId))
+            return original(session, afterId)
+
+        self.journal.nextPending = counted  # type: ignore[method-assign]
+        self.adapter.autoComplete = False
+        self.start()
+        self.post("ci", "one")
+        self.assertEqual(([d.content for d, _ in self.adapter.waiting], reads), (["one"], []))
+        self.post("ci", "two")
+        self.adapter.complete()
+        self.assertEqual([d.content for d, _ in self.adapter.waiting], ["two"])
+        self.assertEqual(reads, [("ci", 0)])
+        self.adapter.complete()
+        self.assertEqual(self.adapter.contents("ci"), ["one", "two"])
+
     def test_fifoPerSessionOneInFlight(self) -> None:
         """
         While a delivery is under way, later messages of its session wait;
@@ -615,10 +640,16 @@ class StoreIsTheTruthTests(SynchronousTestCase):
             return d
 
         self.journal.nextPending = slow  # type: ignore[method-assign]
+        # One in flight: the messages behind it are read back as heads.
+        self.adapter.autoComplete = False
+        self.successResultOf(self.queue.post("ci", "before"))
         first = self.successResultOf(self.queue.post("ci", "discard me"))
         self.successResultOf(self.queue.post("ci", "keep"))
+        self.adapter.complete()
+        self.adapter.autoComplete = True
+        self.assertEqual(len(reads), 1)
         self.successResultOf(self.queue.discard(first.id))
         while reads:
             reads.pop(0).callback(None)
-        self.assertEqual(self.adapter.contents("ci"), ["keep"])
+        self.assertEqual(self.adapter.contents("ci"), ["before", "keep"])
         self.assertEqual(self.journal.rows[first.id].state, "discarded")

@@ -112,6 +112,16 @@ class OptionsTests(SynchronousTestCase):
             f.write("good-key-0123456789\nbad key\n")
         self.assertIn("line 2", self.refused("--api-key-file", path))
 
+    def test_logEachMessage(self) -> None:
+        """
+        The queue logs each message only with --log-each-message.
+        """
+        for flags, expected in (((), False), (("--log-each-message",), True)):
+            service = makeService(self.parse(
+                "--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0", *flags))
+            self.addCleanup(service.stopService)
+            self.assertIs(service.queue.logEachMessage, expected)
+
     def test_startupObjectsLeaveTheCollector(self) -> None:
         """
         When twistd's service starts, what exists then (modules, wiring) is

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 
 from chatweb.web._twisted_compat import (
     PRIVATE_NAMES,
@@ -100,3 +102,48 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsNone(listeningDeferred(service))
         service.startService()
         self.assertIs(listeningDeferred(service), listening)
+
+
+class _Hosts(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[object] = []
+
+    def render_GET(self, request: object) -> bytes:
+        self.seen.append(request.getHost())  # type: ignore[attr-defined]
+        return b"ok"
+
+
+class ChannelHostTests(SynchronousTestCase):
+    def test_hostAskedOncePerConnection(self) -> None:
+        """
+        Every request of a keep-alive connection sees the address it came
+        to, asked of the socket once for the connection (not once per
+        request: a system call each).
+        """
+        from chatweb.web._site import ChatWebSite
+
+        resource = _Hosts()
+        site = ChatWebSite(resource)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 7777),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 5000),
+        )
+        asked: list[object] = []
+        original = transport.getHost
+
+        def getHost() -> object:
+            asked.append(None)
+            return original()
+
+        transport.getHost = getHost  # type: ignore[method-assign]
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        for _ in range(3):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(resource.seen, [IPv4Address("TCP", "127.0.0.1", 7777)] * 3)
+        self.assertEqual(transport.value().count(b"200 OK"), 3)
+        self.assertEqual(len(asked), 1)

@@ -37,6 +37,10 @@ from chatweb.model._values import PENDING, EventKind, QueuedMessage
 
 _log = Logger()
 
+#: Seconds between the log's summaries of messages queued and delivered
+#: (unless each message is logged: see L{MessageQueue.logEachMessage}).
+SUMMARY_INTERVAL = 60.0
+
 
 @attrs.frozen
 class RetryPolicy:
@@ -131,7 +135,16 @@ class MessageQueue:
         maxPendingTotal: int | None = None,
         eventRetention: float = EVENT_RETENTION,
         leases: Any = None,
+        logEachMessage: bool = False,
     ) -> None:
+        #: Log every message queued and delivered (info).  Off, the sweep
+        #: logs how many were, at most once a minute: formatting and
+        #: writing two log lines per message took a fifth of the reactor
+        #: under POST load.  Failures are logged each time either way.
+        self.logEachMessage = logEachMessage
+        self._queuedSince = 0
+        self._deliveredSince = 0
+        self._summarizedAt: float | None = None
         #: Claims on sessions shared with other instances (see
         #: L{chatweb.store.PostgreSQLDatabase}): a session is delivered to
         #: only while its lease is held.  None: this instance is alone.
@@ -174,6 +187,7 @@ class MessageQueue:
         the sweep.
         """
         self._running = True
+        self._summarizedAt = self._clock.seconds()
         self._sweep.start(self.interval, now=False).addErrback(
             lambda f: _log.failure("The queue sweep stopped", f)
         )
@@ -305,16 +319,32 @@ class MessageQueue:
     def _enqueue(self, message: QueuedMessage) -> QueuedMessage:
         if message.duplicate:
             return message
-        _log.info(
-            "Message {id} queued for session {session!r}",
-            id=message.id,
-            session=message.session,
-            attempt=message.attempts,
-        )
+        if self.logEachMessage:
+            _log.info(
+                "Message {id} queued for session {session!r}",
+                id=message.id,
+                session=message.session,
+                attempt=message.attempts,
+            )
+        else:
+            self._queuedSince += 1
         if not self._loaded:
             self._early.append(message)
             return message
-        self._queues.setdefault(message.session, _SessionQueue()).count += 1
+        queue = self._queues.setdefault(message.session, _SessionQueue())
+        if (
+            self._leases is None
+            and queue.count == 0
+            and queue.head is None
+            and queue.reading is None
+            and queue.delivering is None
+            and message.id > queue.skipThrough
+        ):
+            # Nothing else of the session is pending: the message just
+            # stored is its next one, without reading it back.  (With
+            # leases, other instances may have stored earlier ones.)
+            queue.head = message
+        queue.count += 1
         # The message is on disk: whatever delivery does now, the post
         # succeeded (the sweep tries again).
         try:
@@ -462,6 +492,7 @@ class MessageQueue:
             except Exception:
                 _log.failure("Sweep of session {session!r} failed", session=session)
         self._pruneEvents()
+        self._summarize()
         if self._leases is not None and self._loaded:
             # Messages other instances stored (and may not deliver: one
             # that died) are found here.
@@ -532,6 +563,24 @@ class MessageQueue:
                 _log.failure("Could not release session {session!r}", failure, session=session)
 
         self._leases.release(session).addErrback(failed)
+
+    def _summarize(self) -> None:
+        now = self._clock.seconds()
+        since = self._summarizedAt
+        if since is None or now - since < SUMMARY_INTERVAL:
+            return
+        self._summarizedAt = now
+        queued, delivered = self._queuedSince, self._deliveredSince
+        self._queuedSince = self._deliveredSince = 0
+        if queued or delivered:
+            _log.info(
+                "{queued} message(s) queued and {delivered} delivered in the"
+                " last {seconds:.0f} s; {pending} pending",
+                queued=queued,
+                delivered=delivered,
+                seconds=now - since,
+                pending=self.pendingCount(),
+            )
 
     def _pruneEvents(self) -> None:
         # At most once a minute (each prune is a write).
@@ -703,13 +752,16 @@ class MessageQueue:
         self, _: object, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> Deferred[None]:
         queue.inFlight = None
-        _log.info(
-            "Message {id} delivered to session {session!r}",
-            id=message.id,
-            session=session,
-            attempt=message.attempts + 1,
-            duration=self._clock.seconds() - queue.startedAt,
-        )
+        if self.logEachMessage:
+            _log.info(
+                "Message {id} delivered to session {session!r}",
+                id=message.id,
+                session=session,
+                attempt=message.attempts + 1,
+                duration=self._clock.seconds() - queue.startedAt,
+            )
+        else:
+            self._deliveredSince += 1
 
         def recordFailed(failure: Failure) -> None:
             # The adapter has the message; at worst it sees it again after

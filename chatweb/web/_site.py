@@ -241,6 +241,16 @@ class ChatWebChannel(HTTPChannelHooks):
     _headerBytes = 0
     currentTarget = b"/"
 
+    #: This end's address, asked of the socket once (Twisted asks for
+    #: every request: a system call each).
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
     def connectionMade(self) -> None:
         self.site.channelOpened(self)
         self.totalHeadersSize = self.MAX_LENGTH = self.site.limits.maxHeaderSize
