@@ -126,8 +126,8 @@ class Options(usage.Options):
         ["access-log", None, "Log every request (method, path, status; never"
          " the query string)."],
         ["log-each-message", None, "Log every message queued and delivered"
-         " (by default a summary of how many, once a minute; failures are"
-         " always logged one by one)."],
+         " (by default the first 100 lines of each minute, and a count of the"
+         " rest once a minute; failures are always logged one by one)."],
     ]
     compData = usage.Completions(
         optActions={

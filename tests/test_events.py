@@ -22,6 +22,7 @@ from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
 from chatweb.model import Delivery, Event, EventKind, Session
 from chatweb.queue import MessageQueue, RetryPolicy
+from chatweb.queue import _queue
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
 
@@ -170,21 +171,30 @@ class QueueEventTests(SynchronousTestCase):
         text = repr(mine)
         self.assertNotIn("secret", text)
 
-    def test_successesSummarizedOnceAMinuteByDefault(self) -> None:
+    def test_messagesPastTheFirstLinesOfAMinuteSummarized(self) -> None:
         """
-        By default a message queued or delivered is not logged one by one:
-        the sweep logs how many were, at most once a minute (and not at all
-        when none were); a failure is still logged when it happens.
+        By default the first messages of each minute are logged one by one
+        (a user trying chatweb sees each), the rest only counted: the sweep
+        logs how many, at most once a minute (not at all when none were).
+        A failure is logged when it happens either way; content never.
         """
+        self.patch(_queue, "EACH_MESSAGE_LINES", 2)
         logged: list[dict] = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         first = self.successResultOf(self.queue.post("s", "secret-one"))
         self.adapter.complete()
-        bad = self.successResultOf(self.queue.post("s", "secret-two"))
+        self.assertEqual(
+            [(e.get("id"), e["log_level"].name) for e in logged],
+            [(first.id, "info"), (first.id, "info")],
+        )
+        logged.clear()
+        second = self.successResultOf(self.queue.post("s", "secret-two"))
+        self.adapter.complete()
+        bad = self.successResultOf(self.queue.post("s", "secret-three"))
         self.adapter.failWaiting()
-        self.assertEqual([e.get("id") for e in logged], [bad.id])
-        self.assertEqual(logged[0]["log_level"].name, "warn")
+        self.assertEqual([(e.get("id"), e["log_level"].name) for e in logged],
+                         [(bad.id, "warn")])
         logged.clear()
         self.clock.advance(55)
         self.assertEqual(logged, [])
@@ -196,10 +206,13 @@ class QueueEventTests(SynchronousTestCase):
         )
         self.assertEqual(summaries[0]["log_level"].name, "info")
         self.assertNotIn("secret", repr(logged))
-        self.assertNotIn(first.id, [e.get("id") for e in logged])
+        self.assertNotIn(second.id, [e.get("id") for e in logged])
         logged.clear()
         self.clock.advance(60)
         self.assertEqual([e for e in logged if "queued" in e], [])
+        # A new minute: its first messages are logged one by one again.
+        third = self.successResultOf(self.queue.post("t", "secret-four"))
+        self.assertIn(third.id, [e.get("id") for e in logged])
 
     def test_sweepPrunesOldEvents(self) -> None:
         """
