@@ -19,7 +19,15 @@ from zope.interface import implementer
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import EventSink, insertEvent
-from chatweb.model._values import Delivery, Event, EventKind, Message, Session
+from chatweb.model._values import (
+    Delivery,
+    Event,
+    EventKind,
+    Message,
+    Session,
+    SessionPage,
+    Usage,
+)
 from chatweb.backends.responders import NoResponder
 from chatweb.backends._models import ModelError, Stopped
 
@@ -423,6 +431,57 @@ class LocalBackend:
         data = json.loads(row[0])
         data["messages"] = []
         return attrs.evolve(Session.fromDict(data, id=sessionId), messages=tuple(messages))
+
+    def getSessionPage(
+        self, sessionId: str, before: int | None, around: int
+    ) -> Deferred[SessionPage | None]:
+        """
+        The part of a session a page needs: its settings, its message count
+        and usage, and the messages up to C{around} either side of index
+        C{before} (the end when None), read and decoded alone.  The page of
+        a 5,000-message session decoded all of them on a reader thread,
+        holding the GIL that the reactor's thread waited for.
+        """
+        return self._db.read(self._getSessionPage, sessionId, before, around)
+
+    def _getSessionPage(
+        self, cursor: sqlite3.Cursor, sessionId: str, before: int | None, around: int
+    ) -> SessionPage | None:
+        # Runs on a reader thread.  Rows that are not JSON objects are not
+        # messages (as in _getSessionParsedOnce): chatweb writes each
+        # message as an object, so its text starts with "{".
+        cursor.execute("SELECT meta FROM sessions WHERE id = ?", (sessionId,))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        cursor.execute(
+            "SELECT count(*) FROM messages WHERE session = ? AND data LIKE ?",
+            (sessionId, "{%"),
+        )
+        total = int(cursor.fetchone()[0])
+        end = total if before is None else max(0, min(before, total))
+        first, last = max(0, end - around), min(total, end + around)
+        cursor.execute(
+            "SELECT data FROM messages WHERE session = ? AND data LIKE ?"
+            " ORDER BY seq LIMIT ? OFFSET ?",
+            (sessionId, "{%", last - first, first),
+        )
+        messages = tuple(Message.fromDict(json.loads(data)) for (data,) in cursor.fetchall())
+        # Only the messages whose text names "usage" can report one.
+        cursor.execute(
+            "SELECT data FROM messages WHERE session = ? AND data LIKE ?"
+            " AND data LIKE ? ORDER BY seq",
+            (sessionId, "{%", '%"usage"%'),
+        )
+        usage = Usage()
+        for (data,) in cursor.fetchall():
+            reported = Message.fromDict(json.loads(data)).tokenUsage
+            if reported is not None:
+                usage = usage + reported
+        meta = json.loads(row[0])
+        meta["messages"] = []
+        session = attrs.evolve(Session.fromDict(meta, id=sessionId), messages=messages)
+        return SessionPage(session, first, total, usage)
 
     # -- busy and idle
 
