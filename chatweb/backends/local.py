@@ -56,6 +56,9 @@ SCHEMA: list[str | Upgrades] = [
 #: Characters of message JSON whose parsed messages are kept (about three
 #: times as many bytes of memory); then they are forgotten, all at once.
 PARSED_MESSAGES_SIZE = 8_000_000
+#: Messages whose token usage is kept (for the usage of a session's
+#: pages); then they are forgotten, all at once.
+USAGES_KEPT = 200_000
 
 
 def _dumps(value: Any) -> str:
@@ -366,6 +369,9 @@ class LocalBackend:
         #: and the length of their JSON.
         self._parsed: dict[int, Message] = {}
         self._parsedSize = 0
+        #: The token usage of messages by their row's seq (see
+        #: _getSessionPage), forgotten with the parsed messages.
+        self._usage: dict[int, Usage | None] = {}
 
     # -- reading
 
@@ -412,25 +418,35 @@ class LocalBackend:
             "SELECT seq, data FROM messages WHERE session = ? ORDER BY seq",
             (sessionId,),
         )
-        parsed = self._parsed
         messages = []
         for seq, data in cursor.fetchall():
-            message = parsed.get(seq)
-            if message is None:
-                value = json.loads(data)
-                if not isinstance(value, dict):
-                    continue  # as Session.fromDict does
-                message = Message.fromDict(value)
-                if self._parsedSize > PARSED_MESSAGES_SIZE:
-                    # Crude, and safe from two reader threads at once.
-                    parsed.clear()
-                    self._parsedSize = 0
-                parsed[seq] = message
-                self._parsedSize += len(data)
-            messages.append(message)
+            message = self._parsedMessage(seq, data)
+            if message is not None:
+                messages.append(message)
         data = json.loads(row[0])
         data["messages"] = []
         return attrs.evolve(Session.fromDict(data, id=sessionId), messages=tuple(messages))
+
+    def _parsedMessage(self, seq: int, data: str) -> Message | None:
+        """
+        The message of row C{seq} (whose JSON is C{data}), parsed once; None
+        if it is not a JSON object (as L{Session.fromDict} skips those).
+        """
+        parsed = self._parsed
+        message = parsed.get(seq)
+        if message is None:
+            value = json.loads(data)
+            if not isinstance(value, dict):
+                return None
+            message = Message.fromDict(value)
+            if self._parsedSize > PARSED_MESSAGES_SIZE:
+                # Crude, and safe from two reader threads at once.
+                parsed.clear()
+                self._usage.clear()
+                self._parsedSize = 0
+            parsed[seq] = message
+            self._parsedSize += len(data)
+        return message
 
     def getSessionPage(
         self, sessionId: str, before: int | None, around: int
@@ -462,20 +478,31 @@ class LocalBackend:
         end = total if before is None else max(0, min(before, total))
         first, last = max(0, end - around), min(total, end + around)
         cursor.execute(
-            "SELECT data FROM messages WHERE session = ? AND data LIKE ?"
+            "SELECT seq, data FROM messages WHERE session = ? AND data LIKE ?"
             " ORDER BY seq LIMIT ? OFFSET ?",
             (sessionId, "{%", last - first, first),
         )
-        messages = tuple(Message.fromDict(json.loads(data)) for (data,) in cursor.fetchall())
-        # Only the messages whose text names "usage" can report one.
+        messages = tuple(
+            message
+            for seq, data in cursor.fetchall()
+            if (message := self._parsedMessage(seq, data)) is not None
+        )
+        # Only the messages whose text names "usage" can report one; each
+        # one's usage is kept by seq, as parsed messages are.
         cursor.execute(
-            "SELECT data FROM messages WHERE session = ? AND data LIKE ?"
+            "SELECT seq, data FROM messages WHERE session = ? AND data LIKE ?"
             " AND data LIKE ? ORDER BY seq",
             (sessionId, "{%", '%"usage"%'),
         )
-        usage = Usage()
-        for (data,) in cursor.fetchall():
-            reported = Message.fromDict(json.loads(data)).tokenUsage
+        usage, known = Usage(), self._usage
+        for seq, data in cursor.fetchall():
+            if seq in known:
+                reported = known[seq]
+            else:
+                reported = Message.fromDict(json.loads(data)).tokenUsage
+                if len(known) >= USAGES_KEPT:
+                    known.clear()
+                known[seq] = reported
             if reported is not None:
                 usage = usage + reported
         meta = json.loads(row[0])
