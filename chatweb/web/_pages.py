@@ -21,10 +21,10 @@ from twisted.web.iweb import IRequest
 from chatweb.importer import exportSession
 from chatweb.model import QueuedMessage, Session, SessionPage
 from chatweb.render._preview import (
-    SECURITY_HEADERS,
-    inBackground,
     PAGE_MESSAGES,
+    SECURITY_HEADERS,
     _Window,
+    inBackground,
     messageSize,
     pageBounds,
     pause,
