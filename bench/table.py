@@ -455,6 +455,11 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("bench/table.py needs wrk: apt-get install wrk (Debian/Ubuntu)")
     parts = args.only.split(",")
+    if hasattr(os, "sched_setaffinity") and shutil.which("taskset"):
+        # This script's own requests (the page and list clients of the
+        # stall row, the timed GETs) are load too: on the load's core, not
+        # the server's.  The servers are started pinned to theirs.
+        os.sched_setaffinity(0, {int(LOAD_CPU)})
     if args.no_rss and "rss" in parts:
         parts.remove("rss")
     started = time.time()

@@ -13,7 +13,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.model import FAILED, PENDING, Message, QueuedMessage, Session
+from chatweb.model import FAILED, PENDING, Message, QueuedMessage, Session, SessionPage
 
 
 class _InFlight(Protocol):
@@ -78,6 +78,43 @@ class Sessions:
             return None
         return SessionView(
             session=session if session is not None else Session(id=sessionId),
+            queued=tuple(m for m in waiting if m.state == PENDING),
+            failed=tuple(m for m in waiting if m.state == FAILED),
+            inFlight=self._queue.deliveringNow(sessionId),
+        )
+
+    def page(
+        self, sessionId: str, before: int | None, around: int
+    ) -> Deferred[tuple[SessionPage, SessionView] | None]:
+        """
+        What a page of C{sessionId} shows: the part of the session around
+        index C{before} (L{SessionPage}: up to C{around} messages either
+        side; the end when None), and its L{SessionView}, whose session
+        holds the same messages only.  None as for L{get}.
+
+        An adapter with a C{getSessionPage(sessionId, before, around)}
+        method reads only that part; from others the whole session is read.
+        """
+        return Deferred.fromCoroutine(self._page(sessionId, before, around))
+
+    async def _page(
+        self, sessionId: str, before: int | None, around: int
+    ) -> tuple[SessionPage, SessionView] | None:
+        # The journal first, as in _get.
+        waiting: list[QueuedMessage] = await self._journal.messages(sessionId)
+        readPage = getattr(self._adapter, "getSessionPage", None)
+        page: SessionPage | None
+        if readPage is not None:
+            page = await readPage(sessionId, before, around)
+        else:
+            session = await self._adapter.getSession(sessionId)
+            page = None if session is None else SessionPage.whole(session)
+        if page is None:
+            if not waiting:
+                return None
+            page = SessionPage.whole(Session(id=sessionId))
+        return page, SessionView(
+            session=page.session,
             queued=tuple(m for m in waiting if m.state == PENDING),
             failed=tuple(m for m in waiting if m.state == FAILED),
             inFlight=self._queue.deliveringNow(sessionId),

@@ -58,6 +58,7 @@ EXPORTS = {
         "QueuedMessage",
         "ROLES",
         "Session",
+        "SessionPage",
         "Usage",
     ],
     chatweb.backends: [

@@ -76,6 +76,23 @@ class PostgreSQLLocalBackendTests(PostgreSQLStorageMixin, test_storage.LocalBack
     pass
 
 
+class NoFileTests(TestCase):
+    async def test_noFileNamedAfterTheDSN(self) -> None:
+        """
+        Opening a PostgreSQL store makes no file or directory in the
+        working directory (SQLite's store makes its database file first).
+        """
+        dsn = freshDatabase(self)
+        here = os.path.abspath(self.mktemp())
+        os.makedirs(here)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(here)
+        db = PostgreSQLDatabase(dsn, reactor)
+        await db.open(JOURNAL_SCHEMA)
+        await db.close()
+        self.assertEqual(os.listdir(here), [])
+
+
 class PostgreSQLCollationTests(PostgreSQLStorageMixin, TestCase):
     async def test_sessionsListedInCodePointOrder(self) -> None:
         """

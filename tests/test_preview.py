@@ -838,6 +838,61 @@ class RacingThreadsTests(SynchronousTestCase):
         self.assertEqual([page[:300] for page in wrong], [])
 
 
+class LocalPagedViewTests(TestCase):
+    """
+    GET /session of a long session in the local backend's database, which
+    reads only the page's part of it: the same page as the whole session
+    gives.
+    """
+
+    async def test_pagesAsOfTheWholeSession(self) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.server import Site
+        from treq.client import HTTPClient
+
+        from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
+        from chatweb.backends.local import LocalBackend
+        from chatweb.queue import MessageQueue
+        from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
+        from chatweb.store._journal import SQLiteJournal
+        from chatweb.store._sqlite import SQLiteDatabase
+        from chatweb.web._api import ChatWebAPI
+
+        db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        self.addCleanup(db.close)
+        await db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+        backend = LocalBackend(db, reactor)
+        messages = tuple(
+            Message(role="assistant", content=f"message {n}",
+                    usage={"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2})
+            if n % 2 else Message(role="user", content=f"message {n}")
+            for n in range(250)
+        )
+        await backend.importSession(Session(id="long", title="Long", messages=messages))
+        whole = await backend.getSession("long")
+        assert whole is not None
+        journal = SQLiteJournal(db)
+        queue = MessageQueue(journal, backend, reactor)
+        api = ChatWebAPI(queue, backend, ["k" * 32], shareSecret=b"s" * 32)
+        port = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+        def url(before: int | None) -> str:
+            return "/session?id=long" + ("" if before is None else f"&before={before}")
+
+        for before in [None, 250, 200, 150, 101, 100, 37, 1]:
+            response = await client.get(
+                f"http://127.0.0.1:{port.getHost().port}{url(before)}",
+                headers={"X-API-Key": "k" * 32},
+            )
+            self.assertEqual(response.code, 200)
+            body = (await response.content()).decode("utf-8")
+            self.assertEqual(body, renderSession(whole, (), before, url), before)
+            self.assertIn("<b>250</b> messages", body)
+
+
 class PagedViewTests(TestCase):
     """
     GET /session over a real port: long sessions are paged, and page

@@ -300,6 +300,39 @@ class LocalBackendTests(StorageTestCase):
             self.assertLess(len(backend._parsed), 20)
 
     @inlineCallbacks
+    def test_pageOfALongSession(self):
+        """
+        The part of a session a page reads holds the messages around the
+        page's end, and the count and token usage of the whole session
+        (a message that only mentions "usage" counts for none).
+        """
+        messages = []
+        for n in range(250):
+            if n % 3 == 2:
+                usage = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
+                messages.append(Message(role="assistant", content=f"a{n}", usage=usage))
+            else:
+                messages.append(Message(role="user", content=f'u{n} "usage" {{}}'))
+        backend = LocalBackend(self.db, reactor)
+        yield backend.importSession(
+            Session(id="s", title="T", model="m", messages=tuple(messages))
+        )
+        whole = yield backend.getSession("s")
+        self.assertEqual(len(whole.messages), 250)
+        for before, first, last in [(None, 150, 250), (250, 150, 250), (999, 150, 250),
+                                    (200, 100, 250), (130, 30, 230), (37, 0, 137),
+                                    (0, 0, 100)]:
+            page = yield backend.getSessionPage("s", before, 100)
+            self.assertEqual((page.first, page.total), (first, 250), before)
+            self.assertEqual(page.session.messages, whole.messages[first:last], before)
+            self.assertEqual(page.usage, whole.totalUsage())
+            self.assertEqual(page.session.metadata(), whole.metadata())
+        self.assertIsNone((yield backend.getSessionPage("nope", None, 100)))
+        yield backend.createSession()
+        empty = yield backend.getSessionPage((yield backend.listSessions())[0], None, 100)
+        self.assertEqual((empty.session.messages, empty.first, empty.total), ((), 0, 0))
+
+    @inlineCallbacks
     def test_redeliveryIsIgnored(self):
         """
         The same delivery id twice (a crash between delivery and its record)

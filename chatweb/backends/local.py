@@ -19,7 +19,15 @@ from zope.interface import implementer
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import EventSink, insertEvent
-from chatweb.model._values import Delivery, Event, EventKind, Message, Session
+from chatweb.model._values import (
+    Delivery,
+    Event,
+    EventKind,
+    Message,
+    Session,
+    SessionPage,
+    Usage,
+)
 from chatweb.backends.responders import NoResponder
 from chatweb.backends._models import ModelError, Stopped
 
@@ -48,6 +56,9 @@ SCHEMA: list[str | Upgrades] = [
 #: Characters of message JSON whose parsed messages are kept (about three
 #: times as many bytes of memory); then they are forgotten, all at once.
 PARSED_MESSAGES_SIZE = 8_000_000
+#: Messages whose token usage is kept (for the usage of a session's
+#: pages); then they are forgotten, all at once.
+USAGES_KEPT = 200_000
 
 
 def _dumps(value: Any) -> str:
@@ -358,6 +369,9 @@ class LocalBackend:
         #: and the length of their JSON.
         self._parsed: dict[int, Message] = {}
         self._parsedSize = 0
+        #: The token usage of messages by their row's seq (see
+        #: _getSessionPage), forgotten with the parsed messages.
+        self._usage: dict[int, Usage | None] = {}
 
     # -- reading
 
@@ -404,25 +418,97 @@ class LocalBackend:
             "SELECT seq, data FROM messages WHERE session = ? ORDER BY seq",
             (sessionId,),
         )
-        parsed = self._parsed
         messages = []
         for seq, data in cursor.fetchall():
-            message = parsed.get(seq)
-            if message is None:
-                value = json.loads(data)
-                if not isinstance(value, dict):
-                    continue  # as Session.fromDict does
-                message = Message.fromDict(value)
-                if self._parsedSize > PARSED_MESSAGES_SIZE:
-                    # Crude, and safe from two reader threads at once.
-                    parsed.clear()
-                    self._parsedSize = 0
-                parsed[seq] = message
-                self._parsedSize += len(data)
-            messages.append(message)
+            message = self._parsedMessage(seq, data)
+            if message is not None:
+                messages.append(message)
         data = json.loads(row[0])
         data["messages"] = []
         return attrs.evolve(Session.fromDict(data, id=sessionId), messages=tuple(messages))
+
+    def _parsedMessage(self, seq: int, data: str) -> Message | None:
+        """
+        The message of row C{seq} (whose JSON is C{data}), parsed once; None
+        if it is not a JSON object (as L{Session.fromDict} skips those).
+        """
+        parsed = self._parsed
+        message = parsed.get(seq)
+        if message is None:
+            value = json.loads(data)
+            if not isinstance(value, dict):
+                return None
+            message = Message.fromDict(value)
+            if self._parsedSize > PARSED_MESSAGES_SIZE:
+                # Crude, and safe from two reader threads at once.
+                parsed.clear()
+                self._usage.clear()
+                self._parsedSize = 0
+            parsed[seq] = message
+            self._parsedSize += len(data)
+        return message
+
+    def getSessionPage(
+        self, sessionId: str, before: int | None, around: int
+    ) -> Deferred[SessionPage | None]:
+        """
+        The part of a session a page needs: its settings, its message count
+        and usage, and the messages up to C{around} either side of index
+        C{before} (the end when None), read and decoded alone.  The page of
+        a 5,000-message session decoded all of them on a reader thread,
+        holding the GIL that the reactor's thread waited for.
+        """
+        return self._db.read(self._getSessionPage, sessionId, before, around)
+
+    def _getSessionPage(
+        self, cursor: sqlite3.Cursor, sessionId: str, before: int | None, around: int
+    ) -> SessionPage | None:
+        # Runs on a reader thread.  Rows that are not JSON objects are not
+        # messages (as in _getSessionParsedOnce): chatweb writes each
+        # message as an object, so its text starts with "{".
+        cursor.execute("SELECT meta FROM sessions WHERE id = ?", (sessionId,))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        cursor.execute(
+            "SELECT count(*) FROM messages WHERE session = ? AND data LIKE ?",
+            (sessionId, "{%"),
+        )
+        total = int(cursor.fetchone()[0])
+        end = total if before is None else max(0, min(before, total))
+        first, last = max(0, end - around), min(total, end + around)
+        cursor.execute(
+            "SELECT seq, data FROM messages WHERE session = ? AND data LIKE ?"
+            " ORDER BY seq LIMIT ? OFFSET ?",
+            (sessionId, "{%", last - first, first),
+        )
+        messages = tuple(
+            message
+            for seq, data in cursor.fetchall()
+            if (message := self._parsedMessage(seq, data)) is not None
+        )
+        # Only the messages whose text names "usage" can report one; each
+        # one's usage is kept by seq, as parsed messages are.
+        cursor.execute(
+            "SELECT seq, data FROM messages WHERE session = ? AND data LIKE ?"
+            " AND data LIKE ? ORDER BY seq",
+            (sessionId, "{%", '%"usage"%'),
+        )
+        usage, known = Usage(), self._usage
+        for seq, data in cursor.fetchall():
+            if seq in known:
+                reported = known[seq]
+            else:
+                reported = Message.fromDict(json.loads(data)).tokenUsage
+                if len(known) >= USAGES_KEPT:
+                    known.clear()
+                known[seq] = reported
+            if reported is not None:
+                usage = usage + reported
+        meta = json.loads(row[0])
+        meta["messages"] = []
+        session = attrs.evolve(Session.fromDict(meta, id=sessionId), messages=messages)
+        return SessionPage(session, first, total, usage)
 
     # -- busy and idle
 

@@ -17,6 +17,7 @@ from chatweb.model._values import (
     MessageState,
     QueuedMessage,
     Session,
+    SessionPage,
     Usage,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "MessageState",
     "QueuedMessage",
     "Session",
+    "SessionPage",
     "Usage",
 ]

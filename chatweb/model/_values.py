@@ -271,6 +271,33 @@ class Session:
         return out
 
 
+
+@attrs.frozen
+class SessionPage:
+    """
+    Part of a session, for a page that shows a few of its messages: read
+    without reading (or decoding) every message of a long session.
+
+    @ivar session: its settings, and the messages it holds: those from
+        index C{first} of the whole session on.
+    @ivar first: the index, in the whole session, of C{session.messages[0]}.
+    @ivar total: how many messages the whole session has.
+    @ivar usage: the sum of the token usage of all its messages
+        (L{Session.totalUsage} of the whole session).
+    """
+
+    session: Session
+    first: int
+    total: int
+    usage: Usage
+
+    @classmethod
+    def whole(cls, session: Session) -> SessionPage:
+        """
+        All of C{session}.
+        """
+        return cls(session, 0, len(session.messages), session.totalUsage())
+
 @attrs.frozen
 class Delivery:
     """

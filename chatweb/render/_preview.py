@@ -33,7 +33,15 @@ from pygments.lexers import get_lexer_by_name
 from pygments.lexers.data import JsonLexer
 from pygments.util import ClassNotFound
 
-from chatweb.model._values import FAILED, ROLES, Message, QueuedMessage, Session, Usage
+from chatweb.model._values import (
+    FAILED,
+    ROLES,
+    Message,
+    QueuedMessage,
+    Session,
+    SessionPage,
+    Usage,
+)
 
 #: Headers of every HTML page: no scripts, nothing loaded from elsewhere.
 SECURITY_HEADERS = {
@@ -611,11 +619,9 @@ def _queuedViews(queued: Sequence[QueuedMessage]) -> list[MessageView]:
     ]
 
 
-def _sessionUsage(session: Session) -> UsageView | None:
+def _sessionUsage(page: SessionPage) -> UsageView | None:
     # The sum over the messages; chat.nvim's session-level usage otherwise.
-    return UsageView.of(session.totalUsage()) or UsageView.of(
-        Usage.fromDict(session.usage)
-    )
+    return UsageView.of(page.usage) or UsageView.of(Usage.fromDict(page.session.usage))
 
 
 def _safeHref(url: str) -> str | None:
@@ -696,6 +702,30 @@ def _laterEnd(messages: Sequence[Message], start: int) -> int:
     return end
 
 
+class _Window(Sequence[Message]):
+    """
+    The messages of a L{SessionPage} by their index in the whole session:
+    as long as the session, though only the page's part can be read.
+    """
+
+    def __init__(self, page: SessionPage) -> None:
+        self._messages = page.session.messages
+        self._first = page.first
+        self._total = page.total
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._total)
+            return tuple(self[n] for n in range(start, stop, step))
+        at = index - self._first
+        if not 0 <= at < len(self._messages):
+            raise IndexError(f"message {index} is not on this page")
+        return self._messages[at]
+
+
 @attrs.frozen
 class PageView:
     """
@@ -711,14 +741,15 @@ class PageView:
 
 
 def renderSession(
-    session: Session,
+    session: Session | SessionPage,
     queued: Sequence[QueuedMessage] = (),
     before: int | None = None,
     pageURL: Callable[[int | None], str] | None = None,
 ) -> str:
     """
-    The page for C{session}; C{queued} lists messages not yet delivered,
-    shown after the others.
+    The page for C{session} (or the part of it a L{SessionPage} holds,
+    which must include the page's messages and those of the next page);
+    C{queued} lists messages not yet delivered, shown after the others.
 
     With C{pageURL}, the page holds only the messages before index
     C{before} that fit on a page (L{pageBounds}; the newest when C{before}
@@ -726,9 +757,12 @@ def renderSession(
     the page that ends before index n, C{pageURL(None)} the newest.  The
     queued messages are shown on the newest page only.
     """
-    messages = session.messages
+    part = session if isinstance(session, SessionPage) else SessionPage.whole(session)
+    messages: Sequence[Message] = part.session.messages
+    first = part.first
     page = None
     if pageURL is not None:
+        messages = _Window(part)
         start, end = pageBounds(messages, before)
         newest = end >= len(messages)
         page = PageView(
@@ -739,13 +773,14 @@ def renderSession(
             later=None if newest else pageURL(_laterEnd(messages, end)),
             newest=None if newest else pageURL(None),
         )
-        messages = messages[start:end]
+        messages, first = messages[start:end], start
         if not newest:
             queued = ()
     return _environment.get_template("session.html").render(
-        session=session,
-        usage=_sessionUsage(session),
-        messages=_messageViews(messages, page.start if page else 0),
+        session=part.session,
+        total=part.total,
+        usage=_sessionUsage(part),
+        messages=_messageViews(messages, first),
         queued=_queuedViews(queued),
         page=page if page and (page.earlier or page.later) else None,
     )
@@ -757,7 +792,7 @@ INLINE_BUDGET = 0.005
 
 
 def renderSessionInline(
-    session: Session,
+    session: Session | SessionPage,
     queued: Sequence[QueuedMessage] = (),
     before: int | None = None,
     pageURL: Callable[[int | None], str] | None = None,

@@ -224,6 +224,11 @@ class PostgreSQLDatabase(SQLiteDatabase):
         #: other instances' listeners learn of it once it has committed.
         self.notify = True
 
+    def _createFile(self) -> None:
+        # No file: self.path is the DSN (made into directories and an empty
+        # file under the working directory before).
+        pass
+
     def connectionArguments(self) -> dict[str, Any]:
         """
         What psycopg.connect needs besides the DSN (the password, if given

@@ -164,6 +164,12 @@ class SQLiteDatabase:
         self._reading = 0
         self._readsDone: list[Deferred[None]] = []
 
+    def _createFile(self) -> None:
+        """
+        Make the database's file, private, before anything opens it.
+        """
+        _createPrivately(self.path)
+
     def open(self, schema: Sequence[Union[str, Upgrades]]) -> Deferred[None]:
         """
         Create what C{schema} (a list of SQL statements, and L{Upgrades} to
@@ -180,7 +186,7 @@ class SQLiteDatabase:
         # until it starts), and before any connection can make it readable
         # by others.
         try:
-            _createPrivately(self.path)
+            self._createFile()
         except OSError:
             self._openFailure = Failure()
             return fail(self._openFailure)

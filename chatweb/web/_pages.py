@@ -19,9 +19,11 @@ from twisted.internet.threads import deferToThread
 from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
-from chatweb.model import QueuedMessage, Session
+from chatweb.model import QueuedMessage, Session, SessionPage
 from chatweb.render._preview import (
+    PAGE_MESSAGES,
     SECURITY_HEADERS,
+    _Window,
     inBackground,
     messageSize,
     pageBounds,
@@ -36,6 +38,7 @@ from chatweb.web._messages import _readBody, _Refused
 from chatweb.web._validation import BadRequest, parseShareRequest
 
 if TYPE_CHECKING:
+    from chatweb.sessions import SessionView
     from chatweb.web._api import ChatWebAPI
 
 #: Seconds the share links on the HTML index of sessions stay valid.
@@ -125,15 +128,15 @@ def _acceptsHTML(request: IRequest) -> bool:
 
 
 def _heavy(
-    session: Session, undelivered: Sequence[QueuedMessage], start: int, end: int
+    page: SessionPage, undelivered: Sequence[QueuedMessage], start: int, end: int
 ) -> bool:
     """
     Whether rendering the page that shows messages C{start} to C{end} of
-    C{session} could take long enough to belong off the reactor thread.
+    the session could take long enough to belong off the reactor thread.
     """
-    if len(session.messages) + len(undelivered) > RENDER_INLINE_LIMIT:
+    if page.total + len(undelivered) > RENDER_INLINE_LIMIT:
         return True
-    characters = sum(messageSize(m) for m in session.messages[start:end]) + sum(
+    characters = sum(messageSize(m) for m in _Window(page)[start:end]) + sum(
         len(m.content) for m in undelivered
     )
     return characters > RENDER_INLINE_CHARACTERS
@@ -422,19 +425,23 @@ class Pages:
         def pageURL(before: int | None) -> str:
             return base if before is None else f"{base}&before={before}"
 
-        def render(found: tuple[Session | None, list[QueuedMessage]]) -> Any:
-            session, undelivered = found
-            if session is None:
+        def render(found: tuple[SessionPage, SessionView] | None) -> Any:
+            if found is None:
                 return _error(request, 404, f"no session {sessionId!r}")
-            start, end = pageBounds(session.messages, before)
-            if not _heavy(session, undelivered, start, end):
-                page = renderSessionInline(session, undelivered, before, pageURL)
-                if page is not None:
-                    return _html(request, page)
+            part, view = found
+            undelivered = sorted(view.queued + view.failed, key=lambda m: m.id)
+            start, end = pageBounds(_Window(part), before)
+            if not _heavy(part, undelivered, start, end):
+                html = renderSessionInline(part, undelivered, before, pageURL)
+                if html is not None:
+                    return _html(request, html)
             # Other pages render off the reactor thread, a few at a time.
-            page = self.inThread(request, renderSession, session, undelivered, before, pageURL)
+            page = self.inThread(request, renderSession, part, undelivered, before, pageURL)
             return page.addCallback(lambda html: _html(request, html))
 
-        return self._findSession(sessionId).addCallbacks(
+        # Only the page's messages, and those of the next page (its link),
+        # are read.
+        sessions = api._sessionAPI.sessions
+        return sessions.page(sessionId, before, PAGE_MESSAGES).addCallbacks(
             render, lambda f: api._unavailable(request, f)
         )
