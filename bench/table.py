@@ -347,13 +347,18 @@ def delivery(small: str) -> None:
         return {content: t for s, content, t in records[kind] if s == session}
 
     stored, delivered = by("stored", "idle"), by("deliver", "idle")
-    idle = sorted(delivered[c] - stored[c] for c in stored if c in delivered and c != "warm-up")
+    gaps = [delivered[c] - stored[c] for c in stored if c in delivered and c != "warm-up"]
+    # An idle session's message is handed to the adapter in the turn that
+    # saw it committed, before the 204 is written: that latency is 0.
+    first = sum(1 for gap in gaps if gap <= 0)
+    idle = sorted(max(0.0, gap) for gap in gaps)
     p50, p99 = quantile(idle, 0.5) * 1000, quantile(idle, 0.99) * 1000
     rtt = statistics.median(roundTrips) * 1000
     row(f"delivery to an idle session, p50 ms ({len(idle)})", f"{p50:.2f}",
         f"POST rtt {rtt:.2f}", f"{p50 / rtt:.2f} x rtt", "< 2 ms", p50 < 2)
     row(f"delivery to an idle session, p99 ms ({len(idle)})", f"{p99:.2f}",
         f"POST rtt {rtt:.2f}", f"{p99 / rtt:.2f} x rtt", "< 10 ms", p99 < 10)
+    row("  ... delivered before the 204 was written", f"{first} of {len(gaps)}", "", "")
     stored, starts, ends = by("stored", "busy"), by("deliver", "busy"), by("delivered", "busy")
     handovers = sorted(
         starts[f"busy {n + 1}"] - ends[f"busy {n}"] for n in range(199)
