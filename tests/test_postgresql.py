@@ -93,6 +93,14 @@ class NoFileTests(TestCase):
         self.assertEqual(os.listdir(here), [])
 
 
+class PostgreSQLDatabaseTests(PostgreSQLStorageMixin, TestCase):
+    # The engine-neutral ones of test_storage.DatabaseTests.
+    test_failingWriteDoesNotUndoItsGroup = (
+        test_storage.DatabaseTests.test_failingWriteDoesNotUndoItsGroup
+    )
+    test_neverOnTheReactorThread = test_storage.DatabaseTests.test_neverOnTheReactorThread
+
+
 class PostgreSQLCollationTests(PostgreSQLStorageMixin, TestCase):
     async def test_sessionsListedInCodePointOrder(self) -> None:
         """

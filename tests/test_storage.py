@@ -75,7 +75,7 @@ class DatabaseTests(StorageTestCase):
 
         results = yield gatherResults([self.db.write(insert, n) for n in range(50)])
         self.assertEqual(results, list(range(50)))
-        ids = yield self.db.read(lambda c: [r[0] for r in c.execute("SELECT id FROM sessions")])
+        ids = yield self.db.read(lambda c: [r[0] for r in c.execute("SELECT id FROM sessions").fetchall()])
         self.assertEqual(sorted(ids, key=int), [str(n) for n in range(50)])
         # The first write goes alone; the 49 asked for meanwhile go together.
         self.assertEqual(batches, [1, 49])
@@ -147,7 +147,9 @@ class DatabaseTests(StorageTestCase):
         yield first
         yield self.assertFailure(failing, ValueError)
         yield last
-        ids = yield self.db.read(lambda c: sorted(r[0] for r in c.execute("SELECT id FROM sessions")))
+        ids = yield self.db.read(
+            lambda c: sorted(r[0] for r in c.execute("SELECT id FROM sessions").fetchall())
+        )
         self.assertEqual(ids, ["a", "b"])
 
     @inlineCallbacks

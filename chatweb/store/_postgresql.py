@@ -31,10 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades, runOperations
 
 _log = Logger()
 
@@ -303,18 +302,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
             raw.execute("BEGIN")
             try:
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                results: list[tuple[bool, Any]] = []
-                for operation, args in batch:
-                    raw.execute("SAVEPOINT operation")
-                    try:
-                        value = operation(cursor, *args)
-                    except Exception:
-                        raw.execute("ROLLBACK TO SAVEPOINT operation")
-                        raw.execute("RELEASE SAVEPOINT operation")
-                        results.append((False, Failure()))
-                    else:
-                        raw.execute("RELEASE SAVEPOINT operation")
-                        results.append((True, value))
+                results = runOperations(raw.execute, cursor, batch)
                 if self.notify:
                     # Delivered to listeners when (and only if) this commits.
                     raw.execute("SELECT pg_notify(%s, '')", (CHANNEL,))

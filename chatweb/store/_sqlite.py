@@ -78,24 +78,39 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA busy_timeout=10000")
 
 
+def runOperations(
+    execute: Callable[[str], Any],
+    cursor: Any,
+    batch: Sequence[tuple[Operation, tuple[Any, ...]]],
+) -> list[tuple[bool, Any]]:
+    """
+    Each operation of a batch in a savepoint of its own, inside the
+    caller's transaction: one that fails is undone alone and its caller
+    gets its failure, the others commit together.  C{execute} runs a
+    statement (the same SQL on SQLite and PostgreSQL).
+    """
+    results: list[tuple[bool, Any]] = []
+    for operation, args in batch:
+        execute("SAVEPOINT operation")
+        try:
+            value = operation(cursor, *args)
+        except Exception:
+            execute("ROLLBACK TO operation")
+            execute("RELEASE operation")
+            results.append((False, Failure()))
+        else:
+            execute("RELEASE operation")
+            results.append((True, value))
+    return results
+
+
 def _runBatch(
     connection: sqlite3.Connection, batch: Sequence[tuple[Operation, tuple[Any, ...]]]
 ) -> list[tuple[bool, Any]]:
     cursor = connection.cursor()
     cursor.execute("BEGIN IMMEDIATE")
-    results: list[tuple[bool, Any]] = []
     try:
-        for operation, args in batch:
-            cursor.execute("SAVEPOINT operation")
-            try:
-                value = operation(cursor, *args)
-            except Exception:
-                cursor.execute("ROLLBACK TO operation")
-                cursor.execute("RELEASE operation")
-                results.append((False, Failure()))
-            else:
-                cursor.execute("RELEASE operation")
-                results.append((True, value))
+        results = runOperations(cursor.execute, cursor, batch)
         cursor.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
