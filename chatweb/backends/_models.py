@@ -663,6 +663,15 @@ class ModelResponder:
         ]
         return [p.listing() for p in ordered]
 
+    def providerProblem(self, name: str) -> str | None:
+        """
+        What is wrong with C{name} as a session's provider, or None: it
+        must be one of the configured providers.
+        """
+        if name in self._providers:
+            return None
+        return f"no provider {name!r}; configured: {', '.join(sorted(self._providers))}"
+
     def scrub(self, text: str) -> str:
         """
         C{text} with every configured key replaced: error messages may

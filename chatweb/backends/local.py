@@ -617,6 +617,15 @@ class LocalBackend:
         name = str(self.responder.name)
         return [{"name": name, "models": [name]}]
 
+    def providerProblem(self, name: str) -> str | None:
+        """
+        What is wrong with C{name} as a session's provider (one the
+        responder has not configured), or None.  A responder without named
+        providers takes any: the field is then chat.nvim's metadata only.
+        """
+        problem = getattr(self.responder, "providerProblem", None)
+        return problem(name) if callable(problem) else None
+
     def _published(self, result: tuple[Any, list[Event]]) -> Any:
         value, events = result
         if self.eventSink is not None:

@@ -392,6 +392,8 @@ class SessionAPI:
             for field in ("provider", "model"):
                 if field in data and data[field] is not None:
                     metadata[field] = _fieldValue(field, data[field])
+            if "provider" in metadata:
+                _checkProvider(manager, metadata["provider"])
             return Deferred.fromCoroutine(self._create(request, manager, metadata))
 
         return self._run(request, b"POST", work)
@@ -441,6 +443,8 @@ class SessionAPI:
                 if field not in data:
                     raise BadRequest(f"missing field '{field}'")
                 value = _fieldValue(field, data[field])
+                if field == "provider":
+                    _checkProvider(manager, value)
                 return Deferred.fromCoroutine(
                     self._update(request, manager, sessionId, field, value)
                 )
@@ -505,6 +509,17 @@ class SessionAPI:
         message = await self._queue.post(sessionId, content)
         request.setHeader(b"X-Message-Id", str(message.id).encode("ascii"))
         return _noContent(request)
+
+
+def _checkProvider(manager: Any, name: str) -> None:
+    """
+    @raise BadRequest: if the adapter knows its providers and C{name} is
+        not one of them (chat.nvim answers 400 for an invalid provider).
+    """
+    problem = getattr(manager, "providerProblem", None)
+    reason = problem(name) if callable(problem) else None
+    if reason is not None:
+        raise BadRequest(reason)
 
 
 def _fieldValue(field: str, value: Any) -> Any:
