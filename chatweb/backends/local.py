@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
-from chatweb.store._journal import EventSink, insertEvent
+from chatweb.store._journal import EventSink, insertEvent, publishCommitted
 from chatweb.model._values import (
     Delivery,
     Event,
@@ -56,9 +56,15 @@ SCHEMA: list[str | Upgrades] = [
 #: Characters of message JSON whose parsed messages are kept (about three
 #: times as many bytes of memory); then they are forgotten, all at once.
 PARSED_MESSAGES_SIZE = 8_000_000
-#: Messages whose token usage is kept (for the usage of a session's
-#: pages); then they are forgotten, all at once.
-USAGES_KEPT = 200_000
+
+
+def _withMessages(sessionId: str, meta: str, messages: tuple[Message, ...]) -> Session:
+    """
+    The session of a C{sessions} row's C{meta} JSON, with C{messages}.
+    """
+    data = json.loads(meta)
+    data["messages"] = []
+    return attrs.evolve(Session.fromDict(data, id=sessionId), messages=messages)
 
 
 def _dumps(value: Any) -> str:
@@ -369,9 +375,6 @@ class LocalBackend:
         #: and the length of their JSON.
         self._parsed: dict[int, Message] = {}
         self._parsedSize = 0
-        #: The token usage of messages by their row's seq (see
-        #: _getSessionPage), forgotten with the parsed messages.
-        self._usage: dict[int, Usage | None] = {}
 
     # -- reading
 
@@ -423,9 +426,7 @@ class LocalBackend:
             message = self._parsedMessage(seq, data)
             if message is not None:
                 messages.append(message)
-        data = json.loads(row[0])
-        data["messages"] = []
-        return attrs.evolve(Session.fromDict(data, id=sessionId), messages=tuple(messages))
+        return _withMessages(sessionId, row[0], tuple(messages))
 
     def _parsedMessage(self, seq: int, data: str) -> Message | None:
         """
@@ -442,7 +443,6 @@ class LocalBackend:
             if self._parsedSize > PARSED_MESSAGES_SIZE:
                 # Crude, and safe from two reader threads at once.
                 parsed.clear()
-                self._usage.clear()
                 self._parsedSize = 0
             parsed[seq] = message
             self._parsedSize += len(data)
@@ -487,28 +487,19 @@ class LocalBackend:
             for seq, data in cursor.fetchall()
             if (message := self._parsedMessage(seq, data)) is not None
         )
-        # Only the messages whose text names "usage" can report one; each
-        # one's usage is kept by seq, as parsed messages are.
+        # Only the messages whose text names "usage" can report one (each
+        # parsed once, as the page's messages are).
         cursor.execute(
             "SELECT seq, data FROM messages WHERE session = ? AND data LIKE ?"
             " AND data LIKE ? ORDER BY seq",
             (sessionId, "{%", '%"usage"%'),
         )
-        usage, known = Usage(), self._usage
+        usage = Usage()
         for seq, data in cursor.fetchall():
-            if seq in known:
-                reported = known[seq]
-            else:
-                reported = Message.fromDict(json.loads(data)).tokenUsage
-                if len(known) >= USAGES_KEPT:
-                    known.clear()
-                known[seq] = reported
-            if reported is not None:
-                usage = usage + reported
-        meta = json.loads(row[0])
-        meta["messages"] = []
-        session = attrs.evolve(Session.fromDict(meta, id=sessionId), messages=messages)
-        return SessionPage(session, first, total, usage)
+            message = self._parsedMessage(seq, data)
+            if message is not None and message.tokenUsage is not None:
+                usage = usage + message.tokenUsage
+        return SessionPage(_withMessages(sessionId, row[0], messages), first, total, usage)
 
     # -- busy and idle
 
@@ -627,11 +618,7 @@ class LocalBackend:
         return problem(name) if callable(problem) else None
 
     def _published(self, result: tuple[Any, list[Event]]) -> Any:
-        value, events = result
-        if self.eventSink is not None:
-            for event in events:
-                self.eventSink(event)
-        return value
+        return publishCommitted(self.eventSink, result)
 
     def createSession(self, **metadata: Any) -> Deferred[str]:
         """

@@ -32,6 +32,18 @@ from chatweb.model._values import (
 #: Where committed events go (an L{chatweb.events.EventHub}'s C{publish}).
 EventSink = Callable[[Event], None]
 
+
+def publishCommitted(sink: EventSink | None, result: tuple[Any, list[Event]]) -> Any:
+    """
+    Give C{sink} the events of a committed write (its C{(value, events)}
+    result), in order; the write's value.
+    """
+    value, events = result
+    if sink is not None:
+        for event in events:
+            sink(event)
+    return value
+
 #: The schema's upgrade steps, in order (see L{Upgrades}); version 0 is the
 #: schema of the first release, which had no versions.
 UPGRADES = Upgrades(
@@ -410,11 +422,7 @@ class SQLiteJournal:
         return self._db.write(operation, *args).addCallback(self._publish)
 
     def _publish(self, result: tuple[Any, list[Event]]) -> Any:
-        value, events = result
-        if self.eventSink is not None:
-            for event in events:
-                self.eventSink(event)
-        return value
+        return publishCommitted(self.eventSink, result)
 
     def append(
         self,

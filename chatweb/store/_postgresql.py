@@ -33,7 +33,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades, runOperations
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades, applyUpgrades, runOperations
 
 _log = Logger()
 
@@ -181,14 +181,7 @@ def _upgrade(cursor: Any, upgrades: Upgrades) -> None:
     cursor.execute("SELECT version FROM chatweb_schema")
     row = cursor.fetchone()
     current = 0 if row is None else row[0]
-    if current > upgrades.version:
-        raise RuntimeError(
-            f"the database is schema version {current}, newer than this"
-            f" chatweb's {upgrades.version}"
-        )
-    for step in upgrades.steps[current:]:
-        for statement in step:
-            cursor.execute(statement)
+    applyUpgrades(cursor, upgrades, current)
     if row is None:
         cursor.execute("INSERT INTO chatweb_schema (version) VALUES (?)",
                        (upgrades.version,))

@@ -46,9 +46,13 @@ class Upgrades:
         return len(self.steps)
 
 
-def _upgrade(cursor: sqlite3.Cursor, upgrades: Upgrades) -> None:
-    cursor.execute("PRAGMA user_version")
-    current = cursor.fetchone()[0]
+def applyUpgrades(cursor: Any, upgrades: Upgrades, current: int) -> None:
+    """
+    Bring a database at schema version C{current} to C{upgrades.version}
+    (the engine records the new version).
+
+    @raise RuntimeError: if the database is newer than this chatweb.
+    """
     if current > upgrades.version:
         raise RuntimeError(
             f"the database is schema version {current}, newer than this"
@@ -57,6 +61,12 @@ def _upgrade(cursor: sqlite3.Cursor, upgrades: Upgrades) -> None:
     for step in upgrades.steps[current:]:
         for statement in step:
             cursor.execute(statement)
+
+
+def _upgrade(cursor: sqlite3.Cursor, upgrades: Upgrades) -> None:
+    cursor.execute("PRAGMA user_version")
+    current = cursor.fetchone()[0]
+    applyUpgrades(cursor, upgrades, current)
     if current != upgrades.version:
         cursor.execute(f"PRAGMA user_version = {int(upgrades.version)}")
 
