@@ -23,7 +23,7 @@ from chatweb.interfaces import IResponder
 from chatweb.model import Delivery, Message, Session
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
-from chatweb.store._postgresql import PostgreSQLDatabase, redact, translate
+from chatweb.store._postgresql import CHANNEL, PostgreSQLDatabase, redact, translate
 from chatweb.tap import Options
 
 from . import test_sessionapi, test_storage
@@ -421,6 +421,40 @@ class SeveralInstancesTests(TestCase):
         self.assertGreater(reactor.seconds() - start, 1.0)
         self.assertEqual(await self.sessionMessages(a, "ci"),
                          [("user", "after the crash"), ("assistant", "after the crash")])
+
+
+class LeaseReleasedElsewhereTests(TestCase):
+    async def test_releasedLeaseTakenOnNotice(self) -> None:
+        """
+        A session whose lease another instance holds is delivered as soon
+        as that instance's release is committed (its NOTIFY), not at the
+        next sweep.
+        """
+        import psycopg
+
+        from chatweb.testing import startChatWeb
+
+        dsn = freshDatabase(self)
+        a = await startChatWeb(self, database=dsn, responder="echo", interval=600)
+        with psycopg.connect(dsn, autocommit=True) as other:
+            other.execute(
+                "INSERT INTO leases (session, owner, expires) VALUES"
+                " ('ci', 'other', EXTRACT(EPOCH FROM clock_timestamp()) + 600)"
+            )
+            await a.post("ci", "held elsewhere")
+            await waitFor(lambda: _true(a.service.queue._queues["ci"].leaseTaken))
+            other.execute("DELETE FROM leases WHERE owner = 'other'")
+            other.execute("SELECT pg_notify(%s, 'other')", (CHANNEL,))
+
+        async def answered() -> bool:
+            got = await a.service.adapter.getSession("ci")
+            return got is not None and len(got.messages) == 2
+
+        await waitFor(answered, timeout=10)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 class MigrateTests(TestCase):

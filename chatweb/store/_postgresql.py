@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -215,6 +216,9 @@ class PostgreSQLDatabase(SQLiteDatabase):
         #: Each write transaction ends with a NOTIFY on L{CHANNEL}, so the
         #: other instances' listeners learn of it once it has committed.
         self.notify = True
+        #: The NOTIFY's payload: a listener tells its own instance's
+        #: commits from the others'.
+        self.instance = uuid.uuid4().hex
 
     def _createFile(self) -> None:
         # No file: self.path is the DSN (made into directories and an empty
@@ -298,7 +302,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
                 results = runOperations(raw.execute, cursor, batch)
                 if self.notify:
                     # Delivered to listeners when (and only if) this commits.
-                    raw.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                    raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))
                 raw.execute("COMMIT")
             except BaseException:
                 if not connection.closed:
@@ -465,9 +469,13 @@ class SharedEvents:
                 connection.execute(f"LISTEN {CHANNEL}")
                 # Whatever was committed while not listening.
                 self._reactor.callFromThread(self.changed)
+                self._reactor.callFromThread(self.onChange)
                 while self._listening:
-                    for _ in connection.notifies(timeout=0.5, stop_after=1):
+                    for notice in connection.notifies(timeout=0.5, stop_after=1):
                         self._reactor.callFromThread(self.changed)
+                        # This instance's own commits free no other's lease.
+                        if notice.payload != self._db.instance:
+                            self._reactor.callFromThread(self.onChange)
             except Exception:
                 time.sleep(0.2)
             finally:
@@ -501,4 +509,3 @@ class SharedEvents:
         self._read(self.lastId).addCallback(got).addErrback(
             lambda f: _log.failure("Could not read the new events", f)
         ).addBoth(done)
-        self.onChange()
