@@ -5,6 +5,7 @@ request rate limiter.
 
 from __future__ import annotations
 
+import email.utils
 import math
 
 import attrs
@@ -80,3 +81,28 @@ def retryAfter(seconds: float) -> bytes:
     A Retry-After header value: whole seconds, at least 1.
     """
     return b"%d" % max(1, math.ceil(seconds))
+
+
+#: The longest wait a Retry-After header is believed for.
+MAX_RETRY_AFTER = 3600.0
+
+
+def parseRetryAfter(value: bytes | None, now: float) -> float | None:
+    """
+    Seconds to wait from a C{Retry-After} header (seconds or an HTTP date),
+    at most L{MAX_RETRY_AFTER}; None if there is none or it is unreadable.
+    """
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - now
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)

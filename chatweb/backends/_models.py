@@ -14,12 +14,11 @@ answer.
 
 from __future__ import annotations
 
-import email.utils
 import json
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -32,14 +31,13 @@ from chatweb.backends._history import DEFAULT_BUDGET, anthropicMessages, openaiM
 from chatweb.backends._providers import Provider
 from chatweb._sse import SSEDecoder, SSEError, SSEvent
 from chatweb.interfaces import IResponder
+from chatweb.limits import parseRetryAfter
 from chatweb.model._values import Message, Session
 
 _log = Logger()
 
 #: The most of an error response's (or an unstreamed answer's) body read.
 MAX_ERROR_BODY = 1024 * 1024
-#: The longest Retry-After honoured, in seconds.
-MAX_RETRY_AFTER = 3600.0
 
 
 class ModelError(Exception):
@@ -354,24 +352,8 @@ def _apiError(error: Any, code: Any) -> str:
     return f"API Error ({code}): {str(message)[:500]}"
 
 
-def retryAfter(value: bytes | None, now: float) -> float | None:
-    """
-    Seconds to wait from a C{Retry-After} header (seconds or an HTTP date).
-    """
-    if not value:
-        return None
-    text = value.decode("latin-1").strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+#: Seconds to wait from a model server's C{Retry-After}.
+retryAfter = parseRetryAfter
 
 
 #: Statuses worth retrying; any other error status is permanent.
@@ -558,9 +540,8 @@ class _Call:
             message = f"API Error ({code}): {text or 'HTTP ' + str(code)}"
         else:
             message = _apiError(error, code)
+        # (Anthropic's 529, overloaded, is one of the 5xx.)
         transient = code in TRANSIENT_STATUSES or code >= 500
-        if code == 529:  # Anthropic: overloaded
-            transient = True
         after = None
         if code in (429, 503, 529):
             values = self._response.headers.getRawHeaders(b"retry-after") or [None]
@@ -687,28 +668,20 @@ class ModelResponder:
         message: Message,
         emit: Callable[[str], Any] | None = None,
     ) -> Deferred[list[Message]]:
-        provider = self._providers.get(session.provider or self._default)
-        if provider is None:
-            d: Deferred[list[Message]] = Deferred()
-            d.errback(
-                ModelError(
-                    f"no provider {session.provider!r}; configured:"
-                    f" {', '.join(sorted(self._providers))}",
-                    transient=False,
-                )
-            )
-            return d
+        name = session.provider or self._default
+        problem = self.providerProblem(name)
+        if problem is not None:
+            return fail(ModelError(problem, transient=False))
+        provider = self._providers[name]
         model = session.model or provider.model
         if not model:
-            d = Deferred()
-            d.errback(
+            return fail(
                 ModelError(
                     f"no model chosen: set the session's model or the provider"
                     f" {provider.name!r}'s model",
                     transient=False,
                 )
             )
-            return d
         protocol = PROTOCOL_CLASSES[provider.protocol]()
         url, headers, body = protocol.request(provider, model, session, self.historyBudget)
         call = _Call(self, protocol, provider, emit)

@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web import client as webClient
 
+from chatweb.limits import parseRetryAfter
 from chatweb.model import Message
 from chatweb.client._errors import (
     BadRequest,
@@ -56,16 +57,11 @@ _UNREACHABLE = (
 _RETRIED = (429, 503)
 
 
-def _retryAfter(response: Any) -> float | None:
+def _retryAfter(response: Any, now: float) -> float | None:
     """
-    The seconds of a response's C{Retry-After} (a number; the HTTP-date
-    form is not used by chatweb), or None.
+    The seconds of a response's C{Retry-After}, or None.
     """
-    values = response.headers.getRawHeaders(b"retry-after") or []
-    try:
-        return max(0.0, float(values[0])) if values else None
-    except ValueError:
-        return None
+    return parseRetryAfter((response.headers.getRawHeaders(b"retry-after") or [None])[0], now)
 
 
 class ChatWebClient:
@@ -286,7 +282,7 @@ class ChatWebClient:
             response = await self._send(method, path, headers=self._headers(headers), **kwargs)
             if response.code not in _RETRIED or attempt >= self.retries:
                 return response
-            wait = _retryAfter(response)
+            wait = _retryAfter(response, self._clock.seconds())
             if wait is None:
                 wait = float(2**attempt)
             await response.content()

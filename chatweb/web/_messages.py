@@ -20,9 +20,8 @@ from chatweb.web._errors import _error
 from chatweb.web._json import _json
 from chatweb.web._validation import (
     BadRequest,
-    decodePathSegment,
     parseMessage,
-    sessionIdProblem,
+    sessionIdInPath,
     validateSessionId,
 )
 
@@ -170,10 +169,7 @@ class Messages:
             if len(segments) != 3 or segments[2] != b"messages":
                 # /sessions/a%2Fmessages: the session "a/messages".
                 return _error(request, 404, "not found")
-            session = decodePathSegment(segments[1])
-            problem = sessionIdProblem(session)
-            if problem is not None:
-                raise BadRequest(f"the session id in the path {problem}")
+            session = sessionIdInPath(segments[1])
             content = _textBody(request, body)
         except BadRequest as e:
             return _error(request, 400, str(e))

@@ -231,26 +231,15 @@ class Pages:
             )
         return renders.run(deferToThread, inBackground, work, *args)
 
-    def _findSession(self, sessionId: str) -> Any:
-        """
-        A Deferred: the session from the adapter (an empty one if it only has
-        messages in the journal), or None if there is no such session; and
-        its undelivered messages.
-        """
-
-        def found(view: Any) -> tuple[Session | None, list[QueuedMessage]]:
-            if view is None:
-                return None, []
-            return view.session, sorted(view.queued + view.failed, key=lambda m: m.id)
-
-        # The read model (chatweb/sessions.py) knows the session.
-        return self._api._sessionAPI.sessions.get(sessionId).addCallback(found)
-
     def _sessionExists(self, sessionId: str) -> Any:
         """
-        A Deferred: the session, as L{_findSession} finds it, or None.
+        A Deferred: the session from the read model (chatweb/sessions.py;
+        an empty one if it only has messages in the journal), or None if
+        there is no such session.
         """
-        return self._findSession(sessionId).addCallback(lambda found: found[0])
+        return self._api._sessionAPI.sessions.get(sessionId).addCallback(
+            lambda view: None if view is None else view.session
+        )
 
     def listSessions(self, request: IRequest) -> Any:
         api = self._api

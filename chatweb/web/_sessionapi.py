@@ -34,8 +34,8 @@ from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
 from chatweb.web._pages import EXPORT_INLINE_CHARACTERS, EXPORT_INLINE_LIMIT, _mountPrefix
 from chatweb.web._validation import (
     BadRequest,
-    decodePathSegment,
     parseObject,
+    sessionIdInPath,
     sessionIdProblem,
 )
 
@@ -85,14 +85,6 @@ def rawSegments(request: IRequest, mountScript: str) -> list[bytes]:
     segments = path.split(b"/")[1:]
     mounted = [s for s in mountScript.split("/") if s]
     return segments[len(mounted):]
-
-
-def _decodeId(segment: bytes) -> str:
-    sessionId = decodePathSegment(segment)
-    problem = sessionIdProblem(sessionId)
-    if problem is not None:
-        raise BadRequest(f"the session id in the path {problem}")
-    return sessionId
 
 
 def _encodeCursor(sessionId: str) -> str:
@@ -230,10 +222,10 @@ class SessionAPI:
         def work() -> Any:
             segments = self._segments(request)[1:]
             if len(segments) == 2 and segments[1] == b"raw":
-                return Deferred.fromCoroutine(self._raw(request, _decodeId(segments[0])))
+                return Deferred.fromCoroutine(self._raw(request, sessionIdInPath(segments[0])))
             if len(segments) != 1:
                 return _error(request, 404, "not found")
-            return Deferred.fromCoroutine(self._one(request, _decodeId(segments[0])))
+            return Deferred.fromCoroutine(self._one(request, sessionIdInPath(segments[0])))
 
         return self._run(request, b"GET", work)
 
@@ -317,19 +309,13 @@ class SessionAPI:
 
     def listProviders(self, request: IRequest) -> Any:
         """
-        C{GET /providers}: what the configured responder offers (the local
-        backend has no model providers yet); C{[]} when nothing answers.
+        C{GET /providers}: the adapter's providers (the local backend's
+        responder's); C{[]} for an adapter without any.
         """
 
         def work() -> bytes:
-            responder = getattr(self._adapter, "responder", None)
             providers = getattr(self._adapter, "providers", None)
-            if callable(providers):
-                return _json(request, providers())
-            if responder is None or not getattr(responder, "answers", False):
-                return _json(request, [])
-            name = str(responder.name)
-            return _json(request, [{"name": name, "models": [name]}])
+            return _json(request, providers() if callable(providers) else [])
 
         return self._run(request, b"GET", work)
 
@@ -414,21 +400,21 @@ class SessionAPI:
                 return _error(request, 404, "not found")
             action = tuple(segments[1:])
             if method == b"POST" and action == (b"stop",):
-                return Deferred.fromCoroutine(self._stop(request, _decodeId(segments[0])))
+                return Deferred.fromCoroutine(self._stop(request, sessionIdInPath(segments[0])))
             if method == b"POST" and action in ((b"clear",), (b"retry",)):
                 manager = self._manager(request)
-                sessionId = _decodeId(segments[0])
+                sessionId = sessionIdInPath(segments[0])
                 if action == (b"clear",):
                     return Deferred.fromCoroutine(self._clear(request, manager, sessionId))
                 return Deferred.fromCoroutine(self._retry(request, manager, sessionId))
             if method == b"DELETE" and not action:
                 manager = self._manager(request)
                 return Deferred.fromCoroutine(
-                    self._delete(request, manager, _decodeId(segments[0]))
+                    self._delete(request, manager, sessionIdInPath(segments[0]))
                 )
             if method == b"DELETE" and len(action) == 2 and action[0] == b"messages":
                 manager = self._manager(request)
-                sessionId = _decodeId(segments[0])
+                sessionId = sessionIdInPath(segments[0])
                 index = action[1]
                 if not (index.isascii() and index.isdigit() and 0 < len(index) <= 18):
                     raise BadRequest("the message index must be a whole number from 1")
@@ -437,7 +423,7 @@ class SessionAPI:
                 )
             if method == b"PUT" and len(action) == 1 and action[0].decode("latin-1") in FIELDS:
                 manager = self._manager(request)
-                sessionId = _decodeId(segments[0])
+                sessionId = sessionIdInPath(segments[0])
                 field = action[0].decode("ascii")
                 data = self._body(request)
                 if field not in data:

@@ -208,3 +208,16 @@ def decodePathSegment(segment: bytes) -> str:
         return unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the session id in the path is not valid UTF-8") from None
+
+
+def sessionIdInPath(segment: bytes) -> str:
+    """
+    The session id of a raw path segment.
+
+    @raise BadRequest: saying what is wrong with it.
+    """
+    sessionId = decodePathSegment(segment)
+    problem = sessionIdProblem(sessionId)
+    if problem is not None:
+        raise BadRequest(f"the session id in the path {problem}")
+    return sessionId
