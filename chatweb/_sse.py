@@ -57,7 +57,9 @@ class SSEDecoder:
             C{"replace"}.
         """
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors)
-        self._text = ""
+        #: The start of a line whose end has not arrived, and its length.
+        self._text: list[str] = []
+        self._size = 0
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
@@ -82,16 +84,27 @@ class SSEDecoder:
         if self._afterCR and text.startswith("\n"):
             text = text[1:]
         self._afterCR = text.endswith("\r")
-        self._text += text
+        if not text:
+            return []
         events: list[SSEvent] = []
-        position = 0
-        for match in _EOL.finditer(self._text):
-            event = self._line(self._text[position : match.start()])
-            if event is not None:
-                events.append(event)
-            position = match.end()
-        self._text = self._text[position:]
-        if len(self._text) > self._maxLine:
+        # What is kept holds no line end, so only new text can end a line:
+        # a long line arriving in many chunks is neither copied nor scanned
+        # again at each one.
+        if _EOL.search(text) is None:
+            self._text.append(text)
+            self._size += len(text)
+        else:
+            buffered = "".join(self._text) + text
+            position = 0
+            for match in _EOL.finditer(buffered):
+                event = self._line(buffered[position : match.start()])
+                if event is not None:
+                    events.append(event)
+                position = match.end()
+            rest = buffered[position:]
+            self._text = [rest] if rest else []
+            self._size = len(rest)
+        if self._size > self._maxLine:
             raise SSEError(f"a line of the stream is longer than {self._maxLine} characters")
         return events
 

@@ -50,6 +50,21 @@ class SSEDecoderTests(SynchronousTestCase):
         self.assertFalse(decoder.pending)
         return out
 
+    def test_lineLongerThanTheLimitRefused(self) -> None:
+        """
+        A server that never ends its line cannot make chatweb hold all it
+        sends, whether the line comes whole or in pieces; a line within
+        the limit is an event.
+        """
+        decoder = SSEDecoder(maxLine=100)
+        self.assertEqual(decoder.feed(b"data: " + b"x" * 90), [])
+        self.assertEqual([e.data for e in decoder.feed(b"\n\n")], ["x" * 90])
+        for chunks in ([b"data: " + b"x" * 95], [b"data: ", b"x" * 50, b"x" * 45]):
+            decoder = SSEDecoder(maxLine=100)
+            with self.assertRaises(SSEError):
+                for chunk in chunks:
+                    decoder.feed(chunk)
+
     def test_anyBoundary(self) -> None:
         """
         The same events come out wherever the bytes are cut: inside a
