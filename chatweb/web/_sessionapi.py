@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
@@ -31,7 +32,12 @@ from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
 from chatweb.web._json import _exportJSON, _json
 from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
-from chatweb.web._pages import EXPORT_INLINE_CHARACTERS, EXPORT_INLINE_LIMIT, _mountPrefix
+from chatweb.web._pages import (
+    EXPORT_INLINE_CHARACTERS,
+    EXPORT_INLINE_LIMIT,
+    _mountPrefix,
+    mergeSessionIds,
+)
 from chatweb.web._validation import (
     BadRequest,
     parseObject,
@@ -265,9 +271,9 @@ class SessionAPI:
     async def _page(self, request: IRequest, limit: int, after: str | None) -> bytes:
         ids = await self.sessions.ids()
         failed = await self._queue.journal.failedSessions()
-        every = sorted(set(ids) | set(failed) | self._queue.sessionsWithPending())
+        every = mergeSessionIds(ids, set(failed) | self._queue.sessionsWithPending())
         if after is not None:
-            every = [i for i in every if i > after]
+            every = every[bisect_right(every, after):]
         page = []
         for sessionId in every[:limit]:
             view = await self.sessions.get(sessionId)
