@@ -58,12 +58,22 @@ REPLAY_BATCH = 500
 _MAX_ID = 2**63 - 1
 
 
+#: The event formatted last and its bytes: each event goes to every
+#: stream that follows it, one after the other (on the reactor's thread).
+_formatted: tuple[Event | None, bytes] = (None, b"")
+
+
 def formatEvent(event: Event) -> bytes:
     """
-    C{event} as one Server-Sent Event.
+    C{event} as one Server-Sent Event, made once for all its streams.
     """
+    global _formatted
+    if _formatted[0] is event:
+        return _formatted[1]
     data = json.dumps(event.asJSON(), separators=(",", ":"))
-    return f"id: {event.id}\nevent: {event.kind.value}\ndata: {data}\n\n".encode("utf-8")
+    text = f"id: {event.id}\nevent: {event.kind.value}\ndata: {data}\n\n".encode("utf-8")
+    _formatted = (event, text)
+    return text
 
 
 def _lastEventId(request: IRequest) -> int | None:
