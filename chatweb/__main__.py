@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatweb.config import ConfigError, defaultDataDir, ensureKeyFile
+from chatweb.config import ConfigError, defaultDataDir, ensureKeyFile, readSecretFile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,11 +127,9 @@ def _migrate(dataDir: str, dsn: str, passwordFile: str | None) -> int:
     password = None
     if passwordFile is not None:
         try:
-            with open(passwordFile, encoding="utf-8") as f:
-                password = f.read().strip()
-        except OSError as e:
-            print(f"chatweb: cannot read --database-password-file: {e.strerror}",
-                  file=sys.stderr)
+            password = readSecretFile(passwordFile, "--database-password-file")
+        except ConfigError as e:
+            print(f"chatweb: {e}", file=sys.stderr)
             return 1
     status: list[int] = [1]
 

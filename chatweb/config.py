@@ -68,6 +68,24 @@ def checkKey(key: str, origin: str) -> str:
 MIN_KEY_LENGTH = 16
 
 
+def readSecretFile(path: str, what: str) -> str:
+    """
+    The secret a file holds (a provider key, a database password), without
+    surrounding whitespace.
+
+    @raise ConfigError: naming C{what} when it cannot be read or is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"cannot read {what} {path}: {reason}") from None
+    if not value:
+        raise ConfigError(f"{what} {path} is empty")
+    return value
+
+
 def readKeyFile(path: str) -> list[str]:
     """
     The keys in a key file: one per line; blank lines are ignored.  Several

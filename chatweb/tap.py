@@ -20,6 +20,7 @@ from chatweb.config import (
     defaultDataDir,
     ensureDataDir,
     DEFAULT_BACKLOG,
+    readSecretFile,
     resolveKeys,
     shortKeyWarning,
     withBacklog,
@@ -245,12 +246,11 @@ class Options(usage.Options):
                 )
             if self["database-password-file"] is not None:
                 try:
-                    with open(self["database-password-file"], encoding="utf-8") as f:
-                        self["database-password"] = f.read().strip()
-                except OSError as e:
-                    raise usage.UsageError(
-                        f"cannot read --database-password-file: {e.strerror}"
+                    self["database-password"] = readSecretFile(
+                        self["database-password-file"], "--database-password-file"
                     )
+                except ConfigError as e:
+                    raise usage.UsageError(str(e))
         elif self["database-password-file"] is not None:
             raise usage.UsageError("--database-password-file needs --database")
         if self["listen"] is None:

@@ -225,6 +225,28 @@ class OptionsTests(SynchronousTestCase):
             makeService(options)
         self.assertIn("protocol must be openai or anthropic", str(raised.exception.code))
 
+    def test_unreadableSecretFiles(self) -> None:
+        """
+        A provider key file or database password file that cannot be read
+        (or holds nothing) stops chatweb with one line naming it.
+        """
+        empty = self.mktemp()
+        open(empty, "w").close()
+        for path, reason in [("/nonexistent/secret", "No such file"), (empty, "empty")]:
+            message = self.refused("--api-key", KEY, "--database", "postgresql://u@127.0.0.1/d",
+                                   "--database-password-file", path)
+            self.assertIn(f"--database-password-file {path}", message)
+            self.assertIn(reason, message)
+            options = self.parse("--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0",
+                                 "--responder", "openai", "--model", "m",
+                                 "--provider-key-file", path)
+            with self.assertRaises(SystemExit) as raised:
+                makeService(options)
+            message = str(raised.exception.code)
+            self.assertNotIn("\n", message)
+            self.assertIn(f"provider key file {path}", message)
+            self.assertIn(reason, message)
+
     def test_badEndpointAndDataDir(self) -> None:
         options = self.parse("--api-key", KEY, "--listen", "carrier-pigeon:1")
         with self.assertRaises(SystemExit) as raised:

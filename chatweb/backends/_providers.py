@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from chatweb.config import ConfigError
+from chatweb.config import ConfigError, readSecretFile
 
 #: The standard library's TOML reader (tomli before Python 3.11).
 tomllib: Any = importlib.import_module(
@@ -87,14 +87,7 @@ class Provider:
 
 
 def _readKeyFile(path: str) -> Secret:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the provider key file {path!r}: {e}") from None
-    if not value:
-        raise ConfigError(f"the provider key file {path!r} is empty")
-    return Secret(value)
+    return Secret(readSecretFile(path, "the provider key file"))
 
 
 def _readText(path: str, what: str) -> str:
