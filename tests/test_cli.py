@@ -180,3 +180,18 @@ class CommandTests(TestCase):
         code, out, err = await self.command("ensure-key", "--data-dir", dataDir)
         self.assertEqual(code, 0, err)
         self.assertEqual(out.strip(), os.path.join(dataDir, "api-key"))
+
+
+class FailureLineTests(TestCase):
+    def test_multiLineReasonPrintedOnOneLine(self) -> None:
+        """
+        A reason that spans lines (a server's or a library's message) is
+        still one line on stderr, so scripts can read it.
+        """
+        import io
+
+        from chatweb.cli import _fail
+
+        stderr = io.StringIO()
+        self.assertEqual(_fail(stderr, "500: it broke\n  Traceback:\n\tsomewhere"), 1)
+        self.assertEqual(stderr.getvalue(), "chatweb: 500: it broke Traceback: somewhere\n")
