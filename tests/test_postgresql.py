@@ -430,11 +430,11 @@ class LeaseReleasedElsewhereTests(TestCase):
         as that instance's release is committed (its NOTIFY), not at the
         next sweep.
         """
+        dsn = freshDatabase(self)  # (skips without PostgreSQL and psycopg)
         import psycopg
 
         from chatweb.testing import startChatWeb
 
-        dsn = freshDatabase(self)
         a = await startChatWeb(self, database=dsn, responder="echo", interval=600)
         with psycopg.connect(dsn, autocommit=True) as other:
             other.execute(
