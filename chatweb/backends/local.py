@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
-from chatweb.store._journal import EventSink, insertEvent, publishCommitted
+from chatweb.store._journal import EventSink, Recorder, insertEvent, publishCommitted
 from chatweb.model._values import (
     Delivery,
     Event,
@@ -525,6 +525,21 @@ class LocalBackend:
             waiter.callback(None)
 
     # -- writing
+
+    def recorder(self) -> Recorder | None:
+        """
+        How to deliver in the queue's own transaction (see
+        L{chatweb.store.SQLiteJournal.appendRecorded}), when a delivery is
+        only the message recorded: no responder answers.  Else None.
+        """
+        if self.responder.answers:
+            return None
+        return self._recordInTransaction
+
+    def _recordInTransaction(self, cursor: Any, delivery: Delivery, now: float) -> list[Event]:
+        # The journal publishes these with its own, once committed: both
+        # sinks are the service's hub.
+        return _recordDelivery(cursor, delivery, now, self.eventSink is not None)[1]
 
     def deliver(self, delivery: Delivery) -> Deferred[None]:
         self._busy.add(delivery.session)

@@ -14,7 +14,7 @@ Its promises:
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import (
@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
-from chatweb.store._journal import EVENT_RETENTION
+from chatweb.store._journal import EVENT_RETENTION, Recorder
 from chatweb.store._sqlite import DatabaseClosed
 from chatweb.model._values import PENDING, EventKind, QueuedMessage
 
@@ -141,7 +141,15 @@ class MessageQueue:
         eventRetention: float = EVENT_RETENTION,
         leases: Any = None,
         logEachMessage: bool = False,
+        recorder: Callable[[], Recorder | None] | None = None,
     ) -> None:
+        #: The adapter's L{chatweb.backends.LocalBackend.recorder}, when
+        #: it keeps its sessions in the journal's database: a message to a
+        #: session with nothing pending is then stored and delivered in one
+        #: write (L{IJournal.appendRecorded}).
+        self._recorder = recorder
+        #: Such writes under way, by session.
+        self._recording: dict[str, int] = {}
         #: Log every message queued and delivered (info).  Off, the first
         #: L{EACH_MESSAGE_LINES} of each minute are, and the sweep logs how
         #: many more were, at most once a minute: formatting and writing
@@ -299,8 +307,11 @@ class MessageQueue:
             return fail(QueueFull("session", self._maxPerSession, self.interval))
         if self._maxTotal is not None and self.pendingCount() >= self._maxTotal:
             return fail(QueueFull("total", self._maxTotal, self.interval))
+        record = self._recordNow(session)
         self._reserved[session] = self._reserved.get(session, 0) + 1
         self._reservedTotal += 1
+        if record is not None:
+            self._recording[session] = self._recording.get(session, 0) + 1
 
         def release(result: object) -> object:
             self._reservedTotal -= 1
@@ -309,13 +320,70 @@ class MessageQueue:
                 self._reserved[session] = left
             else:
                 del self._reserved[session]
+            if record is not None:
+                left = self._recording[session] - 1
+                if left:
+                    self._recording[session] = left
+                else:
+                    del self._recording[session]
             return result
 
+        now = self._clock.seconds()
+        if record is not None:
+            # Given a recorder, the journal is the SQL one (the service's).
+            journal: Any = self._journal
+            return (
+                journal.appendRecorded(session, content, now, idempotencyKey, record)
+                .addBoth(release)
+                .addCallback(self._recorded)
+            )
         return (
-            self._journal.append(session, content, self._clock.seconds(), idempotencyKey)
+            self._journal.append(session, content, now, idempotencyKey)
             .addBoth(release)
             .addCallback(self._enqueue)
         )
+
+    def _recordNow(self, session: str) -> Recorder | None:
+        """
+        The adapter's recorder, if a message posted to C{session} now may be
+        delivered in the write that stores it: nothing of the session is
+        pending, being delivered or being stored for the normal way (it
+        would be delivered after this one), and this instance is alone.
+        """
+        if (
+            self._recorder is None
+            or self._leases is not None
+            or not self._loaded
+            or not self._running
+            or session in self._queues
+            or self._reserved.get(session, 0) != self._recording.get(session, 0)
+            or self._adapter.isBusy(session)
+        ):
+            return None
+        return self._recorder()
+
+    def _recorded(self, message: QueuedMessage) -> QueuedMessage:
+        if message.duplicate:
+            return message
+        if self._logsEach():
+            _log.info(
+                "Message {id} queued for session {session!r}",
+                id=message.id,
+                session=message.session,
+                attempt=0,
+            )
+            _log.info(
+                "Message {id} delivered to session {session!r}",
+                id=message.id,
+                session=message.session,
+                attempt=1,
+                duration=0.0,
+            )
+        else:
+            self._queuedSince += 1
+            self._deliveredSince += 1
+        self._maybeEmpty()
+        return message
 
     def pendingCount(self) -> int:
         """

@@ -296,10 +296,18 @@ class PostgreSQLDatabase(SQLiteDatabase):
         with self._pool.connection() as connection:
             raw = connection.cursor()
             cursor = TranslatingCursor(raw)
-            raw.execute("BEGIN")
-            try:
+            began: list[bool] = []
+
+            def begin() -> None:
+                if began:
+                    raw.execute("ROLLBACK")
+                began.append(True)
+                raw.execute("BEGIN")
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                results = runOperations(raw.execute, cursor, batch)
+
+            try:
+                begin()
+                results = runOperations(raw.execute, cursor, batch, begin)
                 if self.notify:
                     # Delivered to listeners when (and only if) this commits.
                     raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))

@@ -86,19 +86,35 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA foreign_keys=ON")
     connection.execute("PRAGMA busy_timeout=10000")
+    # A statement's or savepoint's journal in memory, not in a new
+    # temporary file each time.
+    connection.execute("PRAGMA temp_store=MEMORY")
 
 
 def runOperations(
     execute: Callable[[str], Any],
     cursor: Any,
     batch: Sequence[tuple[Operation, tuple[Any, ...]]],
+    restart: Callable[[], None],
 ) -> list[tuple[bool, Any]]:
     """
-    Each operation of a batch in a savepoint of its own, inside the
-    caller's transaction: one that fails is undone alone and its caller
-    gets its failure, the others commit together.  C{execute} runs a
-    statement (the same SQL on SQLite and PostgreSQL).
+    The operations of a batch in the caller's transaction, so that one
+    that fails is undone alone and its caller gets its failure, while the
+    others commit together.  C{execute} runs a statement (the same SQL on
+    SQLite and PostgreSQL).
+
+    They run first all together, without savepoints: a savepoint per
+    operation cost as much as its writes (SQLite copies each page a
+    savepoint may restore to a journal of its own; PostgreSQL takes a
+    round trip for each).  Only if one fails is the transaction begun again
+    (C{restart}) and the batch run once more, each operation in a
+    savepoint of its own (operations read and write the database only: a
+    second run from the same state does the same).
     """
+    try:
+        return [(True, operation(cursor, *args)) for operation, args in batch]
+    except Exception:
+        restart()
     results: list[tuple[bool, Any]] = []
     for operation, args in batch:
         execute("SAVEPOINT operation")
@@ -118,9 +134,15 @@ def _runBatch(
     connection: sqlite3.Connection, batch: Sequence[tuple[Operation, tuple[Any, ...]]]
 ) -> list[tuple[bool, Any]]:
     cursor = connection.cursor()
-    cursor.execute("BEGIN IMMEDIATE")
+
+    def begin() -> None:
+        if connection.in_transaction:
+            cursor.execute("ROLLBACK")
+        cursor.execute("BEGIN IMMEDIATE")
+
+    begin()
     try:
-        results = runOperations(cursor.execute, cursor, batch)
+        results = runOperations(cursor.execute, cursor, batch, begin)
         cursor.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:

@@ -174,7 +174,13 @@ class ChatWebAPI:
         return self._keyIn(request.requestHeaders)
 
     def _keyIn(self, headers: Any) -> bytes | None:
-        given = credentials(headers)
+        return self.matchKey(credentials(headers))
+
+    def matchKey(self, given: Sequence[bytes]) -> bytes | None:
+        """
+        The key among C{given} (the request's credentials) that is one of
+        ours; None unless exactly one is offered and it is.
+        """
         if len(given) != 1:
             return None
         # Compare with every key, in constant time for each.

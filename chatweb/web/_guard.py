@@ -61,8 +61,19 @@ def credentials(headers: Any) -> list[bytes]:
     token of each C{Authorization: Bearer} (for senders that cannot set a
     header of their own).  One key must be offered, no more.
     """
-    given = list(headers.getRawHeaders(b"x-api-key") or [])
-    for value in headers.getRawHeaders(b"authorization") or []:
+    return offeredKeys(
+        headers.getRawHeaders(b"x-api-key") or [],
+        headers.getRawHeaders(b"authorization") or [],
+    )
+
+
+def offeredKeys(apiKeys: Sequence[bytes], authorizations: Sequence[bytes]) -> list[bytes]:
+    """
+    L{credentials} from the values of the C{X-API-Key} and C{Authorization}
+    headers.
+    """
+    given = list(apiKeys)
+    for value in authorizations:
         scheme, _, token = value.strip().partition(b" ")
         # Other schemes (Basic, for a proxy in front) are not ours.
         if scheme.lower() == b"bearer":

@@ -61,7 +61,17 @@ def _readBody(request: IRequest, limit: int) -> bytes:
 
 
 def _idempotencyKey(request: IRequest) -> str | None:
-    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    return idempotencyKey(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+
+
+def idempotencyKey(values: list[bytes] | None) -> str | None:
+    """
+    The request's Idempotency-Key, from the header's values; None if it
+    has none.
+
+    @raise BadRequest: for more than one, or one that is not 1 to
+        L{MAX_IDEMPOTENCY_KEY} printable ASCII characters.
+    """
     if not values:
         return None
     if len(values) != 1:
@@ -104,6 +114,39 @@ def _textBody(request: IRequest, body: bytes) -> str:
     if text.startswith("\ufeff"):
         text = text[1:]
     return text
+
+
+def keyedIdempotencyKey(apiKey: bytes, key: str) -> str:
+    """
+    An Idempotency-Key as the journal keeps it: each API key has its own.
+    """
+    return hashlib.sha256(apiKey).hexdigest()[:16] + ":" + key
+
+
+def notQueued(failure: Any, session: str) -> tuple[int, str, bytes | None]:
+    """
+    The answer to a POST whose message was not queued: its status, its
+    error message and its Retry-After (or None).
+    """
+    if failure.check(QueueFull):
+        full = failure.value
+        retry = retryAfter(full.retryAfter)
+        if full.scope == "session":
+            return (
+                429,
+                f"session {session!r} already has {full.limit} messages waiting;"
+                " retry later",
+                retry,
+            )
+        return 503, f"{full.limit} messages are waiting; retry later", retry
+    if failure.check(IdempotencyConflict):
+        return (
+            422,
+            "this Idempotency-Key was already used for another session or other content",
+            None,
+        )
+    _log.failure("Could not store a message", failure)
+    return 503, "the message could not be stored; retry later", None
 
 
 class Messages:
@@ -196,33 +239,14 @@ class Messages:
             return b""
 
         def failed(failure: Any) -> bytes:
-            if failure.check(QueueFull):
-                full = failure.value
-                request.setHeader(b"Retry-After", retryAfter(full.retryAfter))
-                if full.scope == "session":
-                    return _error(
-                        request,
-                        429,
-                        f"session {session!r} already has {full.limit} messages"
-                        " waiting; retry later",
-                    )
-                return _error(
-                    request, 503, f"{full.limit} messages are waiting; retry later"
-                )
-            if failure.check(IdempotencyConflict):
-                return _error(
-                    request,
-                    422,
-                    "this Idempotency-Key was already used for another session"
-                    " or other content",
-                )
-            _log.failure("Could not store a message", failure)
-            return _error(request, 503, "the message could not be stored; retry later")
+            code, message, retry = notQueued(failure, session)
+            if retry is not None:
+                request.setHeader(b"Retry-After", retry)
+            return _error(request, code, message)
 
         if idempotencyKey is not None:
-            # Each API key has its own idempotency keys.
             apiKey = self._api._authorized(request) or b""
-            idempotencyKey = hashlib.sha256(apiKey).hexdigest()[:16] + ":" + idempotencyKey
+            idempotencyKey = keyedIdempotencyKey(apiKey, idempotencyKey)
         return self._queue.post(session, content, idempotencyKey).addCallbacks(
             queued, failed
         )

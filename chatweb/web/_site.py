@@ -34,7 +34,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from chatweb.web._guard import UNAUTHORIZED
-from chatweb.web._twisted_compat import HTTPChannelHooks
+from chatweb.web._fastpost import FastPost
+from chatweb.web._twisted_compat import HTTPChannelHooks, betweenRequests
 from chatweb.limits import Limits
 
 _log = Logger()
@@ -240,6 +241,11 @@ class ChatWebChannel(HTTPChannelHooks):
     #: Bytes of the request line and headers received so far.
     _headerBytes = 0
     currentTarget = b"/"
+    #: A request taken by the site's L{FastPost} waits for its message to
+    #: be stored; what the client sends meanwhile waits in C{_backlog}.
+    _fastPending = False
+    _backlog = b""
+    _lost = False
 
     #: This end's address, asked of the socket once (Twisted asks for
     #: every request: a system call each).
@@ -257,9 +263,61 @@ class ChatWebChannel(HTTPChannelHooks):
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._fastPending:
+            # HTTP/1.1 answers in order: what follows waits for the answer.
+            self._backlog += data
+            self._transport.pauseProducing()
+            return
+        fast = self.site.fastPost
+        if fast is not None and not self._refused and betweenRequests(self):
+            parsed = fast.parse(data, self.totalHeadersSize, self.site.limits.maxBodySize)
+            if parsed is not None:
+                # Set first: the answer may come at once.
+                self._fastPending = True
+                if fast.answer(self, *parsed):
+                    if self._fastPending:
+                        # No idle timeout while it is stored (as Twisted).
+                        self.setTimeout(None)
+                    return
+                self._fastPending = False
         if self._deadline is None and not self._processing:
             self._deadline = self.callLater(self.site.limits.requestTimeout, self._tooSlow)
         super().dataReceived(data)
+
+    @property
+    def _transport(self) -> Any:
+        # A TCP, TLS or UNIX transport: it produces, and can abort.
+        return self.transport
+
+    def fastAnswered(self, response: bytes, close: bool) -> None:
+        """
+        Write the answer of a request that L{FastPost} took, then read what
+        came after it.
+        """
+        self._fastPending = False
+        if self._lost:
+            return
+        self._transport.write(response)
+        if close:
+            self.persistent = False
+            self.dataReceived = lambda data: None  # type: ignore[method-assign]
+            self.loseConnection()
+            return
+        self.setTimeout(self.timeOut)
+        backlog, self._backlog = self._backlog, b""
+        if backlog:
+            self._transport.resumeProducing()
+            self.dataReceived(backlog)
+
+    def fastFailed(self, failure: Failure) -> None:
+        """
+        Answering a request that L{FastPost} took failed: log it and close
+        the connection (nothing more can be said on it in order).
+        """
+        self._fastPending = False
+        _log.failure("Could not answer a POST", failure)
+        if not self._lost:
+            self._transport.abortConnection()
 
     def lineReceived(self, line: bytes) -> None:
         # Only the request line and headers come here (bodies are raw data).
@@ -299,6 +357,7 @@ class ChatWebChannel(HTTPChannelHooks):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         self._cancelDeadline()
         try:
             super().connectionLost(reason)
@@ -407,6 +466,11 @@ class ChatWebSite(Site):
             else found[0] if found is not None
             else []
         )
+        usesAPIChecks = (
+            found is not None
+            and authorizeHeaders is None
+            and refuseBeforeBody in (None, found[1].refuseBeforeBody)
+        )
         if authorizeHeaders is None:
             if refuseBeforeBody is None and found is not None:
                 refuseBeforeBody = found[1].refuseBeforeBody
@@ -420,6 +484,12 @@ class ChatWebSite(Site):
                 return 401, b"Unauthorized", UNAUTHORIZED
 
         self.refuseBeforeBody = refuseBeforeBody
+        #: Answers plain POSTs to the API's root without twisted.web's
+        #: Request, when the API found is where its limits apply and its
+        #: own checks decide who may post.
+        self.fastPost: FastPost | None = None
+        if found is not None and usesAPIChecks and found[0] == self.mount:
+            self.fastPost = FastPost(found[1], self)
         #: The open connections.
         self.channels: set[ChatWebChannel] = set()
         self._allClosed: list[Deferred[None]] = []

@@ -19,7 +19,13 @@ from twisted.web.http import HTTPChannel
 #: The private names used below, by owner: the compatibility test checks
 #: that each one exists.
 PRIVATE_NAMES: dict[type, tuple[str, ...]] = {
-    HTTPChannel: ("_send100Continue", "_respondToBadRequestAndDisconnect"),
+    HTTPChannel: (
+        "_send100Continue",
+        "_respondToBadRequestAndDisconnect",
+        # LineReceiver's: bytes of a line not yet whole, and a read under way.
+        "_buffer",
+        "_busyReceiving",
+    ),
     StreamServerEndpointService: ("_raiseSynchronously", "_waitingForPort"),
 }
 
@@ -52,6 +58,19 @@ class HTTPChannelHooks(HTTPChannel):
     def _send100Continue(self) -> None:
         if self.shouldContinue():
             super()._send100Continue()
+
+
+def betweenRequests(channel: HTTPChannel) -> bool:
+    """
+    Whether C{channel} is between two requests: none being received or
+    answered, no byte of the next one read.
+    """
+    return bool(
+        not channel.requests
+        and channel.line_mode
+        and not channel._buffer
+        and not channel._busyReceiving
+    )
 
 
 def raiseListenErrorsSynchronously(service: StreamServerEndpointService) -> None:
