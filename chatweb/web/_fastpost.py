@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString
 
 from chatweb.model._values import QueuedMessage
 from chatweb.web._errors import _REASONS
@@ -80,17 +80,12 @@ class _Date:
 
 
 def _response(code: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (code, _REASONS.get(code) or _reason(code))]
+    reason = _REASONS.get(code) or RESPONSES.get(code, b"Unknown")
+    lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
     lines.extend(b"%s: %s\r\n" % header for header in headers)
     lines.append(b"\r\n")
     lines.append(body)
     return b"".join(lines)
-
-
-def _reason(code: int) -> bytes:
-    from twisted.web.http import RESPONSES
-
-    return RESPONSES.get(code, b"Unknown")
 
 
 class FastPost:
