@@ -1,14 +1,15 @@
 """
 The real L{ChatWebService} (SQLite store, the local backend, responder
-"none") for bench/table.py, with what a black-box client cannot see:
+"none" unless RESPONDER is given) for bench/table.py, with what a black-box client cannot see:
 
   - the time each POST / is answered (its message is stored) and each
     adapter C{deliver} call and its end, per session (delivery and
-    hand-over latency);
+    hand-over latency); a message delivered in the write that stores it
+    counts as delivered when the backend records it there;
   - the reactor's stalls: a 1 ms timer notes every gap above 2 ms, and
     the CPU time the reactor's thread spent in it.
 
-    python bench/chatweb_server.py DATA_DIR PORT STATS_FILE
+    python bench/chatweb_server.py DATA_DIR PORT STATS_FILE [RESPONDER]
 
 Prints "ready" once it listens; on SIGTERM writes the records as JSON to
 STATS_FILE (times from time.monotonic, which the client shares).
@@ -47,6 +48,17 @@ def instrument() -> None:
 
         return d.addCallback(stored)
 
+    record = LocalBackend._recordInTransaction
+
+    def timedRecord(self, cursor, delivery, now):  # type: ignore[no-untyped-def]
+        # Delivered in the write that stores it (a session with nothing
+        # pending): on the writer thread, before the commit and the 204.
+        events = record(self, cursor, delivery, now)
+        at = time.monotonic()
+        records["deliver"].append((delivery.session, delivery.content, at))
+        records["delivered"].append((delivery.session, delivery.content, at))
+        return events
+
     def timedDeliver(self, delivery):  # type: ignore[no-untyped-def]
         records["deliver"].append((delivery.session, delivery.content, time.monotonic()))
         d = deliver(self, delivery)
@@ -59,6 +71,7 @@ def instrument() -> None:
 
     MessageQueue.post = timedPost  # type: ignore[method-assign]
     LocalBackend.deliver = timedDeliver  # type: ignore[method-assign]
+    LocalBackend._recordInTransaction = timedRecord  # type: ignore[method-assign]
 
 
 def watchStalls() -> None:
@@ -114,9 +127,13 @@ def watchdog(last: list[float]) -> None:
 
 def main() -> None:
     dataDir, port, statsFile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    responder = sys.argv[4] if len(sys.argv) > 4 else "none"
     instrument()
     service = ChatWebService(
-        [KEY], dataDir, endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024"
+        [KEY],
+        dataDir,
+        endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+        responder=responder,
     )
     service.startService()
     # As `twistd chatweb` does once started (chatweb/tap.py, _FreezeAtStart).
