@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from twisted.internet import reactor, task  # noqa: E402
 
+from chatweb._priority import favourTheReactor  # noqa: E402
 from chatweb.backends.local import LocalBackend  # noqa: E402
 from chatweb.queue._queue import MessageQueue  # noqa: E402
 from chatweb.service import ChatWebService  # noqa: E402
@@ -139,6 +140,7 @@ def main() -> None:
     # As `twistd chatweb` does once started (chatweb/tap.py, _FreezeAtStart).
     gc.collect()
     gc.freeze()
+    favourTheReactor()
 
     def ready(_: object) -> None:
         watchStalls()

@@ -346,15 +346,20 @@ class _FreezeAtStart(Service):
     garbage collector's sight (C{gc.freeze}).  Under load, its full
     collections went through all of them and held the reactor for 20 to
     37 ms twice a second (bench/table.py, reactor stall); after, 2 ms.
-    Only for the twistd plugin: chatweb's own process.
+    And puts the reactor's thread before the reading and rendering threads
+    (L{chatweb._priority}).  Only for the twistd plugin: chatweb's own
+    process.
     """
 
     def startService(self) -> None:
         import gc
 
+        from chatweb._priority import favourTheReactor
+
         super().startService()
         gc.collect()
         gc.freeze()
+        favourTheReactor()
 
 
 def _makeService(options: Options, allowedHosts: list[str]) -> Any:

@@ -143,6 +143,28 @@ class OptionsTests(SynchronousTestCase):
         freezer.startService()
         self.assertGreater(gc.get_freeze_count(), 1000)
 
+    def test_theReactorComesFirst(self) -> None:
+        """
+        When twistd's service starts, the threads that read and render are
+        set to yield to the reactor's (chatweb._priority).
+        """
+        from chatweb import _priority
+        from chatweb.tap import _FreezeAtStart
+
+        interval = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, interval)
+        self.patch(_priority, "_favoured", False)
+        service = makeService(self.parse(
+            "--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0"))
+        self.addCleanup(service.stopService)
+        [freezer] = [s for s in service if isinstance(s, _FreezeAtStart)]
+        import gc
+
+        self.addCleanup(gc.unfreeze)
+        freezer.startService()
+        self.assertTrue(_priority._favoured)
+        self.assertEqual(sys.getswitchinterval(), _priority.SWITCH_INTERVAL)
+
     def test_shortKeyWarnsLoudly(self) -> None:
         import io
 

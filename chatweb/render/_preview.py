@@ -33,6 +33,7 @@ from pygments.lexers import get_lexer_by_name
 from pygments.lexers.data import JsonLexer
 from pygments.util import ClassNotFound
 
+from chatweb._priority import asWorker
 from chatweb.model._values import (
     FAILED,
     ROLES,
@@ -114,6 +115,7 @@ def inBackground(work: Callable[..., Any], *args: Any) -> Any:
     C{work(*args)}, pausing (L{pause}) to let the reactor's thread run: for
     work on a thread of its own.
     """
+    asWorker()
     _local.lastPause = time.perf_counter()
     try:
         return work(*args)

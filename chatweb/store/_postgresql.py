@@ -34,6 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from chatweb._priority import asWorker
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades, applyUpgrades, runOperations
 
 _log = Logger()
@@ -322,6 +323,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
         return self._inThread(self._readThreads, self._readInThread, operation, args)
 
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
+        asWorker()
         with self._pool.connection() as connection:
             raw = connection.cursor()
             # One snapshot for all the statements of the read.

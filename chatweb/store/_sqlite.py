@@ -24,6 +24,8 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorCore
 from twisted.python.failure import Failure
 
+from chatweb._priority import asWorker
+
 T = TypeVar("T")
 Operation = Callable[..., Any]
 
@@ -152,6 +154,7 @@ def _runBatch(
 
 
 def _runRead(connection: sqlite3.Connection, operation: Operation, args: tuple) -> Any:
+    asWorker()
     cursor = connection.cursor()
     # One snapshot for all the statements of the read.
     cursor.execute("BEGIN")
