@@ -245,6 +245,8 @@ class ChatWebChannel(HTTPChannelHooks):
     #: be stored; what the client sends meanwhile waits in C{_backlog}.
     _fastPending = False
     _backlog = b""
+    #: The idle timeout, turned off while a fast answer is pending.
+    _idleTimeOut: float | None = None
     _lost = False
 
     #: This end's address, asked of the socket once (Twisted asks for
@@ -276,8 +278,9 @@ class ChatWebChannel(HTTPChannelHooks):
                 self._fastPending = True
                 if fast.answer(self, *parsed):
                     if self._fastPending:
-                        # No idle timeout while it is stored (as Twisted).
-                        self.setTimeout(None)
+                        # No idle timeout while it is stored (as Twisted);
+                        # setTimeout(None) forgets the period: kept here.
+                        self._idleTimeOut = self.setTimeout(None)
                     return
                 self._fastPending = False
         if self._deadline is None and not self._processing:
@@ -303,7 +306,8 @@ class ChatWebChannel(HTTPChannelHooks):
             self.dataReceived = lambda data: None  # type: ignore[method-assign]
             self.loseConnection()
             return
-        self.setTimeout(self.timeOut)
+        timeOut, self._idleTimeOut = self._idleTimeOut, None
+        self.setTimeout(self.timeOut if timeOut is None else timeOut)
         backlog, self._backlog = self._backlog, b""
         if backlog:
             self._transport.resumeProducing()

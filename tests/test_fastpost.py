@@ -1,0 +1,719 @@
+"""
+The fast path of C{POST /} (chatweb/web/_fastpost.py): a plain request is
+answered without twisted.web's Request, and whatever it would refuse or
+cannot take is answered by twisted.web exactly as without it.
+
+Over real TCP on 127.0.0.1 against a L{ChatWebService}, and, where the
+timing must be exact (a held journal, an idle timeout), over a
+L{StringTransport} against a L{ChatWebSite} built as the service builds it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any, cast
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http import stringToDatetime
+from twisted.web.resource import Resource
+
+from chatweb.limits import Limits
+from chatweb.queue import MessageQueue
+from chatweb.testing import MemoryAdapter, MemoryJournal, startChatWeb
+from chatweb.web._api import ChatWebAPI
+from chatweb.web._site import ChatWebSite
+from chatweb.web._throttle import FAILURE_BURST
+
+from .journals import HeldJournal
+from .test_metrics import sample
+
+KEY = b"test-api-key"
+
+
+def message(session: str = "ci", content: str = "hello") -> bytes:
+    return json.dumps({"session": session, "content": content}).encode()
+
+
+def post(
+    body: bytes,
+    extra: bytes = b"",
+    key: bytes = KEY,
+    target: bytes = b"/",
+    version: bytes = b"HTTP/1.1",
+) -> bytes:
+    """
+    A plain POST: what the fast path takes, unless C{extra} (header lines)
+    or the other arguments make it something else.
+    """
+    return (
+        b"POST " + target + b" " + version + b"\r\nHost: 127.0.0.1\r\nX-API-Key: " + key
+        + b"\r\n" + extra + b"Content-Length: %d\r\n\r\n" % (len(body),) + body
+    )
+
+
+class Answer:
+    """
+    One HTTP response as the client read it.
+    """
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.statusLine = lines[0]
+        self.code = int(lines[0].split(b" ", 2)[1])
+        self.headers = [
+            (name.strip().lower(), value.strip())
+            for name, value in (line.split(b":", 1) for line in lines[1:])
+        ]
+        self.body = body
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [value for key, value in self.headers if key == name.lower()]
+        assert len(values) <= 1, (name, self.headers)
+        return values[0] if values else None
+
+    def comparable(self) -> tuple[Any, ...]:
+        """
+        What must be the same with and without the fast path: all but the
+        Date's value (and header order).
+        """
+        # Framing aside: a Content-Length or a chunked body.
+        ignored = (b"date", b"content-length", b"transfer-encoding")
+        return (
+            self.statusLine,
+            sorted((n, v) for n, v in self.headers if n not in ignored),
+            self.body,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Answer {self.statusLine!r} {self.headers!r} {self.body[:200]!r}>"
+
+
+def parseAnswers(data: bytes, closed: bool = True) -> tuple[list[Answer], bytes]:
+    """
+    The whole responses at the start of C{data}, and what is left
+    (C{closed}: the connection is closed, a body without a length is
+    whole).
+    """
+    answers: list[Answer] = []
+    while b"\r\n\r\n" in data:
+        head, rest = data.split(b"\r\n\r\n", 1)
+        answer = Answer(head, b"")
+        if answer.code < 200:
+            # 100 Continue
+            data = rest
+            continue
+        length = answer.header(b"content-length")
+        if answer.code in (204, 304):
+            size = 0
+        elif length is not None:
+            size = int(length)
+        elif answer.header(b"transfer-encoding") == b"chunked":
+            body, chunks = b"", rest
+            while True:
+                if b"\r\n" not in chunks:
+                    return answers, data
+                sizeLine, chunks = chunks.split(b"\r\n", 1)
+                n = int(sizeLine, 16)
+                if len(chunks) < n + 2:
+                    return answers, data
+                body, chunks = body + chunks[:n], chunks[n + 2 :]
+                if n == 0:
+                    break
+            answer.body = body
+            answers.append(answer)
+            data = chunks
+            continue
+        elif closed:
+            size = len(rest)
+        else:
+            break
+        if len(rest) < size:
+            break
+        answer.body, data = rest[:size], rest[size:]
+        answers.append(answer)
+    return answers, data
+
+
+class Client:
+    """
+    A blocking HTTP/1.1 client over one TCP connection (call it from a
+    thread: deferToThread).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answers(self, count: int) -> list[Answer]:
+        """
+        Read C{count} responses (fewer if the server closes first).
+        """
+        while True:
+            answers, rest = parseAnswers(self.buffer, self.closed)
+            if len(answers) >= count or self.closed:
+                self.buffer = rest
+                return answers[:count]
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.closed = True
+            self.buffer += chunk
+
+    def exchange(self, data: bytes, count: int = 1) -> list[Answer]:
+        self.send(data)
+        return self.answers(count)
+
+    def waitClosed(self, timeout: float = 5.0) -> bool:
+        """
+        Whether the server closes the connection within C{timeout} seconds.
+        """
+        self.sock.settimeout(timeout)
+        try:
+            while not self.closed:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    self.closed = True
+                self.buffer += chunk
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ServiceTestCase(TestCase):
+    """
+    A real L{ChatWebService} on 127.0.0.1.
+    """
+
+    async def start(self, **kwargs: Any) -> int:
+        self.chatweb = await startChatWeb(self, apiKey=KEY.decode(), **kwargs)
+        self.service = self.chatweb.service
+        self.site = self.service.site
+        self.fast = self.site.fastPost
+        self.assertIsNotNone(self.fast)
+        return int(self.chatweb.url.rsplit(":", 1)[1])
+
+    async def connect(self, port: int) -> Client:
+        client = await deferToThread(Client, port)
+        self.addCleanup(client.close)
+        return client
+
+    async def once(self, port: int, data: bytes, count: int = 1) -> list[Answer]:
+        """
+        C{data} sent on a new connection; the C{count} answers read.
+        """
+        client = await self.connect(port)
+        answers = await deferToThread(client.exchange, data, count)
+        client.close()
+        return answers
+
+    async def slowAnswer(self, port: int, data: bytes) -> Answer:
+        """
+        The answer to C{data} with the fast path turned off.
+        """
+        fast, self.site.fastPost = self.site.fastPost, None
+        try:
+            [answer] = await self.once(port, data)
+        finally:
+            self.site.fastPost = fast
+        return answer
+
+    async def stored(self, messageId: int) -> tuple[str, str, str]:
+        """
+        The session, content and state of the stored message C{messageId}.
+        """
+        found, _ = await self.service.journal.messageHistory(messageId)
+        assert found is not None, messageId
+        return found.session, found.content, str(found.state)
+
+    async def delivered(self, session: str) -> list[str | None]:
+        await self.service.queue.whenDelivered()
+        stored = await self.service.adapter.getSession(session)
+        return [m.content for m in stored.messages] if stored else []
+
+
+class FastPathTests(ServiceTestCase):
+    async def test_plainPostAnsweredAndStored(self) -> None:
+        """
+        A plain POST gets its 204 with an X-Message-Id, chatweb's Server and
+        a Date, from the fast path; the message is stored and delivered.
+        """
+        port = await self.start()
+        before = time.time()
+        [answer] = await self.once(port, post(message("ci", "fast one")))
+        self.assertEqual(answer.statusLine, b"HTTP/1.1 204 No Content")
+        self.assertEqual(answer.body, b"")
+        self.assertEqual(answer.header(b"server"), b"chatweb")
+        date = answer.header(b"date")
+        assert date is not None
+        self.assertLessEqual(abs(stringToDatetime(date) - before), 2)
+        messageId = int(answer.header(b"x-message-id") or b"0")
+        self.assertEqual(self.fast.answered, 1)
+        self.assertEqual(await self.delivered("ci"), ["fast one"])
+        self.assertEqual(await self.stored(messageId), ("ci", "fast one", "delivered"))
+        response = await self.chatweb.get("/messages?session=ci")
+        self.assertEqual(response.code, 200)
+        self.assertIn("fast one", await response.text())
+
+    async def test_sameAnswerAsWithoutFastPath(self) -> None:
+        """
+        The 204 has the same status line and headers as twisted.web's (but
+        for the message id and the date).
+        """
+        port = await self.start()
+        [fast] = await self.once(port, post(message("ci", "a")))
+        slow = await self.slowAnswer(port, post(message("ci", "b")))
+        self.assertEqual(self.fast.answered, 1)
+        self.assertEqual(
+            [(n, v) for n, v in fast.comparable()[1] if n != b"x-message-id"],
+            [(n, v) for n, v in slow.comparable()[1] if n != b"x-message-id"],
+        )
+        self.assertEqual(fast.statusLine, slow.statusLine)
+        self.assertEqual(
+            int(slow.header(b"x-message-id") or b"0"),
+            int(fast.header(b"x-message-id") or b"0") + 1,
+        )
+
+    async def test_keepAlive(self) -> None:
+        """
+        Several POSTs on one connection: each answered in turn, ids
+        increasing, the connection kept open.
+        """
+        port = await self.start()
+        client = await self.connect(port)
+        ids = []
+        for n in range(4):
+            [answer] = await deferToThread(client.exchange, post(message("ci", f"m{n}")))
+            self.assertEqual(answer.code, 204, answer)
+            self.assertIsNone(answer.header(b"connection"))
+            ids.append(int(answer.header(b"x-message-id") or b"0"))
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertEqual(self.fast.answered, 4)
+        self.assertFalse(client.closed)
+        self.assertEqual(await self.delivered("ci"), ["m0", "m1", "m2", "m3"])
+
+    async def test_connectionClose(self) -> None:
+        """
+        C{Connection: close}: the answer says so, and the server closes the
+        connection after it.
+        """
+        port = await self.start()
+        client = await self.connect(port)
+        [answer] = await deferToThread(
+            client.exchange, post(message(), b"Connection: close\r\n")
+        )
+        self.assertEqual(answer.code, 204)
+        self.assertEqual(answer.header(b"connection"), b"close")
+        self.assertTrue(await deferToThread(client.waitClosed))
+        self.assertEqual(client.buffer, b"")
+        self.assertEqual(self.fast.answered, 1)
+
+    async def test_metricsCountFastPosts(self) -> None:
+        """
+        GET /metrics counts the POSTs answered by the fast path as those
+        answered by twisted.web: route "/", method POST, status 204.
+        """
+        port = await self.start()
+        for n in range(3):
+            [answer] = await self.once(port, post(message("ci", str(n))))
+            self.assertEqual(answer.code, 204)
+        self.assertEqual(self.fast.answered, 3)
+        response = await self.chatweb.get("/metrics")
+        text = await response.text()
+        self.assertEqual(
+            sample(text, 'chatweb_http_requests_total{method="POST",route="/",status="204"}'),
+            3.0,
+        )
+
+
+class IdempotencyTests(ServiceTestCase):
+    async def test_sameKeySameMessage(self) -> None:
+        """
+        The same Idempotency-Key and body twice: the same X-Message-Id, one
+        message stored; other content under that key: the slow path's 422.
+        """
+        port = await self.start()
+        extra = b"Idempotency-Key: build-42\r\n"
+        [first] = await self.once(port, post(message("ci", "deploy"), extra))
+        [second] = await self.once(port, post(message("ci", "deploy"), extra))
+        self.assertEqual((first.code, second.code), (204, 204))
+        self.assertEqual(first.header(b"x-message-id"), second.header(b"x-message-id"))
+        self.assertEqual(self.fast.answered, 2)
+        self.assertEqual(await self.delivered("ci"), ["deploy"])
+        [conflict] = await self.once(port, post(message("ci", "changed"), extra))
+        self.assertEqual(conflict.code, 422, conflict)
+        self.assertIn("other content", json.loads(conflict.body)["error"])
+        slow = await self.slowAnswer(port, post(message("ci", "changed"), extra))
+        self.assertEqual(conflict.comparable(), slow.comparable())
+        self.assertEqual(await self.delivered("ci"), ["deploy"])
+
+
+class RefusalTests(ServiceTestCase):
+    """
+    What the fast path would refuse is refused by twisted.web, with the
+    answer it gives without the fast path; the fast path counts none.
+    """
+
+    async def assertSameRefusal(self, port: int, data: bytes, code: int) -> Answer:
+        [fast] = await self.once(port, data)
+        slow = await self.slowAnswer(port, data)
+        self.assertEqual(fast.code, code, fast)
+        self.assertEqual(fast.header(b"content-type"), b"application/json")
+        self.assertIn("error", json.loads(fast.body))
+        self.assertEqual(fast.comparable(), slow.comparable())
+        self.assertEqual(self.fast.answered, 0)
+        return fast
+
+    async def test_wrongKey(self) -> None:
+        port = await self.start()
+        await self.assertSameRefusal(port, post(message(), key=b"wrong"), 401)
+
+    async def test_invalidJSON(self) -> None:
+        port = await self.start()
+        await self.assertSameRefusal(port, post(b'{"session": "ci", "content": '), 400)
+        await self.assertSameRefusal(port, post(b'{"session": "ci"}'), 400)
+        await self.assertSameRefusal(port, post(message(), b"Idempotency-Key: a b\r\n"), 400)
+        self.assertEqual(await self.service.journal.pending(), [])
+
+    async def test_contentTooLong(self) -> None:
+        port = await self.start(limits=Limits(maxContentLength=10))
+        await self.assertSameRefusal(port, post(message("ci", "x" * 11)), 413)
+        self.assertEqual(await self.service.journal.pending(), [])
+
+    async def test_wrongKeysCountTowardsTheThrottle(self) -> None:
+        """
+        Wrong keys on plain POSTs are counted against the client: after
+        the burst, even the right key gets the slow path's 429.
+        """
+        port = await self.start()
+        for _ in range(FAILURE_BURST):
+            [answer] = await self.once(port, post(message(), key=b"wrong"))
+            self.assertEqual(answer.code, 401, answer)
+        answer = await self.assertSameRefusal(port, post(message()), 429)
+        self.assertIn("failed authentications", json.loads(answer.body)["error"])
+        self.assertIsNotNone(answer.header(b"retry-after"))
+        self.assertEqual(await self.service.journal.pending(), [])
+
+    async def rateLimitedCodes(self, fast: bool) -> list[tuple[int, bytes | None]]:
+        port = await self.start(limits=Limits(rateLimit=0.001, rateBurst=3))
+        if not fast:
+            self.site.fastPost = None
+        codes = []
+        for data in (
+            post(b"{not json"),
+            post(message("ci", "x" * 300000)),
+            post(message("ci", "one")),
+            post(message("ci", "two")),
+        ):
+            [answer] = await self.once(port, data)
+            codes.append((answer.code, answer.header(b"retry-after")))
+        return codes
+
+    async def test_rateLimitTakesOneTokenPerRequest(self) -> None:
+        """
+        With a burst of 3: a 400, a 413 and a 204 take one token each (the
+        fast path takes none for what it leaves to twisted.web), and the
+        next POST gets a 429 with Retry-After; as without the fast path.
+        """
+        fast = await self.rateLimitedCodes(True)
+        self.assertEqual(self.fast.answered, 1)
+        slow = await self.rateLimitedCodes(False)
+        self.assertEqual(fast, slow)
+        self.assertEqual([code for code, _ in fast], [400, 413, 204, 429])
+        self.assertEqual(fast[3][1], b"1000")
+
+    async def test_rateLimitedAnswer(self) -> None:
+        port = await self.start(limits=Limits(rateLimit=0.001, rateBurst=1))
+        [first] = await self.once(port, post(message()))
+        self.assertEqual(first.code, 204)
+        self.assertEqual(self.fast.answered, 1)
+        self.fast.answered = 0
+        answer = await self.assertSameRefusal(port, post(message()), 429)
+        self.assertIn("slow down", json.loads(answer.body)["error"])
+
+
+class FallbackTests(ServiceTestCase):
+    """
+    Requests that are not plain go to twisted.web, which answers them as
+    it always has.
+    """
+
+    async def assertSlowPath(self, port: int, data: bytes) -> Answer:
+        [answer] = await self.once(port, data)
+        slow = await self.slowAnswer(port, data)
+        self.assertEqual(self.fast.answered, 0, data)
+        self.assertEqual(answer.code, slow.code)
+        if answer.code != 204:
+            self.assertEqual(answer.comparable(), slow.comparable())
+        return answer
+
+    async def test_duplicateContentLength(self) -> None:
+        port = await self.start()
+        body = message()
+        answer = await self.assertSlowPath(
+            port, post(body, b"Content-Length: %d\r\n" % (len(body),))
+        )
+        self.assertEqual(answer.code, 400)
+        self.assertEqual(await self.service.journal.pending(), [])
+
+    async def test_chunkedBody(self) -> None:
+        port = await self.start()
+        body = message("ci", "chunked")
+        chunked = (
+            b"POST / HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        answer = await self.assertSlowPath(port, chunked)
+        self.assertEqual(answer.code, 204)
+        self.assertEqual(await self.delivered("ci"), ["chunked", "chunked"])
+
+    async def test_headersThatAreNotPlain(self) -> None:
+        """
+        A header with a byte that is not ASCII, an obs-fold line, HTTP/1.0,
+        a query string, a header sent twice: all still accepted, by
+        twisted.web.
+        """
+        port = await self.start()
+        cases = [
+            post(message("ci", "utf8"), b"X-Note: caf\xc3\xa9\r\n"),
+            post(message("ci", "fold"), b"X-Note: one\r\n  two\r\n"),
+            post(message("ci", "http10"), version=b"HTTP/1.0"),
+            post(message("ci", "query"), target=b"/?from=ci"),
+            post(message("ci", "twice"), b"X-Note: a\r\nX-Note: b\r\n"),
+            post(message("ci", "expect"), b"Expect: 100-continue\r\n"),
+            post(message("ci", "other"), b"Connection: upgrade\r\n"),
+        ]
+        for data in cases:
+            answer = await self.assertSlowPath(port, data)
+            self.assertEqual(answer.code, 204, (data, answer))
+        self.assertEqual(
+            await self.delivered("ci"),
+            [c for c in ("utf8", "fold", "http10", "query", "twice", "expect", "other")
+             for _ in range(2)],
+        )
+
+    async def test_pipelined(self) -> None:
+        """
+        Two POSTs in one write: both answered, in order.
+        """
+        port = await self.start()
+        client = await self.connect(port)
+        answers = await deferToThread(
+            client.exchange,
+            post(message("ci", "first")) + post(message("ci", "second")),
+            2,
+        )
+        self.assertEqual([a.code for a in answers], [204, 204])
+        ids = [int(a.header(b"x-message-id") or b"0") for a in answers]
+        self.assertLess(ids[0], ids[1])
+        self.assertEqual(await self.delivered("ci"), ["first", "second"])
+        self.assertEqual((await self.stored(ids[0]))[1], "first")
+        self.assertEqual((await self.stored(ids[1]))[1], "second")
+
+
+class Harness:
+    """
+    A L{ChatWebSite} over a L{ChatWebAPI}, as the service builds it, on a
+    L{Clock}; its connections over L{StringTransport}s.
+    """
+
+    def __init__(
+        self,
+        testCase: SynchronousTestCase,
+        journal: MemoryJournal | None = None,
+        limits: Limits = Limits(),
+        mount: bytes | None = None,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(1700000000)
+        self.journal = journal if journal is not None else MemoryJournal()
+        self.adapter = MemoryAdapter()
+        self.queue = MessageQueue(self.journal, self.adapter, self.clock)
+        testCase.successResultOf(self.queue.start())
+        self.api = ChatWebAPI(self.queue, self.adapter, [KEY.decode()], limits, self.clock)
+        resource = self.api.resource()
+        if mount is not None:
+            root = Resource()
+            root.putChild(mount.strip(b"/"), resource)
+            resource = root
+        self.site = ChatWebSite(
+            resource,
+            limits=limits,
+            mount=mount,
+            refuseBeforeBody=self.api.refuseBeforeBody,
+            reactor=self.clock,
+        )
+        self.logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.logged.append)
+        globalLogPublisher.addObserver(observer)
+        testCase.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @property
+    def answered(self) -> int:
+        """
+        How many requests the fast path answered.
+        """
+        assert self.site.fastPost is not None
+        return self.site.fastPost.answered
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.logged if "log_failure" in e or e.get("isError")]
+
+
+def answersIn(transport: StringTransport) -> list[Answer]:
+    answers, rest = parseAnswers(transport.value())
+    assert rest == b"", rest
+    return answers
+
+
+class HeldAnswerTests(SynchronousTestCase):
+    """
+    While a message is being stored, its answer waits, and so does what
+    the client sends after it.
+    """
+
+    def test_answerOnlyOnceStored(self) -> None:
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "held")))
+        self.assertEqual(harness.answered, 1)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(journal.rows, {})
+        journal.release()
+        [answer] = answersIn(transport)
+        self.assertEqual(answer.code, 204)
+        self.assertEqual([m.content for m in journal.rows.values()], ["held"])
+
+    def test_nextRequestWaitsForTheAnswer(self) -> None:
+        """
+        A POST and a GET that arrive while the first POST's message is being
+        stored are answered after it, in order; the connection is not read
+        meanwhile.
+        """
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "first")))
+        channel.dataReceived(post(message("ci", "second")))
+        self.assertEqual(transport.producerState, "paused")
+        channel.dataReceived(b"GET /sessions HTTP/1.1\r\nX-API-Key: " + KEY + b"\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        # The second is not even stored before the first is answered.
+        self.assertEqual(len(journal.held), 1)
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        self.assertEqual(len(journal.held), 1)
+        journal.release()
+        answers = answersIn(transport)
+        self.assertEqual([a.code for a in answers], [204, 204, 200])
+        self.assertEqual([a.header(b"x-message-id") for a in answers[:2]], [b"1", b"2"])
+        self.assertEqual(json.loads(answers[2].body), ["ci"])
+        self.assertEqual(transport.producerState, "producing")
+        # (The second came with the GET: not one request, for twisted.web.)
+        self.assertEqual(harness.answered, 1)
+        self.assertEqual(
+            [m.content for m in journal.rows.values()], ["first", "second"]
+        )
+
+    def test_clientGoneWhileStoring(self) -> None:
+        """
+        A client that disconnects while its message is being stored: the
+        message is still stored and delivered, nothing is written to the
+        connection, and nothing is logged as an error.
+        """
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "orphan")))
+        channel.dataReceived(post(message("ci", "never read")))
+        transport.loseConnection()
+        channel.connectionLost(Failure(ConnectionDone()))
+        journal.release()
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(harness.adapter.contents("ci"), ["orphan"])
+        self.assertEqual(harness.errors(), [])
+        self.assertEqual(harness.site.channels, set())
+
+    def test_splitOverTwoReads(self) -> None:
+        """
+        A POST whose body comes in a second read is answered by twisted.web.
+        """
+        harness = Harness(self)
+        channel, transport = harness.connect()
+        data = post(message("ci", "split"))
+        channel.dataReceived(data[:-5])
+        channel.dataReceived(data[-5:])
+        [answer] = answersIn(transport)
+        self.assertEqual(answer.code, 204)
+        self.assertEqual(harness.answered, 0)
+        self.assertEqual(harness.adapter.contents("ci"), ["split"])
+        # The next one, whole, takes the fast path.
+        channel.dataReceived(post(message("ci", "whole")))
+        self.assertEqual([a.code for a in answersIn(transport)], [204, 204])
+        self.assertEqual(harness.answered, 1)
+        self.assertEqual(harness.adapter.contents("ci"), ["split", "whole"])
+
+    def test_idleTimeoutAfterFastAnswer(self) -> None:
+        """
+        A keep-alive connection left idle after a fast answer is closed
+        after the idle timeout, as after any other answer.
+        """
+        harness = Harness(self, HeldJournal(), Limits(idleTimeout=60))
+        journal = harness.journal
+        assert isinstance(journal, HeldJournal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "x")))
+        # Not while the message is being stored...
+        harness.clock.advance(120)
+        self.assertFalse(transport.disconnecting)
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        harness.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        # ... but once it is answered and the connection idle.
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_mounted(self) -> None:
+        """
+        With the API mounted at /chat/, POST /chat/ takes the fast path;
+        POST /chat (no slash) is not the API's root: twisted.web's 404.
+        """
+        harness = Harness(self, mount=b"/chat")
+        self.assertEqual(harness.site.mount, [b"chat"])
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "mounted"), target=b"/chat/"))
+        [answer] = answersIn(transport)
+        self.assertEqual((answer.code, answer.header(b"server")), (204, b"chatweb"))
+        self.assertEqual(harness.answered, 1)
+        self.assertEqual(harness.adapter.contents("ci"), ["mounted"])
+        channel.dataReceived(post(message("ci", "root"), target=b"/chat"))
+        answers = answersIn(transport)
+        self.assertEqual([a.code for a in answers], [204, 404])
+        self.assertIn("POST /chat/", json.loads(answers[1].body)["error"])
+        self.assertEqual(harness.answered, 1)
+        self.assertEqual(harness.adapter.contents("ci"), ["mounted"])
