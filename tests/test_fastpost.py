@@ -483,29 +483,41 @@ class FallbackTests(ServiceTestCase):
         self.assertEqual(answer.code, 204)
         self.assertEqual(await self.delivered("ci"), ["chunked", "chunked"])
 
-    async def test_headersThatAreNotPlain(self) -> None:
+    async def assertAccepted(self, content: str, data: bytes) -> None:
         """
-        A header with a byte that is not ASCII, an obs-fold line, HTTP/1.0,
-        a query string, a header sent twice: all still accepted, by
-        twisted.web.
+        C{data}, a POST of C{content} that is not plain, is answered 204 by
+        twisted.web, with and without the fast path; both are stored.
         """
         port = await self.start()
-        cases = [
-            post(message("ci", "utf8"), b"X-Note: caf\xc3\xa9\r\n"),
-            post(message("ci", "fold"), b"X-Note: one\r\n  two\r\n"),
-            post(message("ci", "http10"), version=b"HTTP/1.0"),
-            post(message("ci", "query"), target=b"/?from=ci"),
-            post(message("ci", "twice"), b"X-Note: a\r\nX-Note: b\r\n"),
-            post(message("ci", "expect"), b"Expect: 100-continue\r\n"),
-            post(message("ci", "other"), b"Connection: upgrade\r\n"),
-        ]
-        for data in cases:
-            answer = await self.assertSlowPath(port, data)
-            self.assertEqual(answer.code, 204, (data, answer))
-        self.assertEqual(
-            await self.delivered("ci"),
-            [c for c in ("utf8", "fold", "http10", "query", "twice", "expect", "other")
-             for _ in range(2)],
+        answer = await self.assertSlowPath(port, data)
+        self.assertEqual(answer.code, 204, answer)
+        self.assertEqual(await self.delivered("ci"), [content, content])
+
+    async def test_nonASCIIHeader(self) -> None:
+        await self.assertAccepted("utf8", post(message("ci", "utf8"), b"X-Note: caf\xc3\xa9\r\n"))
+
+    async def test_obsFold(self) -> None:
+        await self.assertAccepted("fold", post(message("ci", "fold"), b"X-Note: one\r\n  two\r\n"))
+
+    async def test_http10(self) -> None:
+        await self.assertAccepted("http10", post(message("ci", "http10"), version=b"HTTP/1.0"))
+
+    async def test_queryString(self) -> None:
+        await self.assertAccepted("query", post(message("ci", "query"), target=b"/?from=ci"))
+
+    async def test_headerTwice(self) -> None:
+        await self.assertAccepted(
+            "twice", post(message("ci", "twice"), b"X-Note: a\r\nX-Note: b\r\n")
+        )
+
+    async def test_expectContinue(self) -> None:
+        await self.assertAccepted(
+            "expect", post(message("ci", "expect"), b"Expect: 100-continue\r\n")
+        )
+
+    async def test_otherConnectionOption(self) -> None:
+        await self.assertAccepted(
+            "upgrade", post(message("ci", "upgrade"), b"Connection: upgrade\r\n")
         )
 
     async def test_pipelined(self) -> None:
@@ -638,6 +650,77 @@ class HeldAnswerTests(SynchronousTestCase):
         self.assertEqual(
             [m.content for m in journal.rows.values()], ["first", "second"]
         )
+
+    def test_clientThatDoesNotRead(self) -> None:
+        """
+        A client that sends and does not read its answers (the transport's
+        send buffer is full): what it sent is answered, but the connection
+        is not read on until the transport can send again.
+        """
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "first")))
+        channel.dataReceived(post(message("ci", "second")))
+        self.assertEqual(transport.producerState, "paused")
+        # The send buffer is full.
+        channel.pauseProducing()
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        self.assertEqual(transport.producerState, "paused")
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204, 204])
+        self.assertEqual(transport.producerState, "paused")
+        # The client reads: the buffer drains.
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(post(message("ci", "third")))
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204, 204, 204])
+        self.assertEqual(harness.answered, 3)
+        self.assertEqual(harness.adapter.contents("ci"), ["first", "second", "third"])
+
+    def test_notQueuedAnswersAsTwistedWeb(self) -> None:
+        """
+        A message the queue does not take (full, or the journal failed) is
+        answered by the fast path as twisted.web answers it: 429 with
+        Retry-After, 503.
+        """
+        harness = Harness(self)
+        harness.queue = MessageQueue(
+            harness.journal, harness.adapter, harness.clock, maxPendingPerSession=1
+        )
+        self.successResultOf(harness.queue.start())
+        harness.api = ChatWebAPI(harness.queue, harness.adapter, [KEY.decode()], clock=harness.clock)
+        harness.site = ChatWebSite(harness.api.resource(), reactor=harness.clock)
+        harness.adapter.setBusy("ci")
+
+        def both(data: bytes) -> tuple[Answer, Answer]:
+            channel, transport = harness.connect()
+            channel.dataReceived(data)
+            fast, harness.site.fastPost = harness.site.fastPost, None
+            try:
+                slowChannel, slowTransport = harness.connect()
+                slowChannel.dataReceived(data)
+            finally:
+                harness.site.fastPost = fast
+            [fastAnswer], [slowAnswer] = answersIn(transport), answersIn(slowTransport)
+            return fastAnswer, slowAnswer
+
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "1")))
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        full, slow = both(post(message("ci", "2")))
+        self.assertEqual((full.code, full.header(b"retry-after")), (429, b"5"))
+        self.assertEqual(full.comparable(), slow.comparable())
+        assert isinstance(harness.journal, MemoryJournal)
+        harness.journal.failAppends = True
+        failed, slow = both(post(message("other", "x")))
+        self.assertEqual(failed.code, 503)
+        self.assertIn("could not be stored", json.loads(failed.body)["error"])
+        self.assertEqual(failed.comparable(), slow.comparable())
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(harness.answered, 3)
 
     def test_clientGoneWhileStoring(self) -> None:
         """

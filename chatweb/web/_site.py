@@ -249,6 +249,9 @@ class ChatWebChannel(HTTPChannelHooks):
     _idleTimeOut: float | None = None
     _lost = False
 
+    #: Whether the transport asked us to stop: its send buffer is full.
+    _sendBlocked = False
+
     #: This end's address, asked of the socket once (Twisted asks for
     #: every request: a system call each).
     _host: Any = None
@@ -287,6 +290,14 @@ class ChatWebChannel(HTTPChannelHooks):
             self._deadline = self.callLater(self.site.limits.requestTimeout, self._tooSlow)
         super().dataReceived(data)
 
+    def pauseProducing(self) -> None:
+        self._sendBlocked = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._sendBlocked = False
+        super().resumeProducing()
+
     @property
     def _transport(self) -> Any:
         # A TCP, TLS or UNIX transport: it produces, and can abort.
@@ -310,7 +321,11 @@ class ChatWebChannel(HTTPChannelHooks):
         self.setTimeout(self.timeOut if timeOut is None else timeOut)
         backlog, self._backlog = self._backlog, b""
         if backlog:
-            self._transport.resumeProducing()
+            # Read on, unless the client does not read its answers (the
+            # transport resumes reading, through resumeProducing, once it
+            # does): as Twisted does after an answer.
+            if not self._sendBlocked:
+                self._transport.resumeProducing()
             self.dataReceived(backlog)
 
     def fastFailed(self, failure: Failure) -> None:
