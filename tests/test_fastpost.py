@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import stringToDatetime
@@ -551,6 +551,7 @@ class Harness:
         journal: MemoryJournal | None = None,
         limits: Limits = Limits(),
         mount: bytes | None = None,
+        accessLog: bool = False,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1700000000)
@@ -570,6 +571,7 @@ class Harness:
             mount=mount,
             refuseBeforeBody=self.api.refuseBeforeBody,
             reactor=self.clock,
+            accessLog=accessLog,
         )
         self.logged: list[dict[str, Any]] = []
         observer = cast(ILogObserver, self.logged.append)
@@ -592,7 +594,11 @@ class Harness:
         return channel, transport
 
     def errors(self) -> list[dict[str, Any]]:
-        return [e for e in self.logged if "log_failure" in e or e.get("isError")]
+        return [
+            e for e in self.logged
+            if "log_failure" in e or e.get("isError")
+            or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
 
 
 def answersIn(transport: StringTransport) -> list[Answer]:
@@ -721,6 +727,45 @@ class HeldAnswerTests(SynchronousTestCase):
         self.assertEqual(failed.comparable(), slow.comparable())
         self.flushLoggedErrors(OSError)
         self.assertEqual(harness.answered, 3)
+
+    def test_connectionCloseWhileStoring(self) -> None:
+        """
+        C{Connection: close}: the connection is closed once the answer is
+        written, and what the client sent after the request is not read.
+        """
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message("ci", "last"), b"Connection: close\r\n"))
+        channel.dataReceived(post(message("ci", "after close")))
+        self.assertFalse(transport.disconnecting)
+        journal.release()
+        [answer] = answersIn(transport)
+        self.assertEqual((answer.code, answer.header(b"connection")), (204, b"close"))
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((journal.held, harness.adapter.contents("ci")), ([], ["last"]))
+
+    def test_accessLog(self) -> None:
+        """
+        The access log has the same line for a POST answered by the fast
+        path as for one answered by twisted.web.
+        """
+        harness = Harness(self, accessLog=True)
+        lines = []
+        for fast in (True, False):
+            if not fast:
+                self.assertEqual(harness.answered, 1)
+                harness.site.fastPost = None
+            del harness.logged[:]
+            channel, transport = harness.connect()
+            channel.dataReceived(post(message("ci", "logged")))
+            self.assertEqual([a.code for a in answersIn(transport)], [204])
+            lines.append(
+                [formatEvent(e) for e in harness.logged if "{client}" in e.get("log_format", "")]
+            )
+        self.assertEqual(lines[0], ["127.0.0.1:40000 POST / 204 0"])
+        self.assertEqual(lines[0], lines[1])
 
     def test_clientGoneWhileStoring(self) -> None:
         """
