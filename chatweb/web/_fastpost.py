@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 
 from chatweb.model._values import QueuedMessage
 from chatweb.web._errors import _REASONS
@@ -109,6 +109,8 @@ class FastPost:
         self._requestLine = b"POST " + self._target + b" HTTP/1.1\r\n"
         self._postpath = list(site.mount) + [b""]
         self._date = _Date()
+        #: More headers than this, and twisted.web refuses the request.
+        self._maxHeaders: int = getattr(site.protocol, "maxHeaders", HTTPChannel.maxHeaders)
 
     def parse(self, data: bytes, maxHeaderSize: int, maxBodySize: int) -> Any:
         """
@@ -126,6 +128,8 @@ class FastPost:
         if _HEADERS.fullmatch(block) is None:
             return None
         fields = _FIELD.findall(block)
+        if len(fields) > self._maxHeaders:
+            return None
         headers = {name.lower(): value.strip(b" \t") for name, value in fields}
         if len(headers) != len(fields) or not _ELSEWHERE.isdisjoint(headers):
             return None
