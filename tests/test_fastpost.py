@@ -15,6 +15,8 @@ import socket
 import time
 from typing import Any, cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -863,3 +865,176 @@ class HeldAnswerTests(SynchronousTestCase):
         self.assertIn("POST /chat/", json.loads(answers[1].body)["error"])
         self.assertEqual(harness.answered, 1)
         self.assertEqual(harness.adapter.contents("ci"), ["mounted"])
+
+
+def _header(name: bytes, value: bytes) -> bytes:
+    return name + b": " + value + b"\r\n"
+
+
+def _often(plain: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> Any:
+    """
+    C{plain} four times in five, else C{other}.
+    """
+    return st.integers(0, 4).flatmap(lambda n: plain if n else other)
+
+
+def _mostly(plain: list[bytes], other: list[bytes]) -> Any:
+    return _often(st.sampled_from(plain), st.sampled_from(other))
+
+
+#: How the key is offered: mostly rightly.
+_keys = _mostly(
+    [
+        _header(b"X-API-Key", KEY),
+        _header(b"x-api-KEY", b" " + KEY + b"\t"),
+        _header(b"Authorization", b"Bearer " + KEY),
+        _header(b"authorization", b"bearer  " + KEY + b" "),
+    ],
+    [
+        _header(b"X-API-Key", b"wrong"),
+        _header(b"X-API-Key", b""),
+        _header(b"Authorization", b"Basic eDp5"),
+        _header(b"Authorization", b"Bearer"),
+        _header(b"X-API-Key", KEY) + _header(b"Authorization", b"Bearer " + KEY),
+        _header(b"X-API-Key", KEY) + _header(b"x-api-key", KEY),
+        b"",
+    ],
+)
+_printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+#: Other headers: mostly plain.
+_extras = st.lists(
+    _often(
+        st.one_of(
+            st.builds(
+                _header,
+                st.sampled_from([b"Idempotency-Key", b"idempotency-key"]),
+                _mostly([b"job-1", b"job-2"], [b"job 1", b"", b"x" * 256, b"\x7f"]),
+            ),
+            st.builds(
+                _header,
+                st.sampled_from([b"Connection", b"connection"]),
+                _mostly(
+                    [b"close", b"Close", b"keep-alive", b"Keep-Alive"],
+                    [b"keep-alive, close", b"upgrade", b""],
+                ),
+            ),
+            st.builds(
+                _header,
+                st.sampled_from([b"Content-Type", b"X-Note", b"User-Agent"]),
+                _printable.map(str.encode),
+            ),
+        ),
+        st.sampled_from(
+            [
+                _header(b"X-Note", b"caf\xc3\xa9"),
+                _header(b"X-Note", b"a\x00b"),
+                _header(b"Content-Type", b"application/json; charset=latin-1"),
+                _header(b"Expect", b"100-continue"),
+                _header(b"Transfer-Encoding", b"chunked"),
+                _header(b"Host", b"example.com"),
+                b" folded\r\n",
+                b"Bad Name: x\r\n",
+                b": empty\r\n",
+            ]
+        ),
+    ),
+    max_size=2,
+)
+_bodies = _often(
+    st.builds(
+        lambda session, content: json.dumps({"session": session, "content": content}).encode(),
+        st.sampled_from(["ci", "other", "ci", "", "a\nb"]),
+        st.text(max_size=36),
+    ),
+    st.one_of(
+        st.binary(max_size=30),
+        st.just(b"\xef\xbb\xbf" + message()),
+        st.just(b'{"session": "ci", "content": "x", "session": "other"}'),
+    ),
+)
+_lengths = st.sampled_from(
+    ["exact"] * 10 + ["zero-padded", "plus", "short", "long", "twice", "none"]
+)
+_targets = _mostly([b"/"], [b"/?x=1", b"//", b"/queue", b"/%2F", b"/chat/"])
+
+
+def _request(headers: bytes, body: bytes, length: str, target: bytes) -> bytes:
+    n = len(body)
+    field = {
+        "exact": b"Content-Length: %d\r\n" % (n,),
+        "zero-padded": b"Content-Length: 0%d\r\n" % (n,),
+        "plus": b"Content-Length: +%d\r\n" % (n,),
+        "short": b"Content-Length: %d\r\n" % (max(0, n - 1),),
+        "long": b"Content-Length: %d\r\n" % (n + 1,),
+        "twice": b"Content-Length: %d\r\nContent-Length: %d\r\n" % (n, n),
+        "none": b"",
+    }[length]
+    return b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + field + b"\r\n" + body
+
+
+class SameAnswerTests(SynchronousTestCase):
+    """
+    Whatever a client sends, the fast path changes nothing it can see but
+    the speed: the same answers, the same messages stored.
+    """
+
+    def outcome(self, data: bytes, fast: bool, split: bool) -> tuple[tuple[Any, ...], int]:
+        """
+        What a client sees of C{data} sent twice on one connection (the
+        second answer shows what the first left: an Idempotency-Key used,
+        a rate-limit token, the connection's state), and how many the fast
+        path answered.
+        """
+        harness = Harness(self, limits=Limits(maxContentLength=30, rateLimit=0.001, rateBurst=3))
+        if not fast:
+            harness.site.fastPost = None
+        channel, transport = harness.connect()
+        for _ in range(2):
+            if transport.disconnecting:
+                break
+            if split:
+                channel.dataReceived(data[:20])
+                channel.dataReceived(data[20:])
+            else:
+                channel.dataReceived(data)
+        answers, rest = parseAnswers(transport.value(), closed=True)
+        shown = [
+            (
+                a.statusLine,
+                [(n, v) for n, v in a.comparable()[1] if n != b"x-message-id"],
+                a.body,
+                a.header(b"x-message-id"),
+            )
+            for a in answers
+        ]
+        stored = [(m.session, m.content, m.id) for m in harness.journal.rows.values()]
+        answered = harness.answered if fast else 0
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.flushLoggedErrors()
+        return (shown, rest, transport.disconnecting, stored), answered
+
+    def test_sameAnswerWithAndWithoutFastPath(self) -> None:
+        """
+        Requests near a plain POST (most of them plain, some not in one
+        way or two): the same answers and messages with the fast path as
+        without it, and as when each arrives in two reads.  Many of them
+        took the fast path (the test would prove little otherwise).
+        """
+        taken = {0: 0, 1: 0, 2: 0}
+
+        @settings(max_examples=500, deadline=None, database=None)
+        @given(_keys, _extras, _bodies, _lengths, _targets)
+        def sameAnswer(
+            key: bytes, extras: list[bytes], body: bytes, length: str, target: bytes
+        ) -> None:
+            data = _request(key + b"".join(extras), body, length, target)
+            fast, answered = self.outcome(data, True, False)
+            taken[answered] += 1
+            self.assertEqual(fast, self.outcome(data, False, False)[0], data)
+            self.assertEqual(fast, self.outcome(data, True, True)[0], data)
+
+        sameAnswer()
+        total = sum(taken.values())
+        # (About a fifth do; a tenth leaves room for chance.)
+        self.assertGreater(taken[1] + taken[2], total // 10, taken)
+        self.assertGreater(taken[2], total // 20, taken)
