@@ -559,6 +559,56 @@ class FallbackTests(ServiceTestCase):
         self.assertEqual((await self.stored(ids[1]))[1], "second")
 
 
+class MountedTests(TestCase):
+    async def test_mountedInAProgramsSite(self) -> None:
+        """
+        chatweb mounted at /chat/ of a program's site, as docs/embedding.md
+        shows: POST /chat/ takes the fast path, over TCP; the program's own
+        routes are untouched.
+        """
+        import os
+
+        from twisted.internet import reactor
+
+        from chatweb.service import ChatWebService
+
+        service = ChatWebService(
+            apiKeys=[KEY.decode()], dataDir=os.path.abspath(self.mktemp()), endpoint=None
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        root = Resource()
+        root.putChild(b"chat", service.resource)
+        site = ChatWebSite(
+            root,
+            mount=b"/chat",
+            limits=service.limits,
+            refuseBeforeBody=service.api.refuseBeforeBody,
+        )
+        port: Any = cast(Any, reactor).listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(site.closeConnections)
+        assert site.fastPost is not None
+        client = await deferToThread(Client, port.getHost().port)
+        self.addCleanup(client.close)
+        [answer] = await deferToThread(
+            client.exchange, post(message("ci", "mounted"), target=b"/chat/")
+        )
+        self.assertEqual((answer.code, site.fastPost.answered), (204, 1))
+        # Not the API's root (and not a plain POST): twisted.web's JSON 404.
+        [answer] = await deferToThread(
+            client.exchange, post(message("ci", "x"), target=b"/chat"), 1
+        )
+        self.assertEqual((answer.code, site.fastPost.answered), (404, 1))
+        self.assertIn("POST /chat/", json.loads(answer.body)["error"])
+        client.close()
+        await service.queue.whenDelivered()
+        stored = await service.adapter.getSession("ci")
+        assert stored is not None
+        self.assertEqual([m.content for m in stored.messages], ["mounted"])
+
+
 class Harness:
     """
     A L{ChatWebSite} over a L{ChatWebAPI}, as the service builds it, on a
