@@ -837,6 +837,28 @@ class HeldAnswerTests(SynchronousTestCase):
         self.assertEqual(lines[0], ["127.0.0.1:40000 POST / 204 0"])
         self.assertEqual(lines[0], lines[1])
 
+    def test_apiBodyLimitBelowTheSites(self) -> None:
+        """
+        An API whose body limit is below its site's (a site built without
+        the API's limits): a body between the two is refused by the API,
+        413, with the fast path as without it.
+        """
+        harness = Harness(self, limits=Limits(maxBodySize=100))
+        harness.site = ChatWebSite(harness.api.resource(), reactor=harness.clock)
+        self.assertGreater(harness.site.limits.maxBodySize, 100)
+        data = post(message("ci", "x" * 100))
+        answers = []
+        for fast in (True, False):
+            if not fast:
+                harness.site.fastPost = None
+            channel, transport = harness.connect()
+            channel.dataReceived(data)
+            [answer] = answersIn(transport)
+            answers.append(answer)
+        self.assertEqual(answers[0].code, 413, answers[0])
+        self.assertEqual(answers[0].comparable(), answers[1].comparable())
+        self.assertEqual(harness.journal.rows, {})
+
     def test_clientGoneWhileStoring(self) -> None:
         """
         A client that disconnects while its message is being stored: the

@@ -163,6 +163,10 @@ class FastPost:
         )
         if apiKey is None:
             return False
+        # The site's limit was checked; the API's own may be lower (a site
+        # built without the API's limits).
+        if len(body) > api._limits.maxBodySize:
+            return False
         try:
             key = idempotencyKey(
                 [headers[b"idempotency-key"]] if b"idempotency-key" in headers else None
