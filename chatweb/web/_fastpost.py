@@ -40,6 +40,13 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _HEADERS = re.compile(rb"(?:" + _TOKEN + rb":[\x20-\x7e\t]*\r\n)*")
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):([\x20-\x7e\t]*)\r\n")
 
+#: A Host that is plainly a host name or an address, and a port: werkzeug
+#: refuses some others (an empty label, one over 63 characters) with a 400.
+_HOST = re.compile(
+    rb"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?(?::[0-9]{1,5})?"
+    rb"|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?"
+)
+
 #: Headers that need twisted.web (chunked bodies, 100 Continue).
 _ELSEWHERE = frozenset([b"transfer-encoding", b"expect"])
 
@@ -138,6 +145,9 @@ class FastPost:
             return None
         body = data[end + 4 :]
         if len(body) != int(length):
+            return None
+        host = headers.get(b"host")
+        if host is not None and _HOST.fullmatch(host) is None:
             return None
         connection = headers.get(b"connection", b"keep-alive").lower()
         if connection not in (b"keep-alive", b"close"):
