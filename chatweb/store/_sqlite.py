@@ -88,9 +88,6 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA foreign_keys=ON")
     connection.execute("PRAGMA busy_timeout=10000")
-    # A statement's or savepoint's journal in memory, not in a new
-    # temporary file each time.
-    connection.execute("PRAGMA temp_store=MEMORY")
 
 
 def runOperations(
