@@ -365,25 +365,39 @@ class MessageQueue:
     def _recorded(self, message: QueuedMessage) -> QueuedMessage:
         if message.duplicate:
             return message
+        self._noteQueued(message)
+        self._noteDelivered(message, 0.0)
+        self._maybeEmpty()
+        return message
+
+    def _noteQueued(self, message: QueuedMessage) -> None:
+        """
+        Log that C{message} is stored, or count it for the summary.
+        """
         if self._logsEach():
             _log.info(
                 "Message {id} queued for session {session!r}",
                 id=message.id,
                 session=message.session,
-                attempt=0,
+                attempt=message.attempts,
             )
+        else:
+            self._queuedSince += 1
+
+    def _noteDelivered(self, message: QueuedMessage, duration: float) -> None:
+        """
+        Log that C{message} is delivered, or count it for the summary.
+        """
+        if self._logsEach():
             _log.info(
                 "Message {id} delivered to session {session!r}",
                 id=message.id,
                 session=message.session,
-                attempt=1,
-                duration=0.0,
+                attempt=message.attempts + 1,
+                duration=duration,
             )
         else:
-            self._queuedSince += 1
             self._deliveredSince += 1
-        self._maybeEmpty()
-        return message
 
     def pendingCount(self) -> int:
         """
@@ -394,15 +408,7 @@ class MessageQueue:
     def _enqueue(self, message: QueuedMessage) -> QueuedMessage:
         if message.duplicate:
             return message
-        if self._logsEach():
-            _log.info(
-                "Message {id} queued for session {session!r}",
-                id=message.id,
-                session=message.session,
-                attempt=message.attempts,
-            )
-        else:
-            self._queuedSince += 1
+        self._noteQueued(message)
         if not self._loaded:
             self._early.append(message)
             return message
@@ -837,16 +843,7 @@ class MessageQueue:
         self, _: object, session: str, queue: _SessionQueue, message: QueuedMessage
     ) -> Deferred[None]:
         queue.inFlight = None
-        if self._logsEach():
-            _log.info(
-                "Message {id} delivered to session {session!r}",
-                id=message.id,
-                session=session,
-                attempt=message.attempts + 1,
-                duration=self._clock.seconds() - queue.startedAt,
-            )
-        else:
-            self._deliveredSince += 1
+        self._noteDelivered(message, self._clock.seconds() - queue.startedAt)
 
         def recordFailed(failure: Failure) -> None:
             # The adapter has the message; at worst it sees it again after
