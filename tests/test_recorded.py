@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
@@ -108,6 +109,27 @@ class RecordedTests(RecordedTestCase):
             [e.kind.value for e in history[1]],
             ["message.queued", "delivery.started", "delivery.done"],
         )
+
+    async def test_loggedAsQueuedAndDelivered(self) -> None:
+        """
+        The log says of such a message what it says of any: queued, then
+        delivered (a new user watching twistd's output sees both), with its
+        session and id, not its content.
+        """
+        backend = self.backend()
+        queue = await self.startQueue(backend, backend.recorder)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        message = await queue.post("s", "secret")
+        mine = [e for e in logged if e.get("id") == message.id]
+        self.assertEqual(
+            [(e["log_format"].split(" {")[0], e["session"], e["attempt"]) for e in mine],
+            [("Message", "s", 0), ("Message", "s", 1)],
+        )
+        self.assertIn("queued", mine[0]["log_format"])
+        self.assertIn("delivered", mine[1]["log_format"])
+        self.assertNotIn("secret", repr(mine))
 
     async def test_postsInFlightTogetherKeepTheirOrder(self) -> None:
         backend = self.backend()
