@@ -163,9 +163,15 @@ class ChatWebService(MultiService):
             maxPendingTotal=limits.maxPendingTotal,
             leases=self.leases,
             logEachMessage=logEachMessage,
-            # Its own sessions are in the journal's database: delivered in
-            # the write that stores them, when nothing else is pending.
-            recorder=adapter.recorder if isinstance(adapter, LocalBackend) else None,
+            # Its own backend keeps sessions in the journal's database:
+            # delivered in the write that stores them, when nothing else is
+            # pending.  (A backend a program passes has a database of its
+            # own.)
+            recorder=(
+                adapter.recorder
+                if self._ownsAdapter and isinstance(adapter, LocalBackend)
+                else None
+            ),
         )
         if self.sharedEvents is not None:
             self.sharedEvents.onChange = self.queue.othersChanged

@@ -19,9 +19,11 @@ from twisted.trial.unittest import TestCase
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import EchoResponder
+from chatweb.errors import UnknownMessage
 from chatweb.events import EventHub
 from chatweb.model import DELIVERED, Delivery
 from chatweb.queue import MessageQueue
+from chatweb.service import ChatWebService
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
 from chatweb.store._sqlite import SQLiteDatabase
@@ -171,6 +173,47 @@ class RecordedTests(RecordedTestCase):
         await queue.whenDelivered()
         self.assertEqual(recorded, ["first", "second"])
 
+    async def test_aMessageQueuedAgainGoesFirst(self) -> None:
+        """
+        A failed message queued again by hand (POST /queue/{id}/retry)
+        keeps its place by id: a message posted while that is being
+        written is delivered after it.
+        """
+        failed = await self.journal.append("s", "failed", reactor.seconds())
+        await self.journal.recordFailure(failed.id, "boom", True)
+        backend = self.backend()
+        queue = await self.startQueue(backend, backend.recorder)
+        gate = self.holdWriter()
+        retried = queue.retry(failed.id)
+        posted = queue.post("s", "newer")
+        gate.set()
+        await gatherResults([retried, posted])
+        await queue.whenDelivered()
+        self.assertEqual((await self.contents(backend, "s")), ["failed", "newer"])
+
+    async def test_aFailingOperationInTheGroup(self) -> None:
+        """
+        A refused operation in the same group (a discard of no message)
+        fails alone: the messages stored and delivered beside it are, and
+        the events published are those committed, in order, once each.
+        """
+        backend = self.backend()
+        queue = await self.startQueue(backend, backend.recorder)
+        gate = self.holdWriter()
+        first = queue.post("s", "A")
+        refused = queue.discard(999)
+        second = queue.post("t", "B")
+        gate.set()
+        await self.assertFailure(refused, UnknownMessage)
+        await gatherResults([first, second])
+        self.assertEqual((await self.contents(backend, "s")), ["A"])
+        self.assertEqual((await self.contents(backend, "t")), ["B"])
+        committed = await self.journal.eventsSince(0)
+        self.assertEqual(
+            [(e.id, e.kind, e.data) for e in self.events],
+            [(e.id, e.kind, e.data) for e in committed],
+        )
+
     async def test_pendingMessagesGoFirst(self) -> None:
         """
         Messages already waiting for a session (stored before a restart)
@@ -227,3 +270,34 @@ class RecordedTests(RecordedTestCase):
         await queue.whenDelivered()
         self.assertEqual([d.content for d in self.delivered], ["ping"])
         self.assertEqual(len((await self.contents(backend, "s"))), 2)
+
+
+class ProgramsOwnBackendTests(TestCase):
+    async def test_deliveredToTheBackendAProgramPasses(self) -> None:
+        """
+        A program that passes a L{LocalBackend} of its own (on a database of
+        its own) gets every message in it: the write that stores a message
+        cannot deliver it there.
+        """
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        # The data dir once served the default backend: its tables exist.
+        first = ChatWebService(apiKeys=["k" * 32], dataDir=dataDir, endpoint=None)
+        first.startService()
+        await first.ready
+        await first.stopService()
+        theirs = SQLiteDatabase(os.path.join(dataDir, "theirs.sqlite3"), reactor)
+        self.addCleanup(theirs.close)
+        await theirs.open(SESSIONS_SCHEMA)
+        backend = LocalBackend(theirs, reactor)
+        service = ChatWebService(
+            apiKeys=["k" * 32], dataDir=dataDir, endpoint=None, adapter=backend
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        await service.queue.post("s", "hello")
+        await service.queue.whenDelivered()
+        session = await backend.getSession("s")
+        self.assertEqual([m.content for m in session.messages], ["hello"])
+

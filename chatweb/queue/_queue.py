@@ -150,6 +150,8 @@ class MessageQueue:
         self._recorder = recorder
         #: Such writes under way, by session.
         self._recording: dict[str, int] = {}
+        #: Failed messages being queued again (L{retry}).
+        self._requeuing = 0
         #: Log every message queued and delivered (info).  Off, the first
         #: L{EACH_MESSAGE_LINES} of each minute are, and the sweep logs how
         #: many more were, at most once a minute: formatting and writing
@@ -347,11 +349,13 @@ class MessageQueue:
         """
         The adapter's recorder, if a message posted to C{session} now may be
         delivered in the write that stores it: nothing of the session is
-        pending, being delivered or being stored for the normal way (it
-        would be delivered after this one), and this instance is alone.
+        pending, being delivered, being stored for the normal way or
+        queued again (each would be delivered after this one), and this
+        instance is alone.
         """
         if (
             self._recorder is None
+            or self._requeuing
             or self._leases is not None
             or not self._loaded
             or not self._running
@@ -458,10 +462,19 @@ class MessageQueue:
             self._kick(message.session)
             return message
 
+        # Its session is known only once it is written: meanwhile no post
+        # is delivered in the write that stores it (it would go before).
+        self._requeuing += 1
+
+        def settled(result: object) -> object:
+            self._requeuing -= 1
+            return result
+
         return (
             self._whenLoaded()
             .addCallback(lambda _: self._journal.requeue(messageId))
             .addCallback(requeued)
+            .addBoth(settled)
         )
 
     def _forgetHead(self, queue: _SessionQueue) -> None:

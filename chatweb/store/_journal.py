@@ -225,7 +225,9 @@ def _queued(
 
 #: Records a delivered message in the journal's transaction (an adapter's,
 #: see L{SQLiteJournal.appendRecorded}): C{(cursor, delivery, now)} to the
-#: events it recorded.
+#: events it recorded.  Like every write operation, it may run twice (see
+#: L{chatweb.store._sqlite.runOperations}): it must change the database
+#: only.
 Recorder = Callable[[Any, Delivery, float], "list[Event]"]
 
 

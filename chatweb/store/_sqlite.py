@@ -4,8 +4,8 @@ SQLite, off the reactor thread, with group commit.
 Every write runs on one writer thread.  Writes that arrive while a commit is
 under way wait, and then go to disk together in one transaction: one fsync
 for many messages, while each caller's Deferred still fires only once its own
-write is committed.  Each write runs in a savepoint, so one that fails does
-not undo the others in its group.  Reads run on their own threads (WAL mode
+write is committed.  One that fails does not undo the others in its group
+(see L{runOperations}).  Reads run on their own threads (WAL mode
 lets them proceed while a write commits).
 """
 
