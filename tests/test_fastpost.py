@@ -1145,3 +1145,124 @@ class SameAnswerTests(SynchronousTestCase):
         # (About a sixth do; a tenth leaves room for chance.)
         self.assertGreater(taken[1] + taken[2], total // 10, taken)
         self.assertGreater(taken[2], total // 20, taken)
+
+
+class ReviewedEdgeTests(SynchronousTestCase):
+    """
+    Cases a review of the fast path found answered otherwise than by
+    twisted.web.
+    """
+
+    def test_noDeadlineLeftFromAnIgnoredLine(self) -> None:
+        """
+        An extra CRLF before a request (which Twisted ignores) started the
+        request deadline; the fast path took the request, so nothing
+        stopped it: a 408 came on a healthy connection, after which the
+        stored message's 204 followed, and a client retrying would store
+        it twice.
+        """
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        channel, transport = harness.connect()
+        channel.dataReceived(b"\r\n")
+        channel.dataReceived(post(message("ci", "once")))
+        self.assertEqual(harness.answered, 1)
+        harness.clock.advance(harness.site.limits.requestTimeout + 1)
+        journal.release()
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        self.assertFalse(transport.disconnecting)
+
+    def test_aResourceOfTheProgramOnTheWayDecides(self) -> None:
+        """
+        Mounted below a resource of a program's own that refuses requests
+        (or a leaf that answers them itself), chatweb's API is not reached
+        by twisted.web: the fast path does not reach it either.
+        """
+        from twisted.web.pages import forbidden
+
+        class Gate(Resource):
+            def getChildWithDefault(self, name: bytes, request: Any) -> Any:
+                if request.getHeader(b"x-program-token") != b"s3cret":
+                    return forbidden()
+                return super().getChildWithDefault(name, request)
+
+        class Leaf(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                return b"mine"
+
+        for root in (Gate(), Leaf()):
+            harness = Harness(self)
+            root.putChild(b"chat", harness.api.resource())
+            site = ChatWebSite(root, reactor=harness.clock)
+            self.assertIsNone(site.fastPost)
+            address = IPv4Address("TCP", "127.0.0.1", 40000)
+            channel = site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            channel.makeConnection(transport)
+            channel.dataReceived(post(message(), target=b"/chat/"))
+            self.assertEqual(harness.journal.rows, {})
+        # A plain Resource routes by its children: the fast path is safe.
+        harness = Harness(self, mount=b"/chat/")
+        self.assertIsNotNone(harness.site.fastPost)
+
+    def test_aSiteServingAnotherTreeNow(self) -> None:
+        harness = Harness(self)
+        other = Resource()
+        harness.site.resource = other
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message()))
+        assert harness.site.fastPost is not None
+        self.assertEqual(harness.answered, 0)
+        self.assertEqual(harness.journal.rows, {})
+
+    def test_aMountWithMoreThanOneSpelling(self) -> None:
+        """
+        A mount whose name has characters a path escapes (a space) would
+        make the fast path take a request line twisted.web refuses.
+        """
+        self.assertIsNone(Harness(self, mount=b"/a b/").site.fastPost)
+
+    def test_bracketedHostsThatAreNotAddresses(self) -> None:
+        for host in (b"[...]", b"[.:]", b"[1..2]", b"[.f]"):
+            harness = Harness(self)
+            channel, transport = harness.connect()
+            channel.dataReceived(
+                post(message()).replace(b"Host: 127.0.0.1", b"Host: " + host)
+            )
+            self.assertEqual(harness.answered, 0, host)
+        harness = Harness(self)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message()).replace(b"Host: 127.0.0.1", b"Host: [::1]:80"))
+        self.assertEqual(harness.answered, 1)
+
+    def test_aFailingObserverDoesNotCostTheAnswer(self) -> None:
+        """
+        A request observer that raises is logged; the 204 still reaches
+        the client and the connection stays open (the message is stored:
+        a reset would make the client send it again).
+        """
+        harness = Harness(self)
+
+        def broken(request: Any) -> None:
+            raise AttributeError("an observer written for twisted.web's requests")
+
+        harness.site.requestObservers.append(broken)
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message()))
+        self.assertEqual([a.code for a in answersIn(transport)], [204])
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_anAnswerNobodyReceivedIsNotLogged(self) -> None:
+        journal = HeldJournal()
+        harness = Harness(self, journal)
+        seen: list[int] = []
+        harness.site.requestObservers.append(lambda request: seen.append(request.code))
+        channel, transport = harness.connect()
+        channel.dataReceived(post(message()))
+        channel.connectionLost(Failure(ConnectionDone()))
+        journal.release()
+        self.assertEqual(len(journal.rows), 1)
+        self.assertEqual(seen, [])

@@ -9,19 +9,24 @@ from the connection holds exactly one plain C{POST /} (HTTP/1.1, a
 C{Content-Length}, ASCII headers, each named once, no C{Transfer-Encoding}
 or C{Expect}), a valid key, a valid body and nothing else, it is answered
 here: the same checks in the same order, the same queue, the same 204 once
-the message is on disk.  Anything else, and any request that this path
+the message is on disk.  Only where twisted.web would certainly hand it to
+the API: the API is the site's root, or below plain resources that route
+by their children (L{FastPost.takes}).  Anything else, and any request that this path
 would refuse, goes to twisted.web untouched, which answers it as it always
 has: the error answers have one source.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 
 from chatweb.model._values import QueuedMessage
@@ -33,6 +38,8 @@ from chatweb.web._validation import BadRequest, parseMessage
 
 if TYPE_CHECKING:
     from chatweb.web._api import ChatWebAPI
+
+_log = Logger()
 
 #: Header lines as this path takes them: a token, a colon, printable ASCII
 #: (no ambiguity: matched in linear time, whatever the bytes).
@@ -46,6 +53,25 @@ _HOST = re.compile(
     rb"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?(?::[0-9]{1,5})?"
     rb"|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?"
 )
+
+#: A path segment with one spelling (no percent escape can mean it).
+_PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9._~-]+")
+
+
+def _plainHost(host: bytes) -> bool:
+    """
+    Whether C{host} is plainly a host name or an IP address, with an
+    optional port (werkzeug refuses some other values with a 400).
+    """
+    if _HOST.fullmatch(host) is None:
+        return False
+    if host.startswith(b"["):
+        try:
+            ipaddress.IPv6Address(host[1 : host.index(b"]")].decode("ascii"))
+        except ValueError:
+            return False
+    return True
+
 
 #: Headers that need twisted.web (chunked bodies, 100 Continue).
 _ELSEWHERE = frozenset([b"transfer-encoding", b"expect"])
@@ -112,12 +138,50 @@ class FastPost:
         """
         self._api = api
         self._site = site
+        self._root = site.resource
         self._target = b"/" + b"".join(segment + b"/" for segment in site.mount)
         self._requestLine = b"POST " + self._target + b" HTTP/1.1\r\n"
         self._postpath = list(site.mount) + [b""]
         self._date = _Date()
         #: More headers than this, and twisted.web refuses the request.
         self._maxHeaders: int = getattr(site.protocol, "maxHeaders", HTTPChannel.maxHeaders)
+
+    @staticmethod
+    def takes(site: Any, root: Any) -> bool:
+        """
+        Whether twisted.web would hand a C{POST} to the site's mount to the
+        API, whatever the request: the site finds resources and builds
+        requests as chatweb's site does, and every resource on the way is
+        a plain L{Resource} that routes by its children (a resource of the
+        program's own, or a leaf, might answer or refuse it first), each
+        path segment a plain word (one spelling only).
+        """
+        from chatweb.web._site import ChatWebSite, LimitedRequest
+
+        if (
+            type(site).getResourceFor is not ChatWebSite.getResourceFor
+            or site.requestFactory is not LimitedRequest
+        ):
+            return False
+        node = root
+        for segment in site.mount:
+            kind = type(node)
+            if (
+                _PLAIN_SEGMENT.fullmatch(segment) is None
+                or segment in (b".", b"..")
+                or getattr(node, "isLeaf", False)
+                or kind.getChildWithDefault is not Resource.getChildWithDefault
+                or kind.getChild is not Resource.getChild
+            ):
+                return False
+            node = node.children.get(segment)
+        return node is not None and getattr(node, "chatwebAPI", None) is not None
+
+    def reaches(self, site: Any) -> bool:
+        """
+        Whether the site still serves the tree this was made for.
+        """
+        return site.resource is self._root
 
     def parse(self, data: bytes, maxHeaderSize: int, maxBodySize: int) -> Any:
         """
@@ -147,7 +211,7 @@ class FastPost:
         if len(body) != int(length):
             return None
         host = headers.get(b"host")
-        if host is not None and _HOST.fullmatch(host) is None:
+        if host is not None and not _plainHost(host):
             return None
         connection = headers.get(b"connection", b"keep-alive").lower()
         if connection not in (b"keep-alive", b"close"):
@@ -233,7 +297,14 @@ class FastPost:
             headers.append((b"Content-Length", b"%d" % (len(body),)))
         if close:
             headers.append((b"Connection", b"close"))
-        channel.fastAnswered(_response(code, common + headers, body), close)
+        if channel._lost:
+            # As twisted.web: an answer nobody received is not logged.
+            channel.fastAnswered(b"", close)
+            return
         record = _Answered(self._target, self._postpath, code, address)
         record.sentLength = len(body)
-        self._site.log(record)
+        try:
+            self._site.log(record)
+        except Exception:
+            _log.failure("Could not log a request")
+        channel.fastAnswered(_response(code, common + headers, body), close)

@@ -270,16 +270,25 @@ class ChatWebChannel(HTTPChannelHooks):
     def dataReceived(self, data: bytes) -> None:
         if self._fastPending:
             # HTTP/1.1 answers in order: what follows waits for the answer.
-            self._backlog += data
-            self._transport.pauseProducing()
+            if data:
+                self._backlog += data
+                self._transport.pauseProducing()
             return
         fast = self.site.fastPost
-        if fast is not None and not self._refused and betweenRequests(self):
+        if (
+            fast is not None
+            and not self._refused
+            and betweenRequests(self)
+            and fast.reaches(self.site)
+        ):
             parsed = fast.parse(data, self.totalHeadersSize, self.site.limits.maxBodySize)
             if parsed is not None:
                 # Set first: the answer may come at once.
                 self._fastPending = True
                 if fast.answer(self, *parsed):
+                    # A deadline that bytes before this request started
+                    # (an extra CRLF Twisted ignores) has no request left.
+                    self._cancelDeadline()
                     if self._fastPending:
                         # No idle timeout while it is stored (as Twisted);
                         # setTimeout(None) forgets the period: kept here.
@@ -309,7 +318,7 @@ class ChatWebChannel(HTTPChannelHooks):
         came after it.
         """
         self._fastPending = False
-        if self._lost:
+        if self._lost or self._refused or self._transport.disconnecting:
             return
         self._transport.write(response)
         if close:
@@ -331,12 +340,13 @@ class ChatWebChannel(HTTPChannelHooks):
     def fastFailed(self, failure: Failure) -> None:
         """
         Answering a request that L{FastPost} took failed: log it and close
-        the connection (nothing more can be said on it in order).
+        the connection (nothing more can be said on it in order) once what
+        was written is sent.
         """
         self._fastPending = False
         _log.failure("Could not answer a POST", failure)
         if not self._lost:
-            self._transport.abortConnection()
+            self.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
         # Only the request line and headers come here (bodies are raw data).
@@ -507,7 +517,12 @@ class ChatWebSite(Site):
         #: Request, when the API found is where its limits apply and its
         #: own checks decide who may post.
         self.fastPost: FastPost | None = None
-        if found is not None and usesAPIChecks and found[0] == self.mount:
+        if (
+            found is not None
+            and usesAPIChecks
+            and found[0] == self.mount
+            and FastPost.takes(self, resource)
+        ):
             self.fastPost = FastPost(found[1], self)
         #: The open connections.
         self.channels: set[ChatWebChannel] = set()
