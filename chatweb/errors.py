@@ -18,19 +18,33 @@ class QueueFull(Exception):
         self.retryAfter = retryAfter
 
 
-class IdempotencyConflict(Exception):
+class Refusal(Exception):
+    """
+    A store operation refused what it was asked, before writing anything:
+    the other operations of its group commit without being run again (see
+    L{chatweb.store._sqlite.runOperations}).
+    """
+
+
+class IdempotencyConflict(Refusal):
     """
     An Idempotency-Key seen before with another session.
     """
 
 
-class UnknownMessage(Exception):
+class UnknownMessage(Refusal):
     """
     No queued message has this id.
     """
 
 
-class WrongState(Exception):
+class NoSuchMessage(Refusal, IndexError):
+    """
+    A session has no message at this index.
+    """
+
+
+class WrongState(Refusal):
     """
     The message is not in a state that allows the operation.
     """

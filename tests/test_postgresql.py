@@ -98,6 +98,9 @@ class PostgreSQLDatabaseTests(PostgreSQLStorageMixin, TestCase):
     test_failingWriteDoesNotUndoItsGroup = (
         test_storage.DatabaseTests.test_failingWriteDoesNotUndoItsGroup
     )
+    test_aRefusalDoesNotRunItsGroupAgain = (
+        test_storage.DatabaseTests.test_aRefusalDoesNotRunItsGroupAgain
+    )
     test_neverOnTheReactorThread = test_storage.DatabaseTests.test_neverOnTheReactorThread
 
 

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend, sessionIdFor
 from chatweb.backends.responders import EchoResponder
+from chatweb.errors import UnknownMessage
 from chatweb.store._sqlite import SQLiteDatabase
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal
@@ -147,6 +148,39 @@ class DatabaseTests(StorageTestCase):
         yield first
         yield self.assertFailure(failing, ValueError)
         yield last
+        ids = yield self.db.read(
+            lambda c: sorted(r[0] for r in c.execute("SELECT id FROM sessions").fetchall())
+        )
+        self.assertEqual(ids, ["a", "b"])
+
+    @inlineCallbacks
+    def test_aRefusalDoesNotRunItsGroupAgain(self):
+        """
+        An operation that refuses (a L{Refusal}, before writing) fails
+        alone, and the others of its group run once: a client that asks
+        for what does not exist cannot make every group run twice.
+        """
+        runs = []
+
+        def insert(cursor, n):
+            runs.append(n)
+            cursor.execute("INSERT INTO sessions (id, created) VALUES (?, 0)", (n,))
+
+        def refuse(cursor):
+            raise UnknownMessage(999)
+
+        # Held on the writer thread: the three writes make one group.
+        gate = threading.Event()
+        held = self.db.write(lambda cursor: gate.wait(10))
+        first = self.db.write(insert, "a")
+        refused = self.db.write(refuse)
+        last = self.db.write(insert, "b")
+        gate.set()
+        yield held
+        yield first
+        yield self.assertFailure(refused, UnknownMessage)
+        yield last
+        self.assertEqual(runs, ["a", "b"])
         ids = yield self.db.read(
             lambda c: sorted(r[0] for r in c.execute("SELECT id FROM sessions").fetchall())
         )

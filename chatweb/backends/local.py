@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from chatweb.errors import NoSuchMessage
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import EventSink, Recorder, insertEvent, publishCommitted
@@ -288,7 +289,7 @@ def _deleteMessage(
     )
     row = cursor.fetchone()
     if index < 0 or row is None:
-        raise IndexError(index)
+        raise NoSuchMessage(index)
     cursor.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
     return True, _changeEvent(
         cursor, EventKind.SESSION_CHANGED, sessionId, now, withEvents,

@@ -271,13 +271,11 @@ def _append(
     state: str = PENDING,
 ) -> QueuedMessage:
     if idempotencyKey is not None:
+        # A refusal writes nothing (see runOperations): expired keys are
+        # ignored here, and forgotten only after.
         cursor.execute(
-            "DELETE FROM idempotency WHERE created < ?",
-            (received - IDEMPOTENCY_WINDOW,),
-        )
-        cursor.execute(
-            "SELECT session, message, digest FROM idempotency WHERE key = ?",
-            (idempotencyKey,),
+            "SELECT session, message, digest FROM idempotency WHERE key = ? AND created >= ?",
+            (idempotencyKey, received - IDEMPOTENCY_WINDOW),
         )
         seen = cursor.fetchone()
         if seen is not None:
@@ -286,6 +284,10 @@ def _append(
             earlier = _get(cursor, seen[1])
             if earlier is not None:
                 return attrs.evolve(earlier, duplicate=True)
+        cursor.execute(
+            "DELETE FROM idempotency WHERE created < ?",
+            (received - IDEMPOTENCY_WINDOW,),
+        )
     cursor.execute(
         "INSERT INTO queue (session, content, received, state) VALUES (?, ?, ?, ?)",
         (session, content, received, state),

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.python.failure import Failure
 
 from chatweb._priority import asWorker
+from chatweb.errors import Refusal
 
 T = TypeVar("T")
 Operation = Callable[..., Any]
@@ -105,13 +106,20 @@ def runOperations(
     They run first all together, without savepoints: a savepoint per
     operation cost as much as its writes (SQLite copies each page a
     savepoint may restore to a journal of its own; PostgreSQL takes a
-    round trip for each).  Only if one fails is the transaction begun again
-    (C{restart}) and the batch run once more, each operation in a
-    savepoint of its own (operations read and write the database only: a
-    second run from the same state does the same).
+    round trip for each).  An operation that refuses (a L{Refusal}, raised
+    before it writes) fails alone.  Only if one fails otherwise is the
+    transaction begun again (C{restart}) and the batch run once more, each
+    operation in a savepoint of its own (operations read and write the
+    database only: a second run from the same state does the same).
     """
+    together: list[tuple[bool, Any]] = []
     try:
-        return [(True, operation(cursor, *args)) for operation, args in batch]
+        for operation, args in batch:
+            try:
+                together.append((True, operation(cursor, *args)))
+            except Refusal:
+                together.append((False, Failure()))
+        return together
     except Exception:
         restart()
     results: list[tuple[bool, Any]] = []
