@@ -166,15 +166,17 @@ class FastPost:
         node = root
         for segment in site.mount:
             kind = type(node)
+            children = getattr(node, "children", None)
             if (
                 _PLAIN_SEGMENT.fullmatch(segment) is None
                 or segment in (b".", b"..")
                 or getattr(node, "isLeaf", False)
-                or kind.getChildWithDefault is not Resource.getChildWithDefault
-                or kind.getChild is not Resource.getChild
+                or getattr(kind, "getChildWithDefault", None) is not Resource.getChildWithDefault
+                or getattr(kind, "getChild", None) is not Resource.getChild
+                or not isinstance(children, dict)
             ):
                 return False
-            node = node.children.get(segment)
+            node = children.get(segment)
         return node is not None and getattr(node, "chatwebAPI", None) is not None
 
     def reaches(self, site: Any) -> bool:
