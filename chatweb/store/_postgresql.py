@@ -35,7 +35,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from chatweb._priority import asWorker
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades, applyUpgrades, runOperations
+from chatweb.store._sqlite import (
+    SQLiteDatabase,
+    Upgrades,
+    applySchema,
+    applyUpgrades,
+    runOperations,
+)
 
 _log = Logger()
 
@@ -268,11 +274,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
             # Instances starting at once take turns; the lock goes with
             # the transaction.
             cursor.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
-            for statement in schema:
-                if isinstance(statement, Upgrades):
-                    _upgrade(cursor, statement)
-                else:
-                    cursor.execute(statement)
+            applySchema(cursor, schema, _upgrade)
 
         return create
 

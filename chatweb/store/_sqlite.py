@@ -66,6 +66,22 @@ def applyUpgrades(cursor: Any, upgrades: Upgrades, current: int) -> None:
             cursor.execute(statement)
 
 
+def applySchema(
+    cursor: Any,
+    schema: Sequence[Union[str, Upgrades]],
+    upgrade: Callable[[Any, Upgrades], None],
+) -> None:
+    """
+    Run each statement of C{schema}, and bring its L{Upgrades} up to date
+    with C{upgrade} (the engine's way of keeping the version).
+    """
+    for statement in schema:
+        if isinstance(statement, Upgrades):
+            upgrade(cursor, statement)
+        else:
+            cursor.execute(statement)
+
+
 def _upgrade(cursor: sqlite3.Cursor, upgrades: Upgrades) -> None:
     cursor.execute("PRAGMA user_version")
     current = cursor.fetchone()[0]
@@ -426,11 +442,7 @@ class SQLiteDatabase:
 
     def _creator(self, schema: Sequence[Union[str, Upgrades]]) -> Operation:
         def create(cursor: sqlite3.Cursor) -> None:
-            for statement in schema:
-                if isinstance(statement, Upgrades):
-                    _upgrade(cursor, statement)
-                else:
-                    cursor.execute(statement)
+            applySchema(cursor, schema, _upgrade)
 
         return create
 

@@ -5,10 +5,14 @@ Error answers: JSON objects C{{"error": "..."}} with the status code.
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 from twisted.web.iweb import IRequest
 
 from chatweb.limits import retryAfter
+
+#: The C{Server} header of every response: a name, no version.
+SERVER_NAME = b"chatweb"
 
 #: Reason phrases Twisted does not know.
 _REASONS = {
@@ -43,4 +47,33 @@ def _throttledMessage(wait: float) -> str:
     return (
         "too many failed authentications from this address; retry in"
         f" {retryAfter(wait).decode()} seconds"
+    )
+
+
+def rawErrorResponse(
+    code: int,
+    reason: bytes,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    serverName: bytes = SERVER_NAME,
+    close: bool = True,
+) -> bytes:
+    """
+    A complete HTTP/1.1 error response with a JSON body, for the cases where
+    no request object answers (the connection is then closed, unless not
+    C{close}): the same C{Server} and C{Cache-Control} headers as every
+    other answer, and any C{headers} given (C{Retry-After} on a 429).
+    """
+    body = json.dumps({"error": message}).encode("utf-8")
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (code, reason),
+            b"Server: %s\r\n" % (serverName,),
+            b"Content-Type: application/json\r\n",
+            b"Cache-Control: no-store\r\n",
+            *(b"%s: %s\r\n" % (name, value) for name, value in headers),
+            b"Content-Length: %d\r\n" % (len(body),),
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        ]
     )

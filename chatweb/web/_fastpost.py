@@ -19,7 +19,6 @@ has: the error answers have one source.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -30,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 
 from chatweb.model._values import QueuedMessage
-from chatweb.web._errors import _REASONS
+from chatweb.web._errors import _REASONS, rawErrorResponse
 from chatweb.web._guard import offeredKeys
 from chatweb.web._messages import idempotencyKey, keyedIdempotencyKey, notQueued
 from chatweb.web._throttle import clientKey
@@ -112,13 +111,8 @@ class _Date:
         return self.value
 
 
-def _response(code: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
-    reason = _REASONS.get(code) or RESPONSES.get(code, b"Unknown")
-    lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
-    lines.extend(b"%s: %s\r\n" % header for header in headers)
-    lines.append(b"\r\n")
-    lines.append(body)
-    return b"".join(lines)
+def _reason(code: int) -> bytes:
+    return _REASONS.get(code) or RESPONSES.get(code, b"Unknown")
 
 
 class FastPost:
@@ -261,24 +255,26 @@ class FastPost:
         self.answered += 1
 
         def queued(message: QueuedMessage) -> None:
-            self._send(channel, 204, [(b"X-Message-Id", b"%d" % (message.id,))], b"", close,
-                       address)
+            headers = [
+                (b"Server", self._site.serverName),
+                (b"Date", self._date.now()),
+                (b"X-Message-Id", b"%d" % (message.id,)),
+            ]
+            if close:
+                headers.append((b"Connection", b"close"))
+            lines = [b"HTTP/1.1 204 No Content\r\n"]
+            lines.extend(b"%s: %s\r\n" % header for header in headers)
+            self._send(channel, 204, b"".join(lines) + b"\r\n", close, address)
 
         def failed(failure: Failure) -> None:
             code, error, retry = notQueued(failure, session)
-            extra = [(b"Retry-After", retry)] if retry is not None else []
-            self._send(
-                channel,
-                code,
-                [
-                    (b"Content-Type", b"application/json"),
-                    (b"Cache-Control", b"no-store"),
-                    *extra,
-                ],
-                json.dumps({"error": error}).encode("utf-8"),
-                close,
-                address,
+            headers = [(b"Date", self._date.now())]
+            if retry is not None:
+                headers.append((b"Retry-After", retry))
+            response = rawErrorResponse(
+                code, _reason(code), error, headers, self._site.serverName, close
             )
+            self._send(channel, code, response, close, address)
 
         api._queue.post(session, content, key).addCallbacks(queued, failed).addErrback(
             channel.fastFailed
@@ -286,27 +282,16 @@ class FastPost:
         return True
 
     def _send(
-        self,
-        channel: Any,
-        code: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        close: bool,
-        address: Any,
+        self, channel: Any, code: int, response: bytes, close: bool, address: Any
     ) -> None:
-        common = [(b"Server", self._site.serverName), (b"Date", self._date.now())]
-        if body:
-            headers.append((b"Content-Length", b"%d" % (len(body),)))
-        if close:
-            headers.append((b"Connection", b"close"))
         if channel._lost:
             # As twisted.web: an answer nobody received is not logged.
             channel.fastAnswered(b"", close)
             return
         record = _Answered(self._target, self._postpath, code, address)
-        record.sentLength = len(body)
+        record.sentLength = len(response) - response.index(b"\r\n\r\n") - 4
         try:
             self._site.log(record)
         except Exception:
             _log.failure("Could not log a request")
-        channel.fastAnswered(_response(code, common + headers, body), close)
+        channel.fastAnswered(response, close)

@@ -33,6 +33,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from chatweb.web._errors import SERVER_NAME, rawErrorResponse
 from chatweb.web._guard import UNAUTHORIZED
 from chatweb.web._fastpost import FastPost
 from chatweb.web._twisted_compat import HTTPChannelHooks, betweenRequests
@@ -40,8 +41,6 @@ from chatweb.limits import Limits
 
 _log = Logger()
 
-#: The C{Server} header of every response: a name, no version.
-SERVER_NAME = b"chatweb"
 
 #: C{request -> (code, reason, message)} or None: an answer for a request
 #: that is refused as soon as its headers are in, before its body is read.
@@ -104,34 +103,6 @@ def describeAddress(address: IAddress) -> str:
     if isinstance(name, bytes):
         return name.decode("utf-8", "backslashreplace")
     return str(name if name is not None else address)
-
-
-def rawErrorResponse(
-    code: int,
-    reason: bytes,
-    message: str,
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    serverName: bytes = SERVER_NAME,
-) -> bytes:
-    """
-    A complete HTTP/1.1 error response with a JSON body, for the cases where
-    the connection is closed before a request object can answer: the same
-    C{Server} and C{Cache-Control} headers as every other answer, and any
-    C{headers} given (C{Retry-After} on a 429).
-    """
-    body = json.dumps({"error": message}).encode("utf-8")
-    return b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (code, reason),
-            b"Server: %s\r\n" % (serverName,),
-            b"Content-Type: application/json\r\n",
-            b"Cache-Control: no-store\r\n",
-            *(b"%s: %s\r\n" % (name, value) for name, value in headers),
-            b"Content-Length: %d\r\n" % (len(body),),
-            b"Connection: close\r\n\r\n",
-            body,
-        ]
-    )
 
 
 class LimitedRequest(Request):
