@@ -340,8 +340,26 @@ class MemoryJournalContractTests(JournalContractMixin, TestCase):
 
 
 # The schema of the first release (no versions, no events), as it made
-# databases.
-OLD_SCHEMA = [s for s in SCHEMA if isinstance(s, str)]
+# databases: a session's messages all indexed, delivered or not.
+OLD_SCHEMA = [
+    "CREATE INDEX IF NOT EXISTS queue_by_session ON queue (session, id)"
+    if "queue_open_by_session" in s
+    else s
+    for s in SCHEMA
+    if isinstance(s, str)
+]
+
+
+def _indexes(path: str) -> set[tuple[str, str]]:
+    connection = sqlite3.connect(path)
+    try:
+        return set(
+            connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            )
+        )
+    finally:
+        connection.close()
 
 
 class SchemaUpgradeTests(TestCase):
@@ -371,6 +389,12 @@ class SchemaUpgradeTests(TestCase):
         self.addCleanup(connection.close)
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         self.assertEqual(version, UPGRADES.version)
+        # Its indexes are a new database's (none left from the old schema).
+        fresh = os.path.abspath(self.mktemp()) + ".sqlite3"
+        db = SQLiteDatabase(fresh, reactor)
+        await db.open(SCHEMA)
+        await db.close()
+        self.assertEqual(_indexes(path), _indexes(fresh))
 
     async def test_newerDatabaseRefused(self) -> None:
         path = os.path.abspath(self.mktemp()) + ".sqlite3"
@@ -380,3 +404,67 @@ class SchemaUpgradeTests(TestCase):
         db = SQLiteDatabase(path, reactor)
         self.addCleanup(db.close)
         await self.assertFailure(db.open(SCHEMA), RuntimeError)
+
+
+class _Recording:
+    """
+    A cursor that keeps each statement it runs, with its parameters.
+    """
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+
+    def execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        self.statements.append((sql, parameters))
+        return self._cursor.execute(sql, parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+class SessionLookupTests(TestCase):
+    """
+    The index of a session's messages holds only those not delivered (most
+    messages are delivered: they cost a write each for nothing); the
+    lookups of a session's messages use it, not a scan of every pending
+    message.
+    """
+
+    def test_lookupsUseTheIndexOfOpenMessages(self) -> None:
+        from chatweb.store import _journal
+        from chatweb.store._sqlite import _upgrade, applySchema
+
+        connection = sqlite3.connect(":memory:")
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        applySchema(cursor, SCHEMA, _upgrade)
+        recording = _Recording(cursor)
+        _journal._undelivered(recording, "s")  # type: ignore[arg-type]
+        _journal._nextPending(recording, "s", 0)  # type: ignore[arg-type]
+        self.assertEqual(len(recording.statements), 2)
+        for sql, parameters in recording.statements:
+            plan = " ".join(
+                row[-1] for row in cursor.execute("EXPLAIN QUERY PLAN " + sql, parameters)
+            )
+            self.assertIn("USING INDEX queue_open_by_session (session=?", plan, sql)
+
+    def test_deliveredMessagesNotIndexedBySession(self) -> None:
+        from chatweb.store import _journal
+        from chatweb.store._sqlite import _upgrade, applySchema
+
+        connection = sqlite3.connect(":memory:")
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        applySchema(cursor, SCHEMA, _upgrade)
+        # (seq, name, unique, origin, partial) of each index of the queue.
+        partial = {row[1]: row[4] for row in cursor.execute("PRAGMA index_list(queue)")}
+        self.assertEqual(partial["queue_open_by_session"], 1)
+        self.assertNotIn("queue_by_session", partial)
+        _journal._append(cursor, "s", "delivered", T0, None, DELIVERED)
+        _journal._append(cursor, "s", "failed", T0, None, FAILED)
+        _journal._append(cursor, "s", "pending", T0, None)
+        self.assertEqual(
+            [m.content for m in _journal._undelivered(cursor, "s")], ["failed", "pending"]
+        )
+        self.assertEqual(_journal._nextPending(cursor, "s", 0).content, "pending")
