@@ -22,7 +22,7 @@ from chatweb.backends import (
     providerFromOptions,
 )
 from chatweb.backends._history import anthropicMessages, conversation, openaiMessages
-from chatweb.backends._models import retryAfter
+from chatweb.limits import parseRetryAfter as retryAfter
 from chatweb.backends._providers import Secret
 from chatweb._sse import SSEDecoder, SSEError
 from chatweb.config import ConfigError

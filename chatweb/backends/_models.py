@@ -352,10 +352,6 @@ def _apiError(error: Any, code: Any) -> str:
     return f"API Error ({code}): {str(message)[:500]}"
 
 
-#: Seconds to wait from a model server's C{Retry-After}.
-retryAfter = parseRetryAfter
-
-
 #: Statuses worth retrying; any other error status is permanent.
 TRANSIENT_STATUSES = {408, 409, 425, 429}
 
@@ -545,7 +541,7 @@ class _Call:
         after = None
         if code in (429, 503, 529):
             values = self._response.headers.getRawHeaders(b"retry-after") or [None]
-            after = retryAfter(values[0], self._clock.seconds())
+            after = parseRetryAfter(values[0], self._clock.seconds())
         return ModelError(message, transient, retryAfter=after)
 
     # -- ending

@@ -224,8 +224,9 @@ def _queued(
     content: str,
     received: float,
     idempotencyKey: str | None,
+    state: str = PENDING,
 ) -> tuple[QueuedMessage, list[Event]]:
-    message = _append(cursor, session, content, received, idempotencyKey)
+    message = _append(cursor, session, content, received, idempotencyKey, state)
     if message.duplicate:
         return message, []
     return message, [
@@ -251,20 +252,18 @@ def _queuedAndRecorded(
     idempotencyKey: str | None,
     record: Recorder,
 ) -> tuple[QueuedMessage, list[Event]]:
-    message = _append(cursor, session, content, received, idempotencyKey, DELIVERED)
+    message, events = _queued(cursor, session, content, received, idempotencyKey, DELIVERED)
     if message.duplicate:
-        return message, []
-    data = {"message": message.id}
-    events = [
-        _insertEvent(cursor, EventKind.MESSAGE_QUEUED, session, received, data),
+        return message, events
+    events.append(
         _insertEvent(
             cursor,
             EventKind.DELIVERY_STARTED,
             session,
             received,
             {"message": message.id, "attempt": 1, "received": received},
-        ),
-    ]
+        )
+    )
     events.extend(record(cursor, message.delivery(), received))
     events.append(
         _insertEvent(
