@@ -97,7 +97,9 @@ def batched(cursor: sqlite3.Cursor, group: list[tuple[str, str, float]]) -> None
 
 
 def record(cursor: sqlite3.Cursor, delivery: object, now: float) -> list:
-    return local._recordDelivery(cursor, delivery, now, True)[1]  # type: ignore[arg-type]
+    # What the local backend's recorder gives the journal: its events, to
+    # record with the journal's.
+    return local._deliveryRecorded(cursor, delivery, now)[1]  # type: ignore[arg-type]
 
 
 def cost(variant: str, messages: int) -> float:

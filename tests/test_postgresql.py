@@ -19,6 +19,7 @@ from zope.interface import implementer
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import EchoResponder
+from chatweb.events import EventHub
 from chatweb.interfaces import IResponder
 from chatweb.model import Delivery, Message, Session
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
@@ -26,7 +27,7 @@ from chatweb.store._journal import SQLiteJournal
 from chatweb.store._postgresql import CHANNEL, PostgreSQLDatabase, redact, translate
 from chatweb.tap import Options
 
-from . import test_sessionapi, test_storage
+from . import test_recorded, test_sessionapi, test_storage
 from .postgres import PASSWORD, USER, cluster, freshDatabase
 
 SCHEMA = JOURNAL_SCHEMA + SESSIONS_SCHEMA
@@ -76,6 +77,22 @@ class PostgreSQLLocalBackendTests(PostgreSQLStorageMixin, test_storage.LocalBack
     pass
 
 
+class PostgreSQLRecordedTests(test_recorded.RecordedTests):
+    """
+    A message stored and delivered in one write, on PostgreSQL: the same
+    order, events (their ids as committed) and atomicity.
+    """
+
+    def setUp(self) -> Any:
+        self.db = PostgreSQLDatabase(freshDatabase(self), reactor)
+        self.addCleanup(self.db.close)
+        self.hub = EventHub()
+        self.events: list[Any] = []
+        self.hub.subscribe(self.events.append)
+        self.journal = SQLiteJournal(self.db, now=reactor.seconds, eventSink=self.hub.publish)
+        return self.db.open(SCHEMA)
+
+
 class NoFileTests(TestCase):
     async def test_noFileNamedAfterTheDSN(self) -> None:
         """
@@ -102,6 +119,96 @@ class PostgreSQLDatabaseTests(PostgreSQLStorageMixin, TestCase):
         test_storage.DatabaseTests.test_aRefusalDoesNotRunItsGroupAgain
     )
     test_neverOnTheReactorThread = test_storage.DatabaseTests.test_neverOnTheReactorThread
+
+
+def _preparedStatements(cursor: Any) -> int:
+    # pg_prepared_statements lists the statements of this connection only.
+    cursor.execute("SELECT COUNT(*) FROM pg_prepared_statements")
+    return int(cursor.fetchone()[0])
+
+
+class ConnectionTests(PostgreSQLStorageMixin, TestCase):
+    """
+    How the engine uses its connections: the statements it runs again and
+    again stay prepared (parsed and planned once), and a connection that
+    lost its server while idle is replaced before it is used.
+    """
+
+    def openDatabase(self) -> Any:
+        # One reader: every read uses the one pooled connection.
+        db = PostgreSQLDatabase(self.dsn, reactor, readers=1)
+        self.addCleanup(db.close)
+        return db
+
+    async def test_statementsStayPrepared(self) -> None:
+        """
+        After reads and writes of the same statements, both the reader's
+        and the writer's connections hold them prepared: a read's end
+        (its read-only transaction) does not drop them.
+        """
+        journal = SQLiteJournal(self.db)
+        for n in range(8):
+            message = await journal.append("s", f"m{n}", float(n))
+            await journal.nextPending("s")
+            await journal.markDelivered(message.id)
+        self.assertGreaterEqual(await self.db.read(_preparedStatements), 2)
+        self.assertGreaterEqual(await self.db.write(_preparedStatements), 2)
+
+    def _terminateOthers(self) -> int:
+        """
+        End every other session of the test's database, as a server restart
+        or an idle timeout would, and wait until they are gone.
+        """
+        import time
+
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+            for _ in range(200):
+                left = admin.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+                if left is not None and left[0] == 0:
+                    break
+                time.sleep(0.01)
+        return len(ended)
+
+    async def test_connectionsLostWhileIdleReplaced(self) -> None:
+        """
+        Once the server has ended chatweb's sessions (a restart, an idle
+        timeout), the next write and read still succeed: a connection idle
+        longer than C{idleCheck} is checked first, and replaced.
+        """
+        journal = SQLiteJournal(self.db)
+        first = await journal.append("s", "before", 1.0)
+        self.assertEqual(await journal.pending(), [first])
+        self.db.idleCheck = 0.0
+        self.assertGreaterEqual(self._terminateOthers(), 2)
+        second = await journal.append("s", "after", 2.0)
+        self.assertEqual(await journal.pending(), [first, second])
+
+    async def test_brokenConnectionsReplaced(self) -> None:
+        """
+        A connection that turns out to be broken when used (no check: it
+        was used just before) fails that one write or read, saying why; the
+        next ones get a new connection and succeed.
+        """
+        import psycopg
+
+        journal = SQLiteJournal(self.db)
+        first = await journal.append("s", "before", 1.0)
+        self.assertEqual(await journal.pending(), [first])
+        self.db.idleCheck = 3600.0
+        self._terminateOthers()
+        await self.assertFailure(journal.append("s", "lost", 2.0), psycopg.OperationalError)
+        await self.assertFailure(journal.pending(), psycopg.OperationalError)
+        second = await journal.append("s", "after", 3.0)
+        self.assertEqual(await journal.pending(), [first, second])
 
 
 class PostgreSQLCollationTests(PostgreSQLStorageMixin, TestCase):
@@ -333,7 +440,7 @@ async def waitFor(condition: Any, timeout: float = 30.0) -> None:
         waited += 0.05
 
 
-class SeveralInstancesTests(TestCase):
+class TwoInstancesTestCase(TestCase):
     """
     Two instances (in this process) on one PostgreSQL database.
     """
@@ -350,6 +457,8 @@ class SeveralInstancesTests(TestCase):
         got = await instance.service.adapter.getSession(session)
         return [] if got is None else [(m.role, m.content) for m in got.messages]
 
+
+class SeveralInstancesTests(TwoInstancesTestCase):
     async def test_eventsCrossInstances(self) -> None:
         """
         A subscriber to instance A's events sees a message posted through
@@ -424,6 +533,84 @@ class SeveralInstancesTests(TestCase):
         self.assertGreater(reactor.seconds() - start, 1.0)
         self.assertEqual(await self.sessionMessages(a, "ci"),
                          [("user", "after the crash"), ("assistant", "after the crash")])
+
+
+class OneWriteAcrossInstancesTests(TwoInstancesTestCase):
+    """
+    Without a responder, a message to a session nothing else is under way
+    for is stored and delivered in one write on PostgreSQL too, unless
+    another instance delivers the session or has stored messages of it
+    first (asked in that write).
+    """
+
+    def spyClaims(self, instance: Any) -> list[str]:
+        claims: list[str] = []
+        leases = instance.service.leases
+        claim = leases.claim
+
+        def spy(session: str) -> Deferred[bool]:
+            claims.append(session)
+            return claim(session)
+
+        leases.claim = spy
+        return claims
+
+    async def test_idleSessionDeliveredInTheWriteThatStoresIt(self) -> None:
+        a, b = await self.startTwo()
+        claims = self.spyClaims(a) + self.spyClaims(b)
+        for n in range(3):
+            response = await (a if n % 2 else b).post("ci", f"m{n}")
+            self.assertEqual(response.code, 204)
+            # Delivered when the 204 came, no lease taken.
+            self.assertEqual(await self.sessionMessages(a, "ci"),
+                             [("user", f"m{k}") for k in range(n + 1)])
+        self.assertEqual(claims, [])
+
+    async def test_notWhileAnotherInstanceHoldsTheLease(self) -> None:
+        """
+        Posts to a session whose lease another instance holds wait for it,
+        and are delivered, in order, as soon as its release is committed
+        (its NOTIFY), not at the next sweep.
+        """
+        import psycopg
+
+        a, b = await self.startTwo(interval=600)
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO leases (session, owner, expires) VALUES"
+                " ('ci', 'elsewhere', EXTRACT(EPOCH FROM clock_timestamp()) + 600)"
+            )
+            for n in range(3):
+                await (a if n % 2 else b).post("ci", f"m{n}")
+            self.assertEqual(await self.sessionMessages(a, "ci"), [])
+            connection.execute("DELETE FROM leases WHERE owner = 'elsewhere'")
+            connection.execute("SELECT pg_notify(%s, 'elsewhere')", (CHANNEL,))
+
+        async def delivered() -> bool:
+            return len(await self.sessionMessages(a, "ci")) == 3
+
+        await waitFor(delivered, timeout=10)
+        self.assertEqual(await self.sessionMessages(b, "ci"),
+                         [("user", f"m{n}") for n in range(3)])
+
+    async def test_notBeforeMessagesStoredFirst(self) -> None:
+        """
+        A message of the session stored first and not delivered yet (by an
+        instance that stopped before delivering it) goes first.
+        """
+        a, b = await self.startTwo(interval=0.2)
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA)
+        await SQLiteJournal(other).append("ci", "older", 1.0)
+        await a.post("ci", "newer")
+
+        async def delivered() -> bool:
+            return len(await self.sessionMessages(b, "ci")) == 2
+
+        await waitFor(delivered)
+        self.assertEqual(await self.sessionMessages(b, "ci"),
+                         [("user", "older"), ("user", "newer")])
 
 
 class LeaseReleasedElsewhereTests(TestCase):

@@ -19,7 +19,14 @@ from zope.interface import implementer
 from chatweb.errors import NoSuchMessage
 from chatweb.store._sqlite import SQLiteDatabase, Upgrades
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
-from chatweb.store._journal import EventSink, Recorder, insertEvent, publishCommitted
+from chatweb.store._journal import (
+    EventRow,
+    EventSink,
+    Recorder,
+    insertEvent,
+    insertEvents,
+    publishCommitted,
+)
 from chatweb.model._values import (
     Delivery,
     Event,
@@ -102,28 +109,36 @@ def _recordDelivery(
     already there (a redelivery after a crash).  True if it was added; the
     events it records (when C{withEvents}), in the same transaction.
     """
-    events: list[Event] = []
+    added, rows = _deliveryRecorded(cursor, delivery, now)
+    return added, insertEvents(cursor, rows) if withEvents else []
+
+
+def _deliveryRecorded(
+    cursor: sqlite3.Cursor, delivery: Delivery, now: float
+) -> tuple[bool, list[EventRow]]:
+    """
+    L{_recordDelivery}'s changes, and the events they make, not recorded
+    yet.
+    """
+    rows: list[EventRow] = []
     _ensureSession(cursor, delivery.session, now)
-    if cursor.rowcount == 1 and withEvents:
-        events.append(
-            insertEvent(cursor, EventKind.SESSION_CREATED, delivery.session, now, {})
-        )
+    if cursor.rowcount == 1:
+        rows.append((EventKind.SESSION_CREATED, delivery.session, now, {}))
     message = Message(role="user", content=delivery.content, created=delivery.received)
     cursor.execute(
         "INSERT OR IGNORE INTO messages (session, delivery, data) VALUES (?, ?, ?)",
         (delivery.session, delivery.id, _dumps(message.asDict())),
     )
     added = cursor.rowcount == 1
-    if added and withEvents:
-        events.append(_messageAdded(cursor, delivery.session, delivery.id, message, now))
-    return added, events
+    if added:
+        rows.append(_messageAdded(delivery.session, delivery.id, message, now))
+    return added, rows
 
 
 def _messageAdded(
-    cursor: sqlite3.Cursor, sessionId: str, deliveryId: int, message: Message, now: float
-) -> Event:
-    return insertEvent(
-        cursor,
+    sessionId: str, deliveryId: int, message: Message, now: float
+) -> EventRow:
+    return (
         EventKind.MESSAGE_ADDED,
         sessionId,
         now,
@@ -160,7 +175,9 @@ def _appendReplies(
     )
     if not withEvents:
         return None, []
-    return None, [_messageAdded(cursor, sessionId, deliveryId, m, now) for m in messages]
+    return None, insertEvents(
+        cursor, [_messageAdded(sessionId, deliveryId, m, now) for m in messages]
+    )
 
 
 def _answered(cursor: sqlite3.Cursor, deliveryId: int) -> bool:
@@ -537,10 +554,13 @@ class LocalBackend:
             return None
         return self._recordInTransaction
 
-    def _recordInTransaction(self, cursor: Any, delivery: Delivery, now: float) -> list[Event]:
-        # The journal publishes these with its own, once committed: both
-        # sinks are the service's hub.
-        return _recordDelivery(cursor, delivery, now, self.eventSink is not None)[1]
+    def _recordInTransaction(
+        self, cursor: Any, delivery: Delivery, now: float
+    ) -> list[EventRow]:
+        # The journal records and publishes these with its own, once
+        # committed: both sinks are the service's hub.
+        rows = _deliveryRecorded(cursor, delivery, now)[1]
+        return rows if self.eventSink is not None else []
 
     def deliver(self, delivery: Delivery) -> Deferred[None]:
         self._busy.add(delivery.session)

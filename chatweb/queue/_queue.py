@@ -33,7 +33,7 @@ from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.store._journal import EVENT_RETENTION, Recorder
 from chatweb.store._sqlite import DatabaseClosed
-from chatweb.model._values import PENDING, EventKind, QueuedMessage
+from chatweb.model._values import DELIVERED, PENDING, EventKind, QueuedMessage
 
 _log = Logger()
 
@@ -334,8 +334,9 @@ class MessageQueue:
         if record is not None:
             # Given a recorder, the journal is the SQL one (the service's).
             journal: Any = self._journal
+            guard = None if self._leases is None else self._leases.deliverableHere
             return (
-                journal.appendRecorded(session, content, now, idempotencyKey, record)
+                journal.appendRecorded(session, content, now, idempotencyKey, record, guard)
                 .addBoth(release)
                 .addCallback(self._recorded)
             )
@@ -350,13 +351,12 @@ class MessageQueue:
         The adapter's recorder, if a message posted to C{session} now may be
         delivered in the write that stores it: nothing of the session is
         pending, being delivered, being stored for the normal way or
-        queued again (each would be delivered after this one), and this
-        instance is alone.
+        queued again (each would be delivered after this one).  With other
+        instances, the write asks the same of them (the leases' guard).
         """
         if (
             self._recorder is None
             or self._requeuing
-            or self._leases is not None
             or not self._loaded
             or not self._running
             or session in self._queues
@@ -369,6 +369,10 @@ class MessageQueue:
     def _recorded(self, message: QueuedMessage) -> QueuedMessage:
         if message.duplicate:
             return message
+        if message.state != DELIVERED:
+            # Another instance delivers the session, or has stored
+            # messages of it first: this one waits its turn.
+            return self._enqueue(message)
         self._noteQueued(message)
         self._noteDelivered(message, 0.0)
         self._maybeEmpty()

@@ -150,9 +150,39 @@ def _insertEvent(
     return Event(eventId, kind, session, when, data)
 
 
+#: An event not recorded yet: its kind, session, time and data.
+EventRow = tuple[EventKind, str, float, dict[str, Any]]
+
+
+def _insertEvents(cursor: sqlite3.Cursor, rows: list[EventRow]) -> list[Event]:
+    """
+    Record C{rows} in the transaction of C{cursor}, in order, with one
+    statement (on PostgreSQL, one round trip instead of one each).
+    """
+    if not rows:
+        return []
+    cursor.execute(
+        "INSERT INTO events (kind, session, time, data) VALUES "
+        + ", ".join(["(?, ?, ?, ?)"] * len(rows)),
+        [v for kind, session, when, data in rows
+         for v in (kind.value, session, when, json.dumps(data))],
+    )
+    # Their ids are given in the rows' order: PostgreSQL's cursor returns
+    # them all; SQLite, one writer, numbers one statement's rows one after
+    # the other, up to lastrowid.
+    ids = getattr(cursor, "insertedIds", None)
+    if ids is None:
+        last = cursor.lastrowid
+        assert last is not None
+        ids = range(last - len(rows) + 1, last + 1)
+    assert len(ids) == len(rows)
+    return [Event(i, *row) for i, row in zip(sorted(ids), rows)]
+
+
 #: For other tables' writers (the local backend) that record events in the
 #: same transaction as their change.
 insertEvent = _insertEvent
+insertEvents = _insertEvents
 
 
 def _logEvent(
@@ -229,19 +259,26 @@ def _queued(
     message = _append(cursor, session, content, received, idempotencyKey, state)
     if message.duplicate:
         return message, []
-    return message, [
-        _insertEvent(
-            cursor, EventKind.MESSAGE_QUEUED, session, received, {"message": message.id}
-        )
-    ]
+    return message, [_insertEvent(cursor, *_queuedEvent(message))]
+
+
+def _queuedEvent(message: QueuedMessage) -> EventRow:
+    return (EventKind.MESSAGE_QUEUED, message.session, message.received,
+            {"message": message.id})
 
 
 #: Records a delivered message in the journal's transaction (an adapter's,
 #: see L{SQLiteJournal.appendRecorded}): C{(cursor, delivery, now)} to the
-#: events it recorded.  Like every write operation, it may run twice (see
-#: L{chatweb.store._sqlite.runOperations}): it must change the database
-#: only.
-Recorder = Callable[[Any, Delivery, float], "list[Event]"]
+#: events to record with the journal's, in order.  Like every write
+#: operation, it may run twice (see L{chatweb.store._sqlite.runOperations}):
+#: it must change the database only.
+Recorder = Callable[[Any, Delivery, float], "list[EventRow]"]
+
+#: Asked in the write that would store and deliver a message (see
+#: L{SQLiteJournal.appendRecorded}): C{(cursor, session)} to whether it may
+#: be delivered there and then.  With several instances, what one
+#: instance's queue knows of a session is not all there is.
+Guard = Callable[[Any, str], bool]
 
 
 def _queuedAndRecorded(
@@ -251,26 +288,22 @@ def _queuedAndRecorded(
     received: float,
     idempotencyKey: str | None,
     record: Recorder,
+    guard: Guard | None = None,
 ) -> tuple[QueuedMessage, list[Event]]:
-    message, events = _queued(cursor, session, content, received, idempotencyKey, DELIVERED)
+    if guard is not None and not guard(cursor, session):
+        # Stored to be delivered the usual way (its state says so).
+        return _queued(cursor, session, content, received, idempotencyKey)
+    message = _append(cursor, session, content, received, idempotencyKey, DELIVERED)
     if message.duplicate:
-        return message, events
-    events.append(
-        _insertEvent(
-            cursor,
-            EventKind.DELIVERY_STARTED,
-            session,
-            received,
-            {"message": message.id, "attempt": 1, "received": received},
-        )
-    )
-    events.extend(record(cursor, message.delivery(), received))
-    events.append(
-        _insertEvent(
-            cursor, EventKind.DELIVERY_DONE, session, received, {"message": message.id, "attempt": 1}
-        )
-    )
-    return message, events
+        return message, []
+    rows: list[EventRow] = [
+        _queuedEvent(message),
+        (EventKind.DELIVERY_STARTED, session, received,
+         {"message": message.id, "attempt": 1, "received": received}),
+        *record(cursor, message.delivery(), received),
+        (EventKind.DELIVERY_DONE, session, received, {"message": message.id, "attempt": 1}),
+    ]
+    return message, _insertEvents(cursor, rows)
 
 
 def _append(
@@ -494,6 +527,7 @@ class SQLiteJournal:
         received: float,
         idempotencyKey: str | None,
         record: Recorder,
+        guard: Guard | None = None,
     ) -> Deferred:
         """
         L{append} a message and deliver it in the same transaction:
@@ -501,9 +535,12 @@ class SQLiteJournal:
         database) writes it, and the message is delivered when it is on
         disk, with the events of a delivery (queued, started, the
         adapter's, done).  For a session with nothing else pending: one
-        write instead of four.
+        write instead of four.  If C{guard} says no, in that transaction,
+        the message is only appended (its state is not delivered).
         """
-        return self._write(_queuedAndRecorded, session, content, received, idempotencyKey, record)
+        return self._write(
+            _queuedAndRecorded, session, content, received, idempotencyKey, record, guard
+        )
 
     def failedSessions(self) -> Deferred:
         return self._db.read(_failedSessions)

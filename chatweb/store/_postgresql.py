@@ -7,10 +7,16 @@ a cursor that speaks their SQL dialect (C{?} parameters, C{INSERT OR
 IGNORE}, C{lastrowid}, ...) and translates it to PostgreSQL's, so both
 engines keep one definition of what each change does.
 
-psycopg 3 and its connection pool are used from threads of Twisted thread
-pools (one writer thread, a few reader threads), never on the reactor
-thread: the same shape as the SQLite engine, and the driver's synchronous
-API is its best-tested one.
+psycopg 3 is used from threads of Twisted thread pools (one writer thread
+with a connection of its own, a few reader threads sharing a connection
+pool), never on the reactor thread: the same shape as the SQLite engine,
+and the driver's synchronous API is its best-tested one.
+
+Each connection keeps the statements psycopg prepares for it (after a few
+uses, so the server parses and plans them once): reads end their
+read-only transaction with COMMIT, since psycopg forgets a connection's
+prepared statements at every ROLLBACK; and a pooled connection is checked
+with a round trip only when it has been idle a while (L{IDLE_CHECK}).
 
 Every write transaction first takes one transaction-scoped advisory lock,
 so writes from all instances commit one at a time, in id order: a reader
@@ -24,7 +30,9 @@ from __future__ import annotations
 import functools
 import re
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
+from time import monotonic
 from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from chatweb._priority import asWorker
+from chatweb.store._journal import OPEN
 from chatweb.store._sqlite import (
     SQLiteDatabase,
     Upgrades,
@@ -51,6 +60,12 @@ Operation = Callable[..., Any]
 #: instances starting at once take turns) and the writes.
 SCHEMA_LOCK = 0x63687765_0001
 WRITE_LOCK = 0x63687765_0002
+
+#: Seconds a connection may sit idle and still be used without a check (a
+#: round trip) first: one just used is alive, or its read or write fails
+#: and says why; one idle longer may have lost its server meanwhile (a
+#: restart, an idle timeout), and is replaced before it is used.
+IDLE_CHECK = 1.0
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
@@ -155,14 +170,17 @@ class TranslatingCursor:
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
         self.lastrowid: int | None = None
+        #: The keys of every row the last INSERT added (lastrowid is the
+        #: first's), or None.
+        self.insertedIds: list[int] | None = None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "TranslatingCursor":
         statement, key = translate(sql)
         self._cursor.execute(statement, [_encode(p) for p in params])
-        self.lastrowid = None
+        self.lastrowid = self.insertedIds = None
         if key is not None:
-            row = self._cursor.fetchone()
-            self.lastrowid = None if row is None else row[0]
+            self.insertedIds = [row[0] for row in self._cursor.fetchall()]
+            self.lastrowid = self.insertedIds[0] if self.insertedIds else None
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -218,6 +236,13 @@ class PostgreSQLDatabase(SQLiteDatabase):
         self._password = password
         self._connectTimeout = connectTimeout
         self._pool: Any = None
+        #: The writer thread's own connection (made at the first write,
+        #: made again after it breaks).
+        self._writerConnection: Any = None
+        #: When each connection was last given back or used (see
+        #: L{IDLE_CHECK}, the default of C{idleCheck}).
+        self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self.idleCheck = IDLE_CHECK
         self._writeThreads: ThreadPool | None = None
         self._readThreads: ThreadPool | None = None
         #: Each write transaction ends with a NOTIFY on L{CHANNEL}, so the
@@ -258,16 +283,51 @@ class PostgreSQLDatabase(SQLiteDatabase):
             self._dsn,
             kwargs=self.connectionArguments(),
             min_size=1,
-            max_size=self._readers + 1,
+            max_size=self._readers,
             open=False,
             timeout=self._connectTimeout,
             name="chatweb",
-            check=ConnectionPool.check_connection,
+            check=self._checkIfIdle,
+            reset=self._noteReturned,
         )
         self._writeThreads = ThreadPool(1, 1, "chatweb-pg-writer")
         self._readThreads = ThreadPool(1, self._readers, "chatweb-pg-reader")
         self._writeThreads.start()
         self._readThreads.start()
+
+    def _noteReturned(self, connection: Any) -> None:
+        self._returned[connection] = monotonic()
+
+    def _checkIfIdle(self, connection: Any) -> None:
+        from psycopg_pool import ConnectionPool
+
+        if monotonic() - self._returned.get(connection, 0.0) > self.idleCheck:
+            ConnectionPool.check_connection(connection)
+
+    def _connectedWriter(self) -> Any:
+        """
+        The writer thread's connection: checked if it has been idle, made
+        again if it is closed (its server gone), made if there is none.
+        """
+        import psycopg
+
+        connection = self._writerConnection
+        if connection is not None and not connection.closed:
+            try:
+                self._checkIfIdle(connection)
+            except psycopg.Error:
+                pass  # closed now: replaced below
+        if connection is None or connection.closed:
+            self._writerConnection = None
+            if connection is not None:
+                connection.close()
+            # The first write (the schema) makes it, so that a wrong
+            # address or password fails at once, saying why, rather than
+            # after the pool's timeout.
+            self._writerConnection = connection = self.connect()
+        if self._pool.closed:
+            self._pool.open(wait=True, timeout=self._connectTimeout)
+        return connection
 
     def _creator(self, schema: Sequence[Union[str, Upgrades]]) -> Operation:
         def create(cursor: TranslatingCursor) -> None:
@@ -290,35 +350,31 @@ class PostgreSQLDatabase(SQLiteDatabase):
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
-        if self._pool.closed:
-            # The first write (the schema): one connection first, so that a
-            # wrong address or password fails at once, saying why, rather
-            # than after the pool's timeout.
-            self.connect().close()
-            self._pool.open(wait=True, timeout=self._connectTimeout)
-        with self._pool.connection() as connection:
-            raw = connection.cursor()
-            cursor = TranslatingCursor(raw)
-            began: list[bool] = []
+        connection = self._connectedWriter()
+        raw = connection.cursor()
+        cursor = TranslatingCursor(raw)
+        began: list[bool] = []
 
-            def begin() -> None:
-                if began:
-                    raw.execute("ROLLBACK")
-                began.append(True)
-                raw.execute("BEGIN")
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        def begin() -> None:
+            if began:
+                raw.execute("ROLLBACK")
+            began.append(True)
+            raw.execute("BEGIN")
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
 
-            try:
-                begin()
-                results = runOperations(raw.execute, cursor, batch, begin)
-                if self.notify:
-                    # Delivered to listeners when (and only if) this commits.
-                    raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))
-                raw.execute("COMMIT")
-            except BaseException:
-                if not connection.closed:
-                    connection.rollback()
-                raise
+        try:
+            begin()
+            results = runOperations(raw.execute, cursor, batch, begin)
+            if self.notify:
+                # Delivered to listeners when (and only if) this commits.
+                raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))
+            raw.execute("COMMIT")
+        except BaseException:
+            if not connection.closed:
+                connection.rollback()
+            raise
+        finally:
+            self._returned[connection] = monotonic()
         return results
 
     def _runRead(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
@@ -331,10 +387,15 @@ class PostgreSQLDatabase(SQLiteDatabase):
             # One snapshot for all the statements of the read.
             raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
-                return operation(TranslatingCursor(raw), *args)
-            finally:
+                result = operation(TranslatingCursor(raw), *args)
+            except BaseException:
                 if not connection.closed:
                     connection.rollback()
+                raise
+            # Read only, so COMMIT keeps nothing; ROLLBACK would also drop
+            # the connection's prepared statements.
+            connection.commit()
+            return result
 
     def _closePools(self) -> None:
         for threads in (self._writeThreads, self._readThreads):
@@ -342,6 +403,8 @@ class PostgreSQLDatabase(SQLiteDatabase):
                 threads.stop()
         if self._pool is not None:
             self._pool.close()
+        if self._writerConnection is not None:
+            self._writerConnection.close()
 
 
 #: The leases: which instance delivers to a session, until when (seconds
@@ -386,6 +449,17 @@ def _release(cursor: Any, session: str, owner: str) -> None:
     cursor.execute("DELETE FROM leases WHERE session = ? AND owner = ?", (session, owner))
 
 
+def _deliverableHere(cursor: Any, session: str) -> bool:
+    # In a write, so under WRITE_LOCK: no other instance can claim the
+    # session or store a message of it until this commits.
+    cursor.execute(
+        f"SELECT EXISTS (SELECT 1 FROM leases WHERE session = ? AND expires >= {_NOW})"
+        f" OR EXISTS (SELECT 1 FROM queue WHERE session = ? AND {OPEN})",
+        (session, session),
+    )
+    return not cursor.fetchone()[0]
+
+
 def _lastEventId(cursor: Any) -> int:
     cursor.execute("SELECT COALESCE(MAX(id), 0) FROM events")
     return int(cursor.fetchone()[0])
@@ -399,6 +473,12 @@ class Leases:
     renewed; an instance that dies stops renewing, and another takes the
     session over once it has expired.
     """
+
+    #: Whether a message may be delivered to C{session} in the write that
+    #: stores it (a L{chatweb.store._journal.Guard}): no instance holds the
+    #: session's lease and none of its messages waits, stored by any
+    #: instance.  No lease is taken: the write delivers and is done.
+    deliverableHere = staticmethod(_deliverableHere)
 
     def __init__(self, database: PostgreSQLDatabase, owner: str, ttl: float = 15.0) -> None:
         self._db = database
