@@ -572,9 +572,9 @@ class OneWriteAcrossInstancesTests(TwoInstancesTestCase):
         and are delivered, in order, as soon as its release is committed
         (its NOTIFY), not at the next sweep.
         """
+        a, b = await self.startTwo(interval=600)
         import psycopg
 
-        a, b = await self.startTwo(interval=600)
         with psycopg.connect(self.dsn, autocommit=True) as connection:
             connection.execute(
                 "INSERT INTO leases (session, owner, expires) VALUES"
