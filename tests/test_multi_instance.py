@@ -114,10 +114,12 @@ class KillOneOfThreeTests(TestCase):
             await again.start()
             processes[victim] = again
 
-        async def post(c: int, session: str, content: str) -> None:
+        async def post(c: int, seq: int, session: str, content: str) -> None:
             # A request to the killed instance goes to another, with the
             # same Idempotency-Key: stored once either way.
-            instance = c % INSTANCES
+            # Each post through the next instance: a client's posts to
+            # one session (two in a row) go through two instances.
+            instance = (c + seq) % INSTANCES
             for attempt in range(50):
                 process = processes[(instance + attempt) % INSTANCES]
                 try:
@@ -138,8 +140,8 @@ class KillOneOfThreeTests(TestCase):
 
         async def run(c: int) -> None:
             for seq in range(perClient):
-                session = f"s{(c * 7 + seq) % SESSIONS}"
-                await post(c, session, f"c{c:02d}-{seq:04d}")
+                session = f"s{(c * 7 + seq // 2) % SESSIONS}"
+                await post(c, seq, session, f"c{c:02d}-{seq:04d}")
                 if len(acknowledged) >= killAt and not state["killed"]:
                     state["killed"] = True
                     restarted.append(Deferred.fromCoroutine(killAndRestart()))

@@ -653,3 +653,64 @@ class StoreIsTheTruthTests(SynchronousTestCase):
             reads.pop(0).callback(None)
         self.assertEqual(self.adapter.contents("ci"), ["before", "keep"])
         self.assertEqual(self.journal.rows[first.id].state, "discarded")
+
+
+class HeldLeases:
+    """
+    Leases (as L{chatweb.store.PostgreSQLDatabase}'s) whose claims the test
+    answers.
+    """
+
+    ttl = 15.0
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.claims: list[Deferred[bool]] = []
+
+    def claim(self, session: str) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.claims.append(d)
+        return d
+
+    def release(self, session: str) -> Deferred[None]:
+        self.held.discard(session)
+        return succeed(None)
+
+    def renew(self) -> Deferred[int]:
+        return succeed(0)
+
+
+class LeaseTests(SynchronousTestCase):
+    def test_noticeDuringAFailedClaim(self) -> None:
+        """
+        Another instance's commit noticed while this one's claim of the
+        session is under way (it may be the holder's release, committed
+        after the claim found the lease held) is not lost when the claim
+        fails: the session is claimed again at once, not at the next
+        sweep.
+        """
+        leases = HeldLeases()
+        adapter = MemoryAdapter()
+        queue = MessageQueue(MemoryJournal(), adapter, Clock(), leases=leases)
+        self.successResultOf(queue.start())
+        self.successResultOf(queue.post("ci", "hello"))
+        self.assertEqual(len(leases.claims), 1)
+        queue.othersChanged()
+        leases.claims[0].callback(False)
+        self.assertEqual(len(leases.claims), 2)
+        leases.claims[1].callback(True)
+        self.assertEqual(adapter.contents("ci"), ["hello"])
+
+    def test_claimFailedWithoutNotice(self) -> None:
+        """
+        A claim that fails with no notice meanwhile waits for one: no
+        claim after claim while another instance holds the lease.
+        """
+        leases = HeldLeases()
+        queue = MessageQueue(MemoryJournal(), MemoryAdapter(), Clock(), leases=leases)
+        self.successResultOf(queue.start())
+        self.successResultOf(queue.post("ci", "hello"))
+        leases.claims[0].callback(False)
+        self.assertEqual(len(leases.claims), 1)
+        queue.othersChanged()
+        self.assertEqual(len(leases.claims), 2)

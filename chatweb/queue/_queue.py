@@ -105,6 +105,9 @@ class _SessionQueue:
     claimed: bool = False
     claiming: bool = False
     leaseTaken: bool = False
+    #: Another instance committed something while a claim was under way:
+    #: if the claim fails, it may have released the lease since.
+    changedWhileClaiming: bool = False
 
     def cancelRetry(self) -> None:
         if self.retryCall is not None and self.retryCall.active():
@@ -623,12 +626,15 @@ class MessageQueue:
             if queue.leaseTaken:
                 queue.leaseTaken = False
                 self._kick(session)
+            elif queue.claiming:
+                queue.changedWhileClaiming = True
 
     def _claim(self, session: str, queue: _SessionQueue) -> None:
         assert self._leases is not None
         if queue.claiming:
             return
         queue.claiming = True
+        queue.changedWhileClaiming = False
 
         def claimed(ok: bool) -> None:
             queue.claiming = False
@@ -640,6 +646,11 @@ class MessageQueue:
                 queue.claimed = True
                 # What was read before may have been delivered by another.
                 self._forgetHead(queue)
+                self._kick(session)
+            elif queue.changedWhileClaiming:
+                # The holder's release may be what was committed: its
+                # notice came before this answer.
+                queue.changedWhileClaiming = False
                 self._kick(session)
             else:
                 queue.leaseTaken = True

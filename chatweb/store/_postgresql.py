@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from chatweb._priority import asWorker
+from chatweb.model import PENDING
 from chatweb.store._journal import OPEN
 from chatweb.store._sqlite import (
     SQLiteDatabase,
@@ -66,6 +67,13 @@ WRITE_LOCK = 0x63687765_0002
 #: and says why; one idle longer may have lost its server meanwhile (a
 #: restart, an idle timeout), and is replaced before it is used.
 IDLE_CHECK = 1.0
+
+#: How write and read transactions begin.  Writes read what others
+#: committed up to each statement (READ COMMITTED, whatever the server's
+#: default): taken before the write lock is granted, a snapshot would miss
+#: what the lock's last holder committed (see L{_deliverableHere}).
+BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
+BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
@@ -170,8 +178,7 @@ class TranslatingCursor:
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
         self.lastrowid: int | None = None
-        #: The keys of every row the last INSERT added (lastrowid is the
-        #: first's), or None.
+        #: The keys of every row the last INSERT added, or None.
         self.insertedIds: list[int] | None = None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "TranslatingCursor":
@@ -180,7 +187,8 @@ class TranslatingCursor:
         self.lastrowid = self.insertedIds = None
         if key is not None:
             self.insertedIds = [row[0] for row in self._cursor.fetchall()]
-            self.lastrowid = self.insertedIds[0] if self.insertedIds else None
+            # As sqlite3's: the last row's.
+            self.lastrowid = self.insertedIds[-1] if self.insertedIds else None
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -262,9 +270,15 @@ class PostgreSQLDatabase(SQLiteDatabase):
         What psycopg.connect needs besides the DSN (the password, if given
         apart from it).
         """
+        from psycopg.conninfo import conninfo_to_dict
+
         kwargs: dict[str, Any] = {"autocommit": True}
         if self._password is not None:
             kwargs["password"] = self._password
+        if "connect_timeout" not in conninfo_to_dict(self._dsn):
+            # Not libpq's default (none; psycopg's 130 s): a writer that
+            # reconnects to an unreachable server holds every write.
+            kwargs["connect_timeout"] = max(1, int(self._connectTimeout))
         return kwargs
 
     def connect(self) -> Any:
@@ -288,15 +302,11 @@ class PostgreSQLDatabase(SQLiteDatabase):
             timeout=self._connectTimeout,
             name="chatweb",
             check=self._checkIfIdle,
-            reset=self._noteReturned,
         )
         self._writeThreads = ThreadPool(1, 1, "chatweb-pg-writer")
         self._readThreads = ThreadPool(1, self._readers, "chatweb-pg-reader")
         self._writeThreads.start()
         self._readThreads.start()
-
-    def _noteReturned(self, connection: Any) -> None:
-        self._returned[connection] = monotonic()
 
     def _checkIfIdle(self, connection: Any) -> None:
         from psycopg_pool import ConnectionPool
@@ -311,12 +321,17 @@ class PostgreSQLDatabase(SQLiteDatabase):
         """
         import psycopg
 
+        from psycopg.pq import TransactionStatus
+
         connection = self._writerConnection
         if connection is not None and not connection.closed:
             try:
                 self._checkIfIdle(connection)
+                healthy = connection.info.transaction_status == TransactionStatus.IDLE
             except psycopg.Error:
-                pass  # closed now: replaced below
+                healthy = False
+            if not healthy:
+                connection.close()
         if connection is None or connection.closed:
             self._writerConnection = None
             if connection is not None:
@@ -350,21 +365,32 @@ class PostgreSQLDatabase(SQLiteDatabase):
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
+        import psycopg
+
         connection = self._connectedWriter()
+        try:
+            connection.execute(BEGIN_WRITE)
+        except psycopg.OperationalError:
+            if not connection.closed:
+                raise
+            # Its server went away since it was last used (a restart):
+            # nothing ran; the batch goes on a new connection.
+            connection = self._connectedWriter()
+            connection.execute(BEGIN_WRITE)
         raw = connection.cursor()
         cursor = TranslatingCursor(raw)
-        began: list[bool] = []
 
         def begin() -> None:
-            if began:
-                raw.execute("ROLLBACK")
-            began.append(True)
-            raw.execute("BEGIN")
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+
+        def again() -> None:
+            raw.execute("ROLLBACK")
+            raw.execute(BEGIN_WRITE)
+            begin()
 
         try:
             begin()
-            results = runOperations(raw.execute, cursor, batch, begin)
+            results = runOperations(raw.execute, cursor, batch, again)
             if self.notify:
                 # Delivered to listeners when (and only if) this commits.
                 raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))
@@ -381,21 +407,33 @@ class PostgreSQLDatabase(SQLiteDatabase):
         return self._inThread(self._readThreads, self._readInThread, operation, args)
 
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
+        import psycopg
+
         asWorker()
-        with self._pool.connection() as connection:
-            raw = connection.cursor()
-            # One snapshot for all the statements of the read.
-            raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            try:
-                result = operation(TranslatingCursor(raw), *args)
-            except BaseException:
-                if not connection.closed:
-                    connection.rollback()
-                raise
-            # Read only, so COMMIT keeps nothing; ROLLBACK would also drop
-            # the connection's prepared statements.
-            connection.commit()
-            return result
+        for attempt in range(2):
+            with self._pool.connection() as connection:
+                raw = connection.cursor()
+                try:
+                    # One snapshot for all the statements of the read.
+                    raw.execute(BEGIN_READ)
+                except psycopg.OperationalError:
+                    if attempt or not connection.closed:
+                        raise
+                    # As for the writer: once more, on another connection
+                    # (the pool drops this one).
+                    continue
+                try:
+                    result = operation(TranslatingCursor(raw), *args)
+                except BaseException:
+                    if not connection.closed:
+                        connection.rollback()
+                    raise
+                # Read only, so COMMIT keeps nothing; ROLLBACK would also
+                # drop the connection's prepared statements.
+                connection.commit()
+                self._returned[connection] = monotonic()
+                return result
+        raise AssertionError("unreachable")
 
     def _closePools(self) -> None:
         for threads in (self._writeThreads, self._readThreads):
@@ -454,8 +492,8 @@ def _deliverableHere(cursor: Any, session: str) -> bool:
     # session or store a message of it until this commits.
     cursor.execute(
         f"SELECT EXISTS (SELECT 1 FROM leases WHERE session = ? AND expires >= {_NOW})"
-        f" OR EXISTS (SELECT 1 FROM queue WHERE session = ? AND {OPEN})",
-        (session, session),
+        f" OR EXISTS (SELECT 1 FROM queue WHERE session = ? AND {OPEN} AND state = ?)",
+        (session, session, PENDING),
     )
     return not cursor.fetchone()[0]
 
