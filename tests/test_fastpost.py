@@ -1142,9 +1142,14 @@ class SameAnswerTests(SynchronousTestCase):
 
         sameAnswer()
         total = sum(taken.values())
-        # (About a sixth do; a tenth leaves room for chance.)
-        self.assertGreater(taken[1] + taken[2], total // 10, taken)
-        self.assertGreater(taken[2], total // 20, taken)
+        # About a sixth do, but Hypothesis's examples are not independent
+        # draws: over 258 runs of 500 the fraction taken had a mean of
+        # 0.178 and a standard deviation of 0.030 (a binomial's: 0.017),
+        # lowest 0.092, so a floor of a tenth failed about one run in 250.
+        # A twentieth (a fortieth both times) is over four deviations down,
+        # and still fails a fast path that takes next to nothing.
+        self.assertGreater(taken[1] + taken[2], total // 20, taken)
+        self.assertGreater(taken[2], total // 40, taken)
 
 
 class ReviewedEdgeTests(SynchronousTestCase):
