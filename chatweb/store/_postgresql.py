@@ -15,8 +15,8 @@ and the driver's synchronous API is its best-tested one.
 Each connection keeps the statements psycopg prepares for it (after a few
 uses, so the server parses and plans them once): reads end their
 read-only transaction with COMMIT, since psycopg forgets a connection's
-prepared statements at every ROLLBACK; and a pooled connection is checked
-with a round trip only when it has been idle a while (L{IDLE_CHECK}).
+prepared statements at every ROLLBACK; and a connection is checked with a
+round trip only when it has been idle a while (L{IDLE_CHECK}).
 
 Every write transaction first takes one transaction-scoped advisory lock,
 so writes from all instances commit one at a time, in id order: a reader
@@ -320,7 +320,6 @@ class PostgreSQLDatabase(SQLiteDatabase):
         again if it is closed (its server gone), made if there is none.
         """
         import psycopg
-
         from psycopg.pq import TransactionStatus
 
         connection = self._writerConnection
@@ -334,8 +333,6 @@ class PostgreSQLDatabase(SQLiteDatabase):
                 connection.close()
         if connection is None or connection.closed:
             self._writerConnection = None
-            if connection is not None:
-                connection.close()
             # The first write (the schema) makes it, so that a wrong
             # address or password fails at once, saying why, rather than
             # after the pool's timeout.
