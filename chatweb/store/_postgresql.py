@@ -364,34 +364,38 @@ class PostgreSQLDatabase(SQLiteDatabase):
     ) -> list[tuple[bool, Any]]:
         import psycopg
 
+        from psycopg import sql
+
+        # The transaction's start and end, each one round trip (several
+        # statements and no parameters: sent as one simple query).
+        begin = f"{BEGIN_WRITE}; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+        end: Any = "COMMIT"
+        if self.notify:
+            # Delivered to listeners when (and only if) this commits.
+            end = sql.SQL("SELECT pg_notify({}, {}); COMMIT").format(
+                sql.Literal(CHANNEL), sql.Literal(self.instance)
+            )
         connection = self._connectedWriter()
         try:
-            connection.execute(BEGIN_WRITE)
+            connection.execute(begin)
         except psycopg.OperationalError:
             if not connection.closed:
+                connection.rollback()
                 raise
             # Its server went away since it was last used (a restart):
             # nothing ran; the batch goes on a new connection.
             connection = self._connectedWriter()
-            connection.execute(BEGIN_WRITE)
+            connection.execute(begin)
         raw = connection.cursor()
         cursor = TranslatingCursor(raw)
 
-        def begin() -> None:
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-
         def again() -> None:
             raw.execute("ROLLBACK")
-            raw.execute(BEGIN_WRITE)
-            begin()
+            raw.execute(begin)
 
         try:
-            begin()
             results = runOperations(raw.execute, cursor, batch, again)
-            if self.notify:
-                # Delivered to listeners when (and only if) this commits.
-                raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.instance))
-            raw.execute("COMMIT")
+            raw.execute(end)
         except BaseException:
             if not connection.closed:
                 connection.rollback()
