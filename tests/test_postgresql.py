@@ -20,7 +20,6 @@ from zope.interface import implementer
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import EchoResponder
-from chatweb.events import EventHub
 from chatweb.interfaces import IResponder
 from chatweb.model import DELIVERED, PENDING, Delivery, Message, Session
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
@@ -91,14 +90,10 @@ class PostgreSQLRecordedTests(test_recorded.RecordedTests):
     order, events (their ids as committed) and atomicity.
     """
 
-    def setUp(self) -> Any:
-        self.db = PostgreSQLDatabase(freshDatabase(self), reactor)
-        self.addCleanup(self.db.close)
-        self.hub = EventHub()
-        self.events: list[Any] = []
-        self.hub.subscribe(self.events.append)
-        self.journal = SQLiteJournal(self.db, now=reactor.seconds, eventSink=self.hub.publish)
-        return self.db.open(SCHEMA + LEASE_SCHEMA)
+    schema = SCHEMA + LEASE_SCHEMA
+
+    def makeDatabase(self) -> Any:
+        return PostgreSQLDatabase(freshDatabase(self), reactor)
 
     def postGuarded(self, content: str, key: str | None = None) -> Deferred[Any]:
         """

@@ -31,14 +31,19 @@ from chatweb.testing import MemoryAdapter
 
 
 class RecordedTestCase(TestCase):
+    schema = JOURNAL_SCHEMA + SESSIONS_SCHEMA
+
+    def makeDatabase(self) -> Any:
+        return SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+
     def setUp(self) -> Deferred[None]:
-        self.db = SQLiteDatabase(self.mktemp() + ".sqlite3", reactor)
+        self.db = self.makeDatabase()
         self.addCleanup(self.db.close)
         self.hub = EventHub()
         self.events: list[Any] = []
         self.hub.subscribe(self.events.append)
         self.journal = SQLiteJournal(self.db, now=reactor.seconds, eventSink=self.hub.publish)
-        return self.db.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+        return self.db.open(self.schema)
 
     def startQueue(self, adapter: Any, recorder: Any) -> Deferred[MessageQueue]:
         """
