@@ -173,6 +173,19 @@ class PostgreSQLDatabaseTests(PostgreSQLStorageMixin, TestCase):
     test_neverOnTheReactorThread = test_storage.DatabaseTests.test_neverOnTheReactorThread
 
 
+def _waitUntil(condition: Any, timeout: float = 10.0) -> None:
+    """
+    Wait (in a thread) until C{condition()} holds.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.01)
+
+
 def _preparedStatements(cursor: Any) -> int:
     # pg_prepared_statements lists the statements of this connection only.
     cursor.execute("SELECT COUNT(*) FROM pg_prepared_statements")
@@ -233,14 +246,26 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
     async def test_connectionsLostWhileIdleReplaced(self) -> None:
         """
         Once the server has ended chatweb's sessions (a restart, an idle
-        timeout), the next write and read still succeed: a connection idle
-        longer than C{idleCheck} is checked first, and replaced.
+        timeout), the next write and read still succeed, even with every
+        pooled connection lost: a pooled connection idle longer than
+        C{idleCheck} is checked first, and replaced.
         """
-        journal = SQLiteJournal(self.db)
+        import threading
+
+        db = PostgreSQLDatabase(self.dsn, reactor, readers=2)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+        journal = SQLiteJournal(db)
         first = await journal.append("s", "before", 1.0)
-        self.assertEqual(await journal.pending(), [first])
-        self.db.idleCheck = 0.0
-        self.assertGreaterEqual(self._terminateOthers(), 2)
+        # Two reads at once: the pool holds two connections.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        held = [db.read(lambda cursor: gate.wait(10)) for _ in range(2)]
+        await deferToThread(lambda: _waitUntil(lambda: db._pool.get_stats()["pool_size"] == 2))
+        gate.set()
+        await gatherResults(held)
+        db.idleCheck = 0.0
+        self.assertGreaterEqual(self._terminateOthers(), 3)
         second = await journal.append("s", "after", 2.0)
         self.assertEqual(await journal.pending(), [first, second])
 

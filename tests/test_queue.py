@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import random
 
-import attrs
-
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase

@@ -15,8 +15,8 @@ and the driver's synchronous API is its best-tested one.
 Each connection keeps the statements psycopg prepares for it (after a few
 uses, so the server parses and plans them once): reads end their
 read-only transaction with COMMIT, since psycopg forgets a connection's
-prepared statements at every ROLLBACK; and a connection is checked with a
-round trip only when it has been idle a while (L{IDLE_CHECK}).
+prepared statements at every ROLLBACK; and a pooled connection is checked
+with a round trip only when it has been idle a while (L{IDLE_CHECK}).
 
 Every write transaction first takes one transaction-scoped advisory lock,
 so writes from all instances commit one at a time, in id order: a reader
@@ -62,10 +62,11 @@ Operation = Callable[..., Any]
 SCHEMA_LOCK = 0x63687765_0001
 WRITE_LOCK = 0x63687765_0002
 
-#: Seconds a connection may sit idle and still be used without a check (a
-#: round trip) first: one just used is alive, or its read or write fails
-#: and says why; one idle longer may have lost its server meanwhile (a
-#: restart, an idle timeout), and is replaced before it is used.
+#: Seconds a pooled connection may sit idle and still be used without a
+#: check (a round trip) first: one just used is alive, or it fails at the
+#: read's start and the read goes on another (L{_began}); one idle longer
+#: may have lost its server meanwhile (a restart, an idle timeout), as may
+#: the others in the pool, and is replaced before it is used.
 IDLE_CHECK = 1.0
 
 #: How write and read transactions begin.  Writes read what others
@@ -74,6 +75,10 @@ IDLE_CHECK = 1.0
 #: what the lock's last holder committed (see L{_deliverableHere}).
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+#: A write transaction's start, in one round trip (several statements and
+#: no parameters: sent as one simple query); its end likewise (L{_end}).
+_BEGIN_AND_LOCK = f"{BEGIN_WRITE}; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
@@ -247,8 +252,8 @@ class PostgreSQLDatabase(SQLiteDatabase):
         #: The writer thread's own connection (made at the first write,
         #: made again after it breaks).
         self._writerConnection: Any = None
-        #: When each connection was last given back or used (see
-        #: L{IDLE_CHECK}, the default of C{idleCheck}).
+        #: When each pooled connection was last used (see L{IDLE_CHECK},
+        #: the default of C{idleCheck}).
         self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.idleCheck = IDLE_CHECK
         self._writeThreads: ThreadPool | None = None
@@ -316,21 +321,18 @@ class PostgreSQLDatabase(SQLiteDatabase):
 
     def _connectedWriter(self) -> Any:
         """
-        The writer thread's connection: checked if it has been idle, made
-        again if it is closed (its server gone), made if there is none.
+        The writer thread's connection, made if there is none or it is
+        closed (its server gone) or left in a transaction.  It is not
+        checked first: if it fails at the transaction's start, the batch
+        goes on a new one (L{_began}).
         """
-        import psycopg
         from psycopg.pq import TransactionStatus
 
         connection = self._writerConnection
-        if connection is not None and not connection.closed:
-            try:
-                self._checkIfIdle(connection)
-                healthy = connection.info.transaction_status == TransactionStatus.IDLE
-            except psycopg.Error:
-                healthy = False
-            if not healthy:
-                connection.close()
+        if connection is not None and (
+            connection.info.transaction_status != TransactionStatus.IDLE
+        ):
+            connection.close()
         if connection is None or connection.closed:
             self._writerConnection = None
             # The first write (the schema) makes it, so that a wrong
@@ -359,82 +361,62 @@ class PostgreSQLDatabase(SQLiteDatabase):
     ) -> Deferred[list[tuple[bool, Any]]]:
         return self._inThread(self._writeThreads, self._batchInThread, batch)
 
+    def _end(self) -> str:
+        if not self.notify:
+            return "COMMIT"
+        # Delivered to listeners when (and only if) this commits.  Both
+        # values are chatweb's own (a constant, a hex uuid): no quoting.
+        return f"SELECT pg_notify('{CHANNEL}', '{self.instance}'); COMMIT"
+
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
-        import psycopg
-
-        from psycopg import sql
-
-        # The transaction's start and end, each one round trip (several
-        # statements and no parameters: sent as one simple query).
-        begin = f"{BEGIN_WRITE}; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
-        end: Any = "COMMIT"
-        if self.notify:
-            # Delivered to listeners when (and only if) this commits.
-            end = sql.SQL("SELECT pg_notify({}, {}); COMMIT").format(
-                sql.Literal(CHANNEL), sql.Literal(self.instance)
-            )
         connection = self._connectedWriter()
-        try:
-            connection.execute(begin)
-        except psycopg.OperationalError:
-            if not connection.closed:
-                connection.rollback()
-                raise
-            # Its server went away since it was last used (a restart):
-            # nothing ran; the batch goes on a new connection.
+        if not _began(connection, _BEGIN_AND_LOCK):
             connection = self._connectedWriter()
-            connection.execute(begin)
+            connection.execute(_BEGIN_AND_LOCK)
         raw = connection.cursor()
         cursor = TranslatingCursor(raw)
 
         def again() -> None:
             raw.execute("ROLLBACK")
-            raw.execute(begin)
+            raw.execute(_BEGIN_AND_LOCK)
 
         try:
             results = runOperations(raw.execute, cursor, batch, again)
-            raw.execute(end)
+            raw.execute(self._end())
         except BaseException:
             if not connection.closed:
                 connection.rollback()
             raise
-        finally:
-            self._returned[connection] = monotonic()
         return results
 
     def _runRead(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
         return self._inThread(self._readThreads, self._readInThread, operation, args)
 
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
-        import psycopg
-
         asWorker()
-        for attempt in range(2):
-            with self._pool.connection() as connection:
-                raw = connection.cursor()
-                try:
-                    # One snapshot for all the statements of the read.
-                    raw.execute(BEGIN_READ)
-                except psycopg.OperationalError:
-                    if attempt or not connection.closed:
-                        raise
-                    # As for the writer: once more, on another connection
-                    # (the pool drops this one).
-                    continue
-                try:
-                    result = operation(TranslatingCursor(raw), *args)
-                except BaseException:
-                    if not connection.closed:
-                        connection.rollback()
-                    raise
-                # Read only, so COMMIT keeps nothing; ROLLBACK would also
-                # drop the connection's prepared statements.
-                connection.commit()
-                self._returned[connection] = monotonic()
-                return result
-        raise AssertionError("unreachable")
+        # One snapshot for all the statements of the read.
+        with self._pool.connection() as connection:
+            if _began(connection, BEGIN_READ):
+                return self._readOn(connection, operation, args)
+        # (The pool drops the closed one.)
+        with self._pool.connection() as connection:
+            connection.execute(BEGIN_READ)
+            return self._readOn(connection, operation, args)
+
+    def _readOn(self, connection: Any, operation: Operation, args: tuple[Any, ...]) -> Any:
+        try:
+            result = operation(TranslatingCursor(connection.cursor()), *args)
+        except BaseException:
+            if not connection.closed:
+                connection.rollback()
+            raise
+        # Read only, so COMMIT keeps nothing; ROLLBACK would also drop the
+        # connection's prepared statements.
+        connection.commit()
+        self._returned[connection] = monotonic()
+        return result
 
     def _closePools(self) -> None:
         for threads in (self._writeThreads, self._readThreads):
@@ -444,6 +426,24 @@ class PostgreSQLDatabase(SQLiteDatabase):
             self._pool.close()
         if self._writerConnection is not None:
             self._writerConnection.close()
+
+
+def _began(connection: Any, begin: str) -> bool:
+    """
+    Run C{begin} (a transaction's start) on C{connection}; False if the
+    connection turned out closed (its server went away since it was last
+    used: a restart): nothing ran, and the work may go on another.
+    """
+    import psycopg
+
+    try:
+        connection.execute(begin)
+    except psycopg.OperationalError:
+        if connection.closed:
+            return False
+        connection.rollback()
+        raise
+    return True
 
 
 #: The leases: which instance delivers to a session, until when (seconds

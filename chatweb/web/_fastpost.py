@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
