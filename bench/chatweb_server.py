@@ -135,6 +135,9 @@ def main() -> None:
         dataDir,
         endpoint=f"tcp:{port}:interface=127.0.0.1:backlog=1024",
         responder=responder,
+        # As `twistd chatweb` does (--page-workers 2); BENCH_PAGE_WORKERS=0
+        # compares reading and rendering on threads.
+        pageWorkers=int(os.environ.get("BENCH_PAGE_WORKERS", "2")),
     )
     service.startService()
     # As `twistd chatweb` does once started (chatweb/tap.py, _FreezeAtStart).

@@ -44,6 +44,14 @@ def favourTheReactor() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
+def favoured() -> bool:
+    """
+    Whether L{favourTheReactor} was called: page workers (other processes,
+    L{chatweb.web._workers}) then run only when the core is otherwise idle.
+    """
+    return _favoured
+
+
 def asWorker() -> None:
     """
     Called by work on a reading or rendering thread: the first time on each

@@ -43,6 +43,7 @@ from chatweb.queue._queue import MessageQueue, RetryPolicy
 from chatweb.limits import Limits
 from chatweb.web._site import ChatWebSite, describeAddress
 from chatweb.web._events import EventStreams
+from chatweb.web._workers import PageWorkers
 from chatweb.metrics import Metrics, MetricsResource
 from twisted.web.server import Site
 from chatweb.web._health import OK, STARTING, STOPPING, HealthCheck
@@ -69,6 +70,12 @@ class ChatWebService(MultiService):
     Pass C{endpoint=None} to listen yourself: put L{resource} in your own
     L{Site} (or under a path of it) and add this service to your
     application so that the queue runs.
+
+    With C{pageWorkers=N} (C{twistd chatweb}'s default is 2), N child
+    processes read and render pages, the list of sessions and exports, so
+    that this work never holds the reactor's GIL (L{chatweb.web._workers});
+    only for the default backend on SQLite.  With 0 (the default here),
+    threads of this process do.
 
     Pages for browsers are served only to the Host names in C{allowedHosts}
     (loopback names always), against DNS rebinding; share links are signed
@@ -102,6 +109,7 @@ class ChatWebService(MultiService):
         database: str | None = None,
         databasePassword: str | None = None,
         leaseTTL: float = 15.0,
+        pageWorkers: int = 0,
     ) -> None:
         super().__init__()
         # Before anything starts threads or writes files.
@@ -193,6 +201,17 @@ class ChatWebService(MultiService):
             shareSecret=None,
             allowedHosts=allowedHosts,
         )
+        #: Read when the service starts.
+        self._shareSecret: bytes | None = None
+        if (
+            pageWorkers
+            and self._ownsAdapter
+            and not isinstance(self.database, PostgreSQLDatabase)
+        ):
+            # Pages read and rendered in other processes (another GIL).
+            self.api.pageWorkers = PageWorkers(
+                reactor, self.database.path, pageWorkers, lambda: self._shareSecret
+            )
         # Live events and health (chatweb/web/_events.py, _health.py).
         self.api.live = EventStreams(self.events, self.journal, reactor)
         self.api.health = HealthCheck(self._health)
@@ -294,7 +313,8 @@ class ChatWebService(MultiService):
         calls privilegedStartService first).  Once per service.
         """
         if self._shareLinks and not self._shareSecretRead:
-            self.api.useShareSecret(ensureShareSecret(self.dataDir))
+            self._shareSecret = ensureShareSecret(self.dataDir)
+            self.api.useShareSecret(self._shareSecret)
             self._shareSecretRead = True
 
     def _refuseRestart(self) -> None:
@@ -338,7 +358,13 @@ class ChatWebService(MultiService):
         shared = self.sharedEvents
         if shared is not None:
             opened.addCallback(lambda _: shared.start())
-        opened.addCallback(lambda _: self.queue.start()).addCallbacks(started, failed)
+        opened.addCallback(lambda _: self.queue.start())
+        workers = self.api.pageWorkers
+        if workers is not None:
+            # Ready before the first page is asked for (a worker takes about
+            # half a second to import what it needs).
+            opened.addCallback(lambda _: workers.start())
+        opened.addCallbacks(started, failed)
         self._privilegedStarted = True
         with self._listenFailuresExit():
             super().startService()
@@ -406,5 +432,8 @@ class ChatWebService(MultiService):
         shared = self.sharedEvents
         if shared is not None:
             stopped.addCallback(lambda _: shared.stop())
+        workers = self.api.pageWorkers
+        if workers is not None:
+            stopped.addCallback(lambda _: workers.stop())
         stopped.addCallback(lambda _: self.database.close())
         return stopped

@@ -77,6 +77,8 @@ class Options(usage.Options):
          " on a session lasts unless renewed (another instance takes the session"
          " over this long after the first dies).", None],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
+        ["page-workers", None, 2, "Processes that read and render pages (the"
+         " SQLite default store); 0: threads of the server's own process do.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],
         ["base-url", None, None, "The model server of --responder openai or"
@@ -269,6 +271,7 @@ _NUMBERS = {
     "model-timeout": (float, 0.1),
     "history-budget": (int, 100),
     "lease-ttl": (float, 1.0),
+    "page-workers": (int, 0),
     "max-attempts": (int, 1),
     "delivery-timeout": (float, 0),
     "shutdown-timeout": (float, 0),
@@ -406,6 +409,7 @@ def _makeService(options: Options, allowedHosts: list[str]) -> Any:
         database=options["database"],
         databasePassword=options["database-password"],
         leaseTTL=options["lease-ttl"],
+        pageWorkers=options["page-workers"],
     )
 
 

@@ -122,6 +122,19 @@ class OptionsTests(SynchronousTestCase):
             self.addCleanup(service.stopService)
             self.assertIs(service.queue.logEachMessage, expected)
 
+    def test_pageWorkers(self) -> None:
+        """
+        Two processes read and render pages unless --page-workers says
+        otherwise; 0 leaves it to threads.
+        """
+        for flags, expected in (((), 2), (("--page-workers", "1"), 1), (("--page-workers", "0"), None)):
+            service = makeService(self.parse(
+                "--api-key", KEY, "--data-dir", self.mktemp(), "--port", "0", *flags))
+            self.addCleanup(service.stopService)
+            workers = service.api.pageWorkers
+            self.assertEqual(None if workers is None else workers.processes, expected)
+        self.assertIn("--page-workers", self.refused("--api-key", KEY, "--page-workers", "-1"))
+
     def test_startupObjectsLeaveTheCollector(self) -> None:
         """
         When twistd's service starts, what exists then (modules, wiring) is

@@ -40,6 +40,7 @@ from chatweb.web._throttle import FailureThrottle, clientKey
 from chatweb.web._errors import _REASONS, _error, _notFound, _throttledMessage
 from chatweb.web._guard import UNAUTHORIZED, _Guard, checkAPIKeys, credentials, hasCredentials
 from chatweb.web._messages import Messages
+from chatweb.web._workers import PageWorkers
 from chatweb.web._pages import INDEX_SCOPE, RENDER_THREADS, Pages, _sessionIdArgument
 from chatweb.web._site import Refusal
 from chatweb.web._validation import (
@@ -103,6 +104,9 @@ class ChatWebAPI:
             clock = cast(IReactorTime, reactor)
         self._clock = clock
         self._renders = DeferredSemaphore(RENDER_THREADS)
+        #: Processes that read and render pages (L{PageWorkers}); None:
+        #: threads of this process do.
+        self.pageWorkers: PageWorkers | None = None
         #: Requests let in without a key, by the expiry of their verified
         #: share token.
         self._shareExpiry: WeakKeyDictionary[IRequest, int] = WeakKeyDictionary()

@@ -3,7 +3,9 @@ The pages and the share links: C{GET /session} (a session's page, a page
 of messages at a time), C{GET /session/raw} (the export), C{GET /sessions}
 (the list, or its HTML index), C{POST /session/share} and
 C{POST /sessions/share}.  Rendering (pure, in L{chatweb.render}) runs on
-the reactor's thread pool when it would take long.
+the reactor's thread pool when it would take long; with page workers
+(L{chatweb.web._workers}), pages, lists and exports are read and rendered
+in other processes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from chatweb.web._validation import BadRequest, parseShareRequest
 if TYPE_CHECKING:
     from chatweb.sessions import SessionView
     from chatweb.web._api import ChatWebAPI
+    from chatweb.web._share import ShareLinks
 
 #: Seconds the share links on the HTML index of sessions stay valid.
 INDEX_LINK_LIFETIME = 15 * 60
@@ -103,6 +106,38 @@ def mergeSessionIds(ids: Sequence[str], others: set[str]) -> list[str]:
     if missing:
         ordered = sorted(ordered + missing)
     return ordered
+
+
+def indexLinks(
+    sessionIds: list[str], prefix: str, lifetime: int, shareLinks: ShareLinks | None
+) -> dict[str, str]:
+    """
+    The link of each of C{sessionIds} on the HTML index, for the API
+    mounted at C{prefix}: share links that live C{lifetime} seconds (at
+    most L{INDEX_LINK_LIFETIME}, never past the index's own link), so that
+    a browser can follow them without the key; plain links when share
+    links are off.
+    """
+    links = {}
+    for n, sessionId in enumerate(sessionIds):
+        if not n & 63:
+            pause()
+        token = None
+        if shareLinks is not None:
+            token, _ = shareLinks.issue(sessionId, lifetime)
+        links[sessionId] = _sessionPath(prefix, sessionId, token)
+    return links
+
+
+def pageLinks(base: str) -> Callable[[int | None], str]:
+    """
+    The URLs of a session's pages, from C{base}, the URL of its newest.
+    """
+
+    def pageURL(before: int | None) -> str:
+        return base if before is None else f"{base}&before={before}"
+
+    return pageURL
 
 
 def _acceptsHTML(request: IRequest) -> bool:
@@ -223,13 +258,26 @@ class Pages:
         A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time;
         a 503 error body at once when L{RENDER_WAITING} already wait.
         """
+        return self._limited(request, deferToThread, inBackground, work, *args)
+
+    def inWorker(self, request: IRequest, kind: str, *args: Any) -> Any:
+        """
+        A Deferred: what the API's page workers answer to C{kind} (a
+        L{chatweb.web._pageworker.PageWorker} method) and C{args}; as many
+        at a time, and the same 503, as L{inThread}.
+        """
+        workers = self._api.pageWorkers
+        assert workers is not None
+        return self._limited(request, workers.run, kind, *args)
+
+    def _limited(self, request: IRequest, run: Any, *args: Any) -> Any:
         renders = self._api._renders
         if len(renders.waiting) >= RENDER_WAITING:
             request.setHeader(b"Retry-After", b"1")
             return succeed(
                 _error(request, 503, "too many pages are being prepared; retry shortly")
             )
-        return renders.run(deferToThread, inBackground, work, *args)
+        return renders.run(run, *args)
 
     def _sessionExists(self, sessionId: str) -> Any:
         """
@@ -265,6 +313,19 @@ class Pages:
         # Taken before the adapter is asked: a session whose first message
         # is delivered meanwhile is then in one or the other.
         pending = set(api._queue.sessionsWithPending())
+        workers = api.pageWorkers
+        if workers is not None:
+            # Read (and the index rendered) in another process.
+            if html:
+                listing = self.inWorker(
+                    request, "index", sorted(pending), _mountPrefix(request),
+                    linkLifetime, api._clock.seconds(),
+                ).addCallback(lambda page: _html(request, page))
+            else:
+                request.setHeader(b"Content-Type", b"application/json")
+                request.setHeader(b"Cache-Control", b"no-store")
+                listing = self.inWorker(request, "ids", sorted(pending))
+            return listing.addErrback(lambda f: api._unavailable(request, f))
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
@@ -287,22 +348,12 @@ class Pages:
 
     def _index(self, prefix: str, sessionIds: list[str], lifetime: int) -> str:
         """
-        The HTML index of C{sessionIds}, for the API mounted at C{prefix}.
-        Its links are share links that live C{lifetime} seconds (at most
-        L{INDEX_LINK_LIFETIME}, never past the index's own link), so that a
-        browser can follow them without the key; plain links when share
-        links are off.  Safe to call on a thread.
+        The HTML index of C{sessionIds}, for the API mounted at C{prefix}
+        (see L{indexLinks}).  Safe to call on a thread.
         """
-        shareLinks = self._api._shareLinks
-        links = {}
-        for n, sessionId in enumerate(sessionIds):
-            if not n & 63:
-                pause()
-            token = None
-            if shareLinks is not None:
-                token, _ = shareLinks.issue(sessionId, lifetime)
-            links[sessionId] = _sessionPath(prefix, sessionId, token)
-        return renderIndex(sessionIds, links)
+        return renderIndex(
+            sessionIds, indexLinks(sessionIds, prefix, lifetime, self._api._shareLinks)
+        )
 
     def _readShareRequest(
         self, request: IRequest, sessionRequired: bool
@@ -375,6 +426,20 @@ class Pages:
         if not isinstance(sessionId, str):
             return sessionId
 
+        workers = self._api.pageWorkers
+        if workers is not None:
+            # Read and turned into JSON in another process.
+            def exported(body: bytes | None) -> bytes:
+                if body is None:
+                    return _error(request, 404, f"no session {sessionId!r}")
+                request.setHeader(b"Content-Type", b"application/json")
+                request.setHeader(b"Cache-Control", b"no-store")
+                return body
+
+            return self.inWorker(request, "export", sessionId).addCallbacks(
+                exported, lambda f: self._api._unavailable(request, f)
+            )
+
         def export(session: Session | None) -> Any:
             if session is None:
                 return _error(request, 404, f"no session {sessionId!r}")
@@ -410,9 +475,18 @@ class Pages:
         if api._shareExpiry.get(request) is not None:
             token = request.args[b"token"][0].decode("ascii")
         base = _sessionURL(request, sessionId, token)
+        pageURL = pageLinks(base)
+        workers = api.pageWorkers
+        if workers is not None:
+            # Read and rendered in another process (chatweb/web/_workers.py).
+            def rendered(html: str | bytes | None) -> Any:
+                if html is None:
+                    return _error(request, 404, f"no session {sessionId!r}")
+                return _html(request, html)
 
-        def pageURL(before: int | None) -> str:
-            return base if before is None else f"{base}&before={before}"
+            return self.inWorker(request, "page", sessionId, before, base).addCallbacks(
+                rendered, lambda f: api._unavailable(request, f)
+            )
 
         def render(found: tuple[SessionPage, SessionView] | None) -> Any:
             if found is None:

@@ -1,0 +1,177 @@
+"""
+A page worker: a process that reads sessions from the SQLite database and
+renders their pages, so that this work holds another interpreter's GIL,
+not the reactor's (see L{chatweb.web._workers}).
+
+    python -c "from chatweb.web._pageworker import main; main()"
+
+(L{chatweb.web._workers} starts it so, and may lower its priority first.)
+
+It reads frames from stdin and writes one answer per frame to stdout, in
+order; a frame is a 4-byte big-endian length and a pickle.  The first
+frame is its configuration; each next one is C{(kind, args)}, the name of
+a L{PageWorker} method and its arguments; each answer C{("ok", value)} or
+C{("error", description)}.  It exits at the end of stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+import struct
+import sys
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Iterator, cast
+
+from twisted.internet.task import Clock
+
+from chatweb.backends.local import LocalBackend
+from chatweb.model import FAILED, PENDING, Session, SessionPage
+from chatweb.render._preview import PAGE_MESSAGES, renderIndex, renderSession
+from chatweb.store._journal import _failedSessions, _undelivered
+from chatweb.web._json import _exportJSON
+from chatweb.web._pages import indexLinks, mergeSessionIds, pageLinks
+from chatweb.web._share import ShareLinks
+
+_LENGTH = struct.Struct(">I")
+
+
+def readFrame(stream: BinaryIO) -> Any:
+    """
+    The next frame's value, or None at the end of C{stream}.
+    """
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack(header)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def frame(value: Any) -> bytes:
+    """
+    C{value} as a frame.
+    """
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+class PageWorker:
+    """
+    What a page worker answers: each method reads in one snapshot of the
+    database and returns what the parent sends to the client.
+    """
+
+    def __init__(self, path: str, shareSecret: bytes | None) -> None:
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._connection.execute("PRAGMA busy_timeout=10000")
+        # It reads only; the parent's writer is the database's one writer.
+        self._connection.execute("PRAGMA query_only=ON")
+        # The local backend's reads (and its cache of parsed messages), on
+        # this process's own connection: it is given no database to write.
+        self._backend = LocalBackend(cast(Any, None), cast(Any, None))
+        self._shareSecret = shareSecret
+        #: The last answer of ids(), and what it was made from.
+        self._listed: tuple[tuple[int, tuple[str, ...]], bytes] | None = None
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Cursor]:
+        cursor = self._connection.cursor()
+        cursor.execute("BEGIN")
+        try:
+            yield cursor
+        finally:
+            cursor.execute("COMMIT")
+
+    def page(self, sessionId: str, before: int | None, base: str) -> str | None:
+        """
+        The HTML page of C{sessionId} that ends before message C{before}
+        (links to the others start with C{base}); None if there is no such
+        session (as L{chatweb.sessions.Sessions.page}).
+        """
+        with self._snapshot() as cursor:
+            waiting = _undelivered(cursor, sessionId)
+            part = self._backend._getSessionPage(cursor, sessionId, before, PAGE_MESSAGES)
+        if part is None:
+            if not waiting:
+                return None
+            part = SessionPage.whole(Session(id=sessionId))
+        undelivered = [m for m in waiting if m.state in (PENDING, FAILED)]
+        return renderSession(part, undelivered, before, pageLinks(base))
+
+    def ids(self, pending: list[str]) -> bytes:
+        """
+        The sorted ids of every session, and of those with messages pending
+        (C{pending}, from the parent's queue) or failed, in JSON.  Made
+        again only when the database or C{pending} changed since the last
+        time (C{PRAGMA data_version} counts the commits of every other
+        connection).
+        """
+        with self._snapshot() as cursor:
+            version = cursor.execute("PRAGMA data_version").fetchone()[0]
+            key = (version, tuple(pending))
+            if self._listed is not None and self._listed[0] == key:
+                return self._listed[1]
+            ids = self._sessionIds(cursor, pending)
+        body = json.dumps(ids, ensure_ascii=False).encode("utf-8")
+        self._listed = (key, body)
+        return body
+
+    def index(self, pending: list[str], prefix: str, lifetime: int, now: float) -> str:
+        """
+        The HTML index of the same sessions as L{ids}, each linked with a
+        share token that lives C{lifetime} seconds from C{now}.
+        """
+        secret = self._shareSecret
+        links = None
+        if secret is not None:
+            # Share links expire from the parent's time.
+            clock = Clock()
+            clock.advance(now)
+            links = ShareLinks(secret, clock)
+        with self._snapshot() as cursor:
+            sessionIds = self._sessionIds(cursor, pending)
+        return renderIndex(sessionIds, indexLinks(sessionIds, prefix, lifetime, links))
+
+    def export(self, sessionId: str) -> bytes | None:
+        """
+        C{sessionId} as a chat.nvim session file, in JSON; None if there is
+        no such session.
+        """
+        with self._snapshot() as cursor:
+            waiting = _undelivered(cursor, sessionId)
+            session = self._backend._getSessionParsedOnce(cursor, sessionId)
+        if session is None:
+            if not waiting:
+                return None
+            session = Session(id=sessionId)
+        return _exportJSON(session)
+
+    def _sessionIds(self, cursor: sqlite3.Cursor, pending: list[str]) -> list[str]:
+        ids = self._backend._listSessionsOnce(cursor)
+        return mergeSessionIds(ids, set(_failedSessions(cursor)) | set(pending))
+
+
+def main() -> None:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # Nothing but answers goes to the parent's pipe.
+    sys.stdout = sys.stderr
+    config = readFrame(stdin)
+    if config is None:
+        return
+    worker = PageWorker(config["path"], config["shareSecret"])
+    while True:
+        request = readFrame(stdin)
+        if request is None:
+            return
+        kind, args = request
+        try:
+            answer: tuple[str, Any] = ("ok", getattr(worker, kind)(*args))
+        except Exception as e:
+            answer = ("error", f"{type(e).__name__}: {e}")
+        stdout.write(frame(answer))
+        stdout.flush()
+

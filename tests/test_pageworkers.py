@@ -1,0 +1,264 @@
+"""
+Page workers (chatweb/web/_workers.py): pages, lists and exports read and
+rendered in other processes answer as the threads of the server's own
+process do, and a worker that dies costs a 503, not the server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, TestCase
+
+from chatweb import _priority
+from chatweb.testing import startChatWeb
+from chatweb.web._workers import PageWorkers, WorkerFailed
+
+#: chat.nvim's kinds of content, as a page shows them.
+MESSAGES = [
+    ("ci", "Build **passed**:\n\n```python\nprint('ok')\n```"),
+    ("ci", "a second message, with <html> & a [link](https://example.com)"),
+    ("deploy", "deployed 1.2.3"),
+]
+
+
+def fail(*args: object) -> None:
+    raise AssertionError("read in the server's own process")
+
+
+class PageWorkersTests(TestCase):
+    async def startWithMessages(self, **kwargs: object):  # type: ignore[no-untyped-def]
+        chatweb = await startChatWeb(self, pageWorkers=1, **kwargs)
+        for session, content in MESSAGES:
+            self.assertEqual((await chatweb.post(session, content)).code, 204)
+        for n in range(110):
+            await chatweb.post("long", f"message {n}")
+        await chatweb.service.queue.whenDelivered()
+        # Dead letters: one in a session, and one whose session it never
+        # reached (pages and the list show both).
+        journal = chatweb.service.journal
+        for session in ("ci", "lost"):
+            failed = await journal.append(session, f"failed in {session}", 0.0)
+            await journal.recordFailure(failed.id, "the adapter said no", True)
+        return chatweb
+
+    async def answers(self, chatweb, paths):  # type: ignore[no-untyped-def]
+        result = []
+        for path, headers in paths:
+            response = await chatweb.client.get(
+                chatweb.url + path, headers={**chatweb.headers, **headers}
+            )
+            result.append(
+                (
+                    response.code,
+                    response.headers.getRawHeaders(b"content-type"),
+                    await response.content(),
+                )
+            )
+        return result
+
+    async def test_sameAnswersAsThreads(self) -> None:
+        """
+        The session page (and its 404), the list in JSON, the HTML index
+        and the export are the same from the workers as from threads; with
+        workers the server's own process reads none of them.
+        """
+        chatweb = await self.startWithMessages()
+        api = chatweb.service.api
+        html = {"Accept": "text/html"}
+        paths = [
+            ("/session?id=ci", {}),
+            ("/session?id=nobody", {}),
+            ("/sessions", {}),
+            ("/sessions", html),
+            ("/session/raw?id=ci", {}),
+            ("/session/raw?id=nobody", {}),
+            ("/session?id=long", {}),
+            ("/session?id=long&before=10", {}),
+            ("/session?id=lost", {}),
+            ("/session/raw?id=lost", {}),
+        ]
+        workers = api.pageWorkers
+        self.assertIsNotNone(workers)
+        api.pageWorkers = None
+        fromThreads = await self.answers(chatweb, paths)
+        api.pageWorkers = workers
+        adapter = chatweb.service.adapter
+        self.patch(adapter, "getSessionPage", fail)
+        self.patch(adapter, "getSession", fail)
+        self.patch(adapter, "listSessions", fail)
+        fromWorkers = await self.answers(chatweb, paths)
+
+        def withoutTokens(answers):  # type: ignore[no-untyped-def]
+            # Share tokens hold their expiry, in seconds: the two indexes
+            # may be a second apart.
+            return [(c, t, re.sub(rb"token=[\w-]+", b"token=T", b)) for c, t, b in answers]
+
+        self.assertEqual(withoutTokens(fromWorkers), withoutTokens(fromThreads))
+        codes = [code for code, _, _ in fromWorkers]
+        self.assertEqual(codes, [200, 404, 200, 200, 200, 404, 200, 200, 200, 200])
+        self.assertIn(b"<strong>passed</strong>", fromWorkers[0][2])
+        self.assertIn(b"failed in ci", fromWorkers[0][2])
+        self.assertEqual(fromWorkers[2][2], b'["ci", "deploy", "long", "lost"]')
+        self.assertIn(b"before=10", fromWorkers[6][2])
+        self.assertIn(b"failed in lost", fromWorkers[8][2])
+        self.assertIn(b"no session 'nobody'", fromWorkers[1][2])
+
+    async def test_listFollowsChanges(self) -> None:
+        """
+        The worker keeps the list it last sent; a new session, a new dead
+        letter or a new pending message is in the next one.
+        """
+        chatweb = await self.startWithMessages()
+
+        async def listed() -> list[str]:
+            return await (await chatweb.get("/sessions")).json()
+
+        self.assertEqual(await listed(), ["ci", "deploy", "long", "lost"])
+        self.assertEqual(await listed(), ["ci", "deploy", "long", "lost"])
+        await chatweb.post("new", "hello")
+        await chatweb.service.queue.whenDelivered()
+        self.assertEqual(await listed(), ["ci", "deploy", "long", "lost", "new"])
+        journal = chatweb.service.journal
+        failed = await journal.append("zz", "failed", 0.0)
+        await journal.recordFailure(failed.id, "the adapter said no", True)
+        self.assertEqual((await listed())[-1], "zz")
+        self.patch(chatweb.service.queue, "sessionsWithPending", lambda: ["a0"])
+        self.assertEqual((await listed())[0], "a0")
+
+    async def test_indexLinksOpenPages(self) -> None:
+        """
+        The worker signs the index's links with the server's share secret:
+        a browser without the key follows one to the session's page.
+        """
+        chatweb = await self.startWithMessages()
+        response = await chatweb.client.get(
+            chatweb.url + "/sessions", headers={**chatweb.headers, "Accept": "text/html"}
+        )
+        index = (await response.text()).replace("&amp;", "&")
+        link = re.search(r'href="(/session\?id=deploy&token=[\w-]+)"', index)
+        assert link is not None, index
+        page = await chatweb.client.get(chatweb.url + link.group(1))
+        self.assertEqual(page.code, 200)
+        self.assertIn("deployed 1.2.3", await page.text())
+
+    async def test_workerDiesMidRequest(self) -> None:
+        """
+        A worker killed while it prepares a page: that request gets a 503
+        with a JSON error; the next one is answered by a new worker.
+        """
+        chatweb = await self.startWithMessages()
+        workers = chatweb.service.api.pageWorkers
+        run = workers.run
+
+        def runThenDie(kind: str, *args: object) -> Deferred[object]:
+            answer = run(kind, *args)
+            for worker in workers._workers:
+                worker.transport.signalProcess("KILL")
+            return answer
+
+        self.patch(workers, "run", runThenDie)
+        response = await chatweb.get("/session?id=ci")
+        self.assertEqual(response.code, 503)
+        self.assertIn("unavailable", (await response.json())["error"])
+        self.flushLoggedErrors(WorkerFailed)
+        self.patch(workers, "run", run)
+        response = await chatweb.get("/session?id=ci")
+        self.assertEqual(response.code, 200)
+        self.assertIn("Build", await response.text())
+
+    async def test_stopEndsTheWorkers(self) -> None:
+        """
+        When the service stops, its workers exit.
+        """
+        chatweb = await self.startWithMessages()
+        workers = chatweb.service.api.pageWorkers
+        pids = [w.transport.pid for w in workers._workers]
+        self.assertEqual(len(pids), 1)
+        await chatweb.service.stopService()
+        self.assertEqual([w.alive for w in workers._workers], [False])
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    async def test_workersYieldTheCore(self) -> None:
+        """
+        When the reactor is favoured (as twistd chatweb does), a worker runs
+        under SCHED_IDLE: on a busy core it takes only what the reactor
+        leaves.
+        """
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("SCHED_IDLE is Linux's")
+        self.patch(_priority, "_favoured", True)
+        chatweb = await self.startWithMessages()
+        (worker,) = chatweb.service.api.pageWorkers._workers
+        self.assertEqual((await chatweb.get("/session?id=ci")).code, 200)
+        self.assertEqual(os.sched_getscheduler(worker.transport.pid), os.SCHED_IDLE)
+
+
+class PageWorkersUnitTests(TestCase):
+    def setUp(self) -> None:
+        from chatweb.store._sqlite import SQLiteDatabase
+
+        self.path = os.path.abspath(self.mktemp())
+        database = SQLiteDatabase(self.path, reactor)
+        self.addCleanup(database.close)
+        from chatweb.backends.local import SCHEMA as SESSIONS
+        from chatweb.store._journal import SCHEMA as JOURNAL
+
+        return database.open(JOURNAL + SESSIONS)
+
+    def workers(self, processes: int = 1) -> PageWorkers:
+        workers = PageWorkers(reactor, self.path, processes)
+        self.addCleanup(workers.stop)
+        return workers
+
+    async def test_answersInOrder(self) -> None:
+        """
+        Many requests at once to one worker: each gets its own answer.
+        """
+        workers = self.workers()
+        answers = [workers.run("ids", [f"s{n}"]) for n in range(20)]
+        page = workers.run("page", "nobody", None, "/session?id=nobody")
+        self.assertEqual([await a for a in answers], [b'["s%d"]' % n for n in range(20)])
+        self.assertIsNone(await page)
+
+    async def test_failureIsReported(self) -> None:
+        """
+        What a worker raises fails that request only.
+        """
+        workers = self.workers()
+        with self.assertRaises(WorkerFailed) as raised:
+            await workers.run("missing")
+        self.assertIn("AttributeError", str(raised.exception))
+        self.assertEqual(await workers.run("ids", []), b"[]")
+
+    async def test_killedWorkerIsReplaced(self) -> None:
+        workers = self.workers()
+        workers.start()
+        (first,) = workers._workers
+        answer = workers.run("ids", [])
+        first.transport.signalProcess("KILL")
+        with self.assertRaises(WorkerFailed):
+            await answer
+        self.assertEqual(await workers.run("ids", ["x"]), b'["x"]')
+        (second,) = workers._workers
+        self.assertIsNot(second, first)
+
+    async def test_requestsSpreadOverWorkers(self) -> None:
+        workers = self.workers(processes=2)
+        answers = [workers.run("ids", []) for n in range(4)]
+        self.assertEqual(len(workers._workers), 2)
+        self.assertEqual([len(w.waiting) for w in workers._workers], [2, 2])
+        for a in answers:
+            await a
+
+    async def test_stoppedRefuses(self) -> None:
+        workers = self.workers()
+        await workers.stop()
+        with self.assertRaises(WorkerFailed):
+            await workers.run("ids", [])
