@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import signal
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web._newclient import ResponseNeverReceived
 
 from chatweb import _priority
 from chatweb.testing import startChatWeb
@@ -188,16 +190,38 @@ class PageWorkersTests(TestCase):
     async def test_workersYieldTheCore(self) -> None:
         """
         When the reactor is favoured (as twistd chatweb does), a worker runs
-        under SCHED_IDLE: on a busy core it takes only what the reactor
-        leaves.
+        at a lower priority: on a busy core the reactor's process comes
+        first.
         """
-        if not sys.platform.startswith("linux"):
-            raise SkipTest("SCHED_IDLE is Linux's")
         self.patch(_priority, "_favoured", True)
         chatweb = await self.startWithMessages()
         (worker,) = chatweb.service.api.pageWorkers._workers
         self.assertEqual((await chatweb.get("/session?id=ci")).code, 200)
-        self.assertEqual(os.sched_getscheduler(worker.transport.pid), os.SCHED_IDLE)
+        self.assertEqual(
+            os.getpriority(os.PRIO_PROCESS, worker.transport.pid),
+            os.getpriority(os.PRIO_PROCESS, 0) + _priority.WORKER_NICENESS,
+        )
+
+    async def test_clientGoneKeepsItsPlace(self) -> None:
+        """
+        A page whose client went away holds its place until the worker
+        answers: the worker prepares it anyway, so more requests than the
+        limit never pile up in the workers.
+        """
+        chatweb = await self.startWithMessages()
+        api = chatweb.service.api
+        answer: Deferred[object] = Deferred()
+        self.patch(api.pageWorkers, "run", lambda kind, *args: answer)
+        request = chatweb.get("/session?id=ci")
+        while api._renders.tokens:
+            await deferLater(reactor, 0.01)
+        request.cancel()
+        with self.assertRaises(ResponseNeverReceived):
+            await request
+        await deferLater(reactor, 0.1)
+        self.assertEqual(api._renders.tokens, 0)
+        answer.callback("<html>late</html>")
+        self.assertEqual(api._renders.tokens, 1)
 
 
 class PageWorkersUnitTests(TestCase):
@@ -256,6 +280,98 @@ class PageWorkersUnitTests(TestCase):
         self.assertEqual([len(w.waiting) for w in workers._workers], [2, 2])
         for a in answers:
             await a
+
+    async def test_relativePathFromWhereItStarts(self) -> None:
+        """
+        A relative path is taken from the working directory when a worker
+        starts, as the database's own is when it opens (twistd may change
+        directory after the service is made).
+        """
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        workers = PageWorkers(reactor, os.path.basename(self.path))
+        self.addCleanup(workers.stop)
+        os.chdir(os.path.dirname(self.path))
+        await workers.start()
+        self.assertEqual(await workers.run("ids", []), b"[]")
+
+    async def test_importsNothingFromTheWorkingDirectory(self) -> None:
+        """
+        A module in the server's working directory does not replace one of
+        the worker's.
+        """
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        elsewhere = os.path.abspath(self.mktemp())
+        os.makedirs(elsewhere)
+        with open(os.path.join(elsewhere, "json.py"), "w") as f:
+            f.write("raise ImportError('not this json')\n")
+        os.chdir(elsewhere)
+        workers = self.workers()
+        await workers.start()
+        self.assertEqual(await workers.run("ids", ["a"]), b'["a"]')
+
+    async def test_missingDatabaseNotCreated(self) -> None:
+        """
+        A worker that cannot open the database does not create it, and is
+        not started again at every request: the requests fail at once.
+        """
+        missing = os.path.abspath(self.mktemp())
+        workers = PageWorkers(reactor, missing)
+        self.addCleanup(workers.stop)
+        await workers.start()
+        self.assertFalse(os.path.exists(missing))
+        self.assertEqual(workers._workers[0].alive, False)
+        with self.assertRaises(WorkerFailed) as raised:
+            await workers.run("ids", [])
+        self.assertIn("no page worker could start", str(raised.exception))
+        self.assertEqual([w.alive for w in workers._workers], [])
+
+    async def test_keysStayHome(self) -> None:
+        """
+        A worker's environment holds none of the server's keys.
+        """
+        if not os.path.exists("/proc/self/environ"):
+            raise SkipTest("reads /proc")
+        environ = dict(os.environ, CHATWEB_API_KEY="api-key-0123456789", PGPASSWORD="pw")
+        self.patch(os, "environ", environ)
+        workers = self.workers()
+        await workers.start()
+        (worker,) = workers._workers
+        with open(f"/proc/{worker.transport.pid}/environ", "rb") as f:
+            seen = f.read()
+        self.assertNotIn(b"api-key-0123456789", seen)
+        self.assertNotIn(b"PGPASSWORD", seen)
+        self.assertIn(b"PYTHONPATH=", seen)
+
+    async def test_interruptIgnored(self) -> None:
+        """
+        Ctrl-C (SIGINT to the process group) leaves the workers to the
+        server, which stops them once they have answered.
+        """
+        workers = self.workers()
+        await workers.start()
+        (worker,) = workers._workers
+        os.kill(worker.transport.pid, signal.SIGINT)
+        os.kill(worker.transport.pid, signal.SIGTERM)
+        self.assertEqual(await workers.run("ids", []), b"[]")
+        self.assertTrue(worker.alive)
+
+    async def test_readyWorkerPreferred(self) -> None:
+        """
+        While a new worker starts, requests go to one that is ready.
+        """
+        workers = self.workers(processes=2)
+        await workers.start()
+        first, second = workers._workers
+        second.transport.signalProcess("KILL")
+        await second.ended
+        answers = [workers.run("ids", []), workers.run("ids", [])]
+        replacement = workers._workers[-1]
+        self.assertIsNot(replacement, second)
+        self.assertEqual((len(first.waiting), len(replacement.waiting)), (2, 0))
+        for answer in answers:
+            await answer
 
     async def test_stoppedRefuses(self) -> None:
         workers = self.workers()

@@ -16,8 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
 
 from klein.interfaces import IKleinRequest
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
@@ -140,6 +146,10 @@ def pageLinks(base: str) -> Callable[[int | None], str]:
     return pageURL
 
 
+def _cancelled(failure: Failure) -> None:
+    failure.trap(CancelledError)
+
+
 def _acceptsHTML(request: IRequest) -> bool:
     """
     Whether the Accept header names C{text/html} (with a quality above 0).
@@ -258,26 +268,63 @@ class Pages:
         A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time;
         a 503 error body at once when L{RENDER_WAITING} already wait.
         """
-        return self._limited(request, deferToThread, inBackground, work, *args)
+        busy = self._tooBusy(request)
+        if busy is not None:
+            return busy
+        return self._api._renders.run(deferToThread, inBackground, work, *args)
 
     def inWorker(self, request: IRequest, kind: str, *args: Any) -> Any:
         """
         A Deferred: what the API's page workers answer to C{kind} (a
-        L{chatweb.web._pageworker.PageWorker} method) and C{args}; as many
-        at a time, and the same 503, as L{inThread}.
+        L{chatweb.web._pageworker.PageWorker} method) and C{args}; a request
+        at a time per worker, and the same 503 as L{inThread}.  A request
+        whose client goes away keeps its place until its worker answers:
+        the worker prepares it anyway.
         """
         workers = self._api.pageWorkers
         assert workers is not None
-        return self._limited(request, workers.run, kind, *args)
-
-    def _limited(self, request: IRequest, run: Any, *args: Any) -> Any:
+        busy = self._tooBusy(request)
+        if busy is not None:
+            return busy
         renders = self._api._renders
-        if len(renders.waiting) >= RENDER_WAITING:
+        acquiring = renders.acquire()
+        result: Deferred[Any] = Deferred(lambda _: acquiring.cancel())
+
+        def answered(outcome: object) -> None:
+            renders.release()
+            if result.called:
+                return  # its client went away
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        def acquired(_: object) -> None:
+            workers.run(kind, *args).addBoth(answered)
+
+        acquiring.addCallbacks(acquired, _cancelled)
+        return result
+
+    def _workerFailed(self, request: IRequest) -> Callable[[Failure], Any]:
+        """
+        What answers a request whose worker failed: a 503 (and the log
+        says why), unless its client went away.
+        """
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(CancelledError):
+                return failure
+            return self._api._unavailable(request, failure)
+
+        return failed
+
+    def _tooBusy(self, request: IRequest) -> Deferred[bytes] | None:
+        if len(self._api._renders.waiting) >= RENDER_WAITING:
             request.setHeader(b"Retry-After", b"1")
             return succeed(
                 _error(request, 503, "too many pages are being prepared; retry shortly")
             )
-        return renders.run(run, *args)
+        return None
 
     def _sessionExists(self, sessionId: str) -> Any:
         """
@@ -325,7 +372,7 @@ class Pages:
                 request.setHeader(b"Content-Type", b"application/json")
                 request.setHeader(b"Cache-Control", b"no-store")
                 listing = self.inWorker(request, "ids", sorted(pending))
-            return listing.addErrback(lambda f: api._unavailable(request, f))
+            return listing.addErrback(self._workerFailed(request))
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
@@ -437,7 +484,7 @@ class Pages:
                 return body
 
             return self.inWorker(request, "export", sessionId).addCallbacks(
-                exported, lambda f: self._api._unavailable(request, f)
+                exported, self._workerFailed(request)
             )
 
         def export(session: Session | None) -> Any:
@@ -485,7 +532,7 @@ class Pages:
                 return _html(request, html)
 
             return self.inWorker(request, "page", sessionId, before, base).addCallbacks(
-                rendered, lambda f: api._unavailable(request, f)
+                rendered, self._workerFailed(request)
             )
 
         def render(found: tuple[SessionPage, SessionView] | None) -> Any:

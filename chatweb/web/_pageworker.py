@@ -7,22 +7,26 @@ not the reactor's (see L{chatweb.web._workers}).
 
 (L{chatweb.web._workers} starts it so, and may lower its priority first.)
 
-It reads frames from stdin and writes one answer per frame to stdout, in
-order; a frame is a 4-byte big-endian length and a pickle.  The first
-frame is its configuration; each next one is C{(kind, args)}, the name of
-a L{PageWorker} method and its arguments; each answer C{("ok", value)} or
-C{("error", description)}.  It exits at the end of stdin.
+It reads frames from stdin and writes frames to file descriptor 3 (not
+stdout, where a library might print); a frame is a 4-byte big-endian
+length and a pickle.  The first frame it reads is its configuration; once
+it can answer it writes C{("ready", None)}.  Each next frame is C{(kind,
+args)}, the name of a L{PageWorker} method and its arguments, answered in
+order with C{("ok", value)} or C{("error", description)}.  It exits at the
+end of stdin.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sqlite3
 import struct
 import sys
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator, cast
+from urllib.parse import quote
 
 from twisted.internet.task import Clock
 
@@ -35,6 +39,8 @@ from chatweb.web._pages import indexLinks, mergeSessionIds, pageLinks
 from chatweb.web._share import ShareLinks
 
 _LENGTH = struct.Struct(">I")
+#: The file descriptor a worker writes its answers to.
+ANSWERS_FD = 3
 
 
 def readFrame(stream: BinaryIO) -> Any:
@@ -66,10 +72,13 @@ class PageWorker:
     """
 
     def __init__(self, path: str, shareSecret: bytes | None) -> None:
-        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Read only (the parent's writer is the database's one writer), and
+        # never a new, empty file in place of a missing one.
+        self._connection = sqlite3.connect(
+            f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None,
+            check_same_thread=False,
+        )
         self._connection.execute("PRAGMA busy_timeout=10000")
-        # It reads only; the parent's writer is the database's one writer.
-        self._connection.execute("PRAGMA query_only=ON")
         # The local backend's reads (and its cache of parsed messages), on
         # this process's own connection: it is given no database to write.
         self._backend = LocalBackend(cast(Any, None), cast(Any, None))
@@ -156,13 +165,14 @@ class PageWorker:
 
 
 def main() -> None:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    # Nothing but answers goes to the parent's pipe.
-    sys.stdout = sys.stderr
+    answers = os.fdopen(ANSWERS_FD, "wb")
+    stdin = sys.stdin.buffer
     config = readFrame(stdin)
     if config is None:
         return
     worker = PageWorker(config["path"], config["shareSecret"])
+    answers.write(frame(("ready", None)))
+    answers.flush()
     while True:
         request = readFrame(stdin)
         if request is None:
@@ -172,6 +182,5 @@ def main() -> None:
             answer: tuple[str, Any] = ("ok", getattr(worker, kind)(*args))
         except Exception as e:
             answer = ("error", f"{type(e).__name__}: {e}")
-        stdout.write(frame(answer))
-        stdout.flush()
-
+        answers.write(frame(answer))
+        answers.flush()

@@ -7,8 +7,11 @@ a mixed load (bench/table.py's stall row) the reactor's thread waited up
 to 11 ms at a time for it, doing about 1 ms of work, even with those
 threads at a lower priority.  A process holds a GIL of its own.  When the
 reactor is favoured (L{chatweb._priority.favourTheReactor}, as C{twistd
-chatweb} does) the workers run under Linux's C{SCHED_IDLE}: on a busy core
-they take only what the reactor leaves.
+chatweb} does) the workers run at nice +10, as the threads did: on a busy
+core the reactor's process gets it first.  (C{SCHED_IDLE} did a little
+better for the reactor, but starved pages whenever anything else on the
+machine was busy: seconds for a page beside a busy loop, against 0.2 s at
+nice +10.)
 """
 
 from __future__ import annotations
@@ -28,26 +31,40 @@ from twisted.python.failure import Failure
 
 import chatweb
 from chatweb import _priority
-from chatweb.web._pageworker import _LENGTH, frame
+from chatweb._priority import WORKER_NICENESS
+from chatweb.web._pageworker import _LENGTH, ANSWERS_FD, frame
 
 _log = Logger()
 
-#: A worker's program.  With "idle", it runs under SCHED_IDLE (Linux)
+#: A worker's program.  First, what the server's process must not share
+#: with it: the working directory as a place to import from (C{-c} puts it
+#: first on the path), and the signals a terminal or a service manager
+#: sends the whole process group (the server stops its workers itself,
+#: once they have answered).  With "lower", it runs at a lower priority
 #: from the start: importing what it needs takes about half a second of
 #: CPU, which the reactor's process should not wait for either.
-_BOOT = """\
-import os, sys
-if sys.argv[1:] == ["idle"] and hasattr(os, "SCHED_IDLE"):
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        pass
+_BOOT = f"""\
+import sys
+if sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+import os, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[1:] == ["lower"]:
+    os.nice({WORKER_NICENESS})
 from chatweb.web._pageworker import main
 main()
 """
 
+#: What a worker's environment keeps of the server's (no keys, no
+#: passwords: it needs none).
+_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
+
 #: Seconds a worker has to exit once told to, before it is killed.
 STOP_TIMEOUT = 5.0
+#: Seconds before a worker that exited before it was ready is started
+#: again: the first time, then twice as long each time, up to the last.
+RESTART_DELAYS = (0.5, 30.0)
 
 
 class WorkerFailed(Exception):
@@ -63,10 +80,14 @@ class _Worker(ProcessProtocol):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._errors = b""
+        self._output: dict[int, bytes] = {}
         #: The Deferreds of requests sent and not answered, oldest first.
         self.waiting: deque[Deferred[Any]] = deque()
         self.alive = True
+        #: It has said it can answer; C{readied} fires then (or when it
+        #: ends without).
+        self.ready = False
+        self.readied: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
 
     def send(self, value: Any) -> Deferred[Any]:
@@ -76,7 +97,13 @@ class _Worker(ProcessProtocol):
         self.transport.write(frame(value))
         return d
 
-    def outReceived(self, data: bytes) -> None:
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == ANSWERS_FD:
+            self._answers(data)
+        else:
+            self._printed(childFD, data)
+
+    def _answers(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         while len(buffer) >= _LENGTH.size:
@@ -86,16 +113,20 @@ class _Worker(ProcessProtocol):
             body = bytes(buffer[_LENGTH.size : _LENGTH.size + size])
             del buffer[: _LENGTH.size + size]
             status, value = pickle.loads(body)
+            if status == "ready":
+                self.ready = True
+                self.readied.callback(None)
+                continue
             d = self.waiting.popleft()
             if status == "ok":
                 d.callback(value)
             else:
                 d.errback(WorkerFailed(value))
 
-    def errReceived(self, data: bytes) -> None:
+    def _printed(self, childFD: int, data: bytes) -> None:
         # What it prints (a traceback, say), a line at a time.
-        self._errors += data
-        lines, _, self._errors = self._errors.rpartition(b"\n")
+        text = self._output.get(childFD, b"") + data
+        lines, _, self._output[childFD] = text.rpartition(b"\n")
         if lines:
             _log.warn(
                 "chatweb page worker: {output}",
@@ -113,13 +144,17 @@ class _Worker(ProcessProtocol):
             )
         for d in waiting:
             d.errback(WorkerFailed(f"the page worker exited: {reason.getErrorMessage()}"))
+        if not self.ready:
+            self.readied.callback(None)
         self.ended.callback(None)
 
 
 class PageWorkers:
     """
-    Up to C{processes} page workers over the SQLite database at C{path},
-    each started when first needed and started again if it exits.
+    Up to C{processes} page workers over the SQLite database at C{path}
+    (relative paths are taken from the working directory when a worker
+    starts, as the database's own are when it opens), started by L{start}
+    or at the first request, and started again if one exits.
 
     @ivar shareSecret: called when a worker starts: the secret it signs the
         index's share links with, or None (share links off).
@@ -136,60 +171,75 @@ class PageWorkers:
             raise ValueError("page workers need at least one process")
         self._reactor: IReactorProcess = reactor
         self._clock: IReactorTime = reactor
-        self.path = os.path.abspath(path)
+        self.path = path
         self.processes = processes
         self.shareSecret = shareSecret
         self._workers: list[_Worker] = []
         self._stopped = False
+        #: Workers in a row that exited before they were ready, and when
+        #: the next may start.
+        self._failedStarts = 0
+        self._nextStart = 0.0
 
-    def start(self) -> None:
+    def start(self) -> Deferred[None]:
         """
-        Start the workers now rather than at the first request.
+        Start the workers now rather than at the first request; fires once
+        each is ready (or has failed to start: see the log).
         """
         self._workers = [w for w in self._workers if w.alive]
         while not self._stopped and len(self._workers) < self.processes:
             self._start()
+        return DeferredList([w.readied for w in self._workers]).addCallback(lambda _: None)
 
     def run(self, kind: str, *args: Any) -> Deferred[Any]:
         """
         What a worker answers to C{kind} (a L{PageWorker} method) and
-        C{args}: the worker with the fewest requests waiting is asked.
+        C{args}: of the ready workers (those still starting if none is),
+        the one with the fewest requests waiting is asked.
         """
         if self._stopped:
             return fail(WorkerFailed("the page workers are stopped"))
         self._workers = [w for w in self._workers if w.alive]
-        if len(self._workers) < self.processes:
-            worker = self._start()
-        else:
-            worker = min(self._workers, key=lambda w: len(w.waiting))
-        return worker.send((kind, args))
+        if len(self._workers) < self.processes and self._clock.seconds() >= self._nextStart:
+            self._start()
+        if not self._workers:
+            return fail(WorkerFailed("no page worker could start; see the log"))
+        candidates = [w for w in self._workers if w.ready] or self._workers
+        return min(candidates, key=lambda w: len(w.waiting)).send((kind, args))
 
     def _start(self) -> _Worker:
         worker = _Worker()
         # The child imports the same chatweb as this process.
         home = os.path.dirname(os.path.dirname(os.path.abspath(chatweb.__file__)))
-        env = dict(os.environ)
+        env = {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ}
         env["PYTHONPATH"] = os.pathsep.join(
-            [home] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            [home] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         )
         self._reactor.spawnProcess(
             worker,
             sys.executable,
-            [sys.executable, "-c", _BOOT] + (["idle"] if _priority.favoured() else []),
+            [sys.executable, "-c", _BOOT] + (["lower"] if _priority.favoured() else []),
             env=env,
-            childFDs={0: "w", 1: "r", 2: "r"},
+            childFDs={0: "w", 1: "r", 2: "r", ANSWERS_FD: "r"},
         )
         assert worker.transport is not None
         worker.transport.write(
-            frame(
-                {
-                    "path": self.path,
-                    "shareSecret": self.shareSecret(),
-                }
-            )
+            frame({"path": os.path.abspath(self.path), "shareSecret": self.shareSecret()})
         )
+        worker.readied.addCallback(self._started, worker)
         self._workers.append(worker)
         return worker
+
+    def _started(self, _: None, worker: _Worker) -> None:
+        if worker.ready:
+            self._failedStarts = 0
+            return
+        # It could not start (a broken install, a missing database): not
+        # again at every request.
+        first, longest = RESTART_DELAYS
+        delay = min(longest, first * 2**self._failedStarts)
+        self._failedStarts += 1
+        self._nextStart = self._clock.seconds() + delay
 
     def stop(self) -> Deferred[None]:
         """
