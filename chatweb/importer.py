@@ -19,7 +19,6 @@ import json
 import os
 import stat
 import sys
-import unicodedata
 from typing import Any, Iterable, Iterator, Mapping
 
 from chatweb.model._values import Session

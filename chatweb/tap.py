@@ -77,7 +77,7 @@ class Options(usage.Options):
          " on a session lasts unless renewed (another instance takes the session"
          " over this long after the first dies).", None],
         ["interval", None, 5.0, "Seconds between sweeps of the queue.", None],
-        ["page-workers", None, 2, "Processes that read and render pages (the"
+        ["page-workers", None, 2, "Processes that read sessions and render pages (the"
          " SQLite default store); 0: threads of the server's own process do.", None],
         ["responder", None, "none", "What answers in a session of the default"
          f" backend: {' or '.join(RESPONDERS)}."],

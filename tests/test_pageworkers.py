@@ -6,6 +6,7 @@ process do, and a worker that dies costs a 503, not the server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -58,6 +59,7 @@ class PageWorkersTests(TestCase):
                 (
                     response.code,
                     response.headers.getRawHeaders(b"content-type"),
+                    response.headers.getRawHeaders(b"x-next-cursor"),
                     await response.content(),
                 )
             )
@@ -83,13 +85,27 @@ class PageWorkersTests(TestCase):
             ("/session?id=long&before=10", {}),
             ("/session?id=lost", {}),
             ("/session/raw?id=lost", {}),
+            # chat.nvim's session API
+            ("/sessions/ci", {}),
+            ("/sessions/lost", {}),
+            ("/sessions/nobody", {}),
+            ("/sessions/long/raw", {}),
+            ("/sessions/nobody/raw", {}),
+            ("/sessions?detail=1", {}),
+            ("/sessions?detail=1&limit=2", {}),
+            ("/sessions?detail=1&limit=2&cursor=ZGVwbG95", {}),
+            ("/messages?session=long&since=105", {}),
+            ("/messages?session=ci", {}),
+            ("/messages?session=nobody", {}),
         ]
         workers = api.pageWorkers
         self.assertIsNotNone(workers)
+        # What only the server's process knows: a session in progress.
+        adapter = chatweb.service.adapter
+        self.patch(adapter, "isBusy", lambda sessionId: sessionId == "ci")
         api.pageWorkers = None
         fromThreads = await self.answers(chatweb, paths)
         api.pageWorkers = workers
-        adapter = chatweb.service.adapter
         self.patch(adapter, "getSessionPage", fail)
         self.patch(adapter, "getSession", fail)
         self.patch(adapter, "listSessions", fail)
@@ -98,17 +114,25 @@ class PageWorkersTests(TestCase):
         def withoutTokens(answers):  # type: ignore[no-untyped-def]
             # Share tokens hold their expiry, in seconds: the two indexes
             # may be a second apart.
-            return [(c, t, re.sub(rb"token=[\w-]+", b"token=T", b)) for c, t, b in answers]
+            return [(c, t, n, re.sub(rb"token=[\w-]+", b"token=T", b)) for c, t, n, b in answers]
 
         self.assertEqual(withoutTokens(fromWorkers), withoutTokens(fromThreads))
-        codes = [code for code, _, _ in fromWorkers]
-        self.assertEqual(codes, [200, 404, 200, 200, 200, 404, 200, 200, 200, 200])
-        self.assertIn(b"<strong>passed</strong>", fromWorkers[0][2])
-        self.assertIn(b"failed in ci", fromWorkers[0][2])
-        self.assertEqual(fromWorkers[2][2], b'["ci", "deploy", "long", "lost"]')
-        self.assertIn(b"before=10", fromWorkers[6][2])
-        self.assertIn(b"failed in lost", fromWorkers[8][2])
-        self.assertIn(b"no session 'nobody'", fromWorkers[1][2])
+        codes = [code for code, _, _, _ in fromWorkers]
+        self.assertEqual(
+            codes, [200, 404, 200, 200, 200, 404, 200, 200, 200, 200]
+            + [200, 200, 404, 200, 404, 200, 200, 200, 200, 200, 404]
+        )
+        body = [b for _, _, _, b in fromWorkers]
+        self.assertIn(b"<strong>passed</strong>", body[0])
+        self.assertIn(b"failed in ci", body[0])
+        self.assertEqual(body[2], b'["ci", "deploy", "long", "lost"]')
+        self.assertIn(b"before=10", body[6])
+        self.assertIn(b"failed in lost", body[8])
+        self.assertIn(b'"in_progress": true', body[10])
+        self.assertEqual(fromWorkers[16][2], [b"ZGVwbG95"])  # "deploy", the cursor
+        self.assertEqual([d["id"] for d in json.loads(body[17])], ["long", "lost"])
+        self.assertEqual(len(json.loads(body[18])), 6)
+        self.assertIn(b"no session 'nobody'", body[1])
 
     async def test_listFollowsChanges(self) -> None:
         """
@@ -206,22 +230,23 @@ class PageWorkersTests(TestCase):
         """
         A page whose client went away holds its place until the worker
         answers: the worker prepares it anyway, so more requests than the
-        limit never pile up in the workers.
+        limit never pile up in the workers.  Nothing is logged as failed.
         """
         chatweb = await self.startWithMessages()
         api = chatweb.service.api
-        answer: Deferred[object] = Deferred()
-        self.patch(api.pageWorkers, "run", lambda kind, *args: answer)
-        request = chatweb.get("/session?id=ci")
-        while api._renders.tokens:
-            await deferLater(reactor, 0.01)
-        request.cancel()
-        with self.assertRaises(ResponseNeverReceived):
-            await request
-        await deferLater(reactor, 0.1)
-        self.assertEqual(api._renders.tokens, 0)
-        answer.callback("<html>late</html>")
-        self.assertEqual(api._renders.tokens, 1)
+        for path in ("/session?id=ci", "/messages?session=ci"):
+            answer: Deferred[object] = Deferred()
+            self.patch(api.pageWorkers, "run", lambda kind, *args: answer)
+            request = chatweb.get(path)
+            while api._renders.tokens:
+                await deferLater(reactor, 0.01)
+            request.cancel()
+            with self.assertRaises(ResponseNeverReceived):
+                await request
+            await deferLater(reactor, 0.1)
+            self.assertEqual(api._renders.tokens, 0)
+            answer.callback(b"late")
+            self.assertEqual(api._renders.tokens, 1)
 
 
 class PageWorkersUnitTests(TestCase):

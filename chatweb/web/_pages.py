@@ -276,16 +276,22 @@ class Pages:
     def inWorker(self, request: IRequest, kind: str, *args: Any) -> Any:
         """
         A Deferred: what the API's page workers answer to C{kind} (a
-        L{chatweb.web._pageworker.PageWorker} method) and C{args}; a request
-        at a time per worker, and the same 503 as L{inThread}.  A request
-        whose client goes away keeps its place until its worker answers:
-        the worker prepares it anyway.
+        L{chatweb.web._pageworker.PageWorker} method) and C{args}
+        (L{askWorker}); the same 503 as L{inThread} when too many wait.
         """
-        workers = self._api.pageWorkers
-        assert workers is not None
         busy = self._tooBusy(request)
         if busy is not None:
             return busy
+        return self.askWorker(kind, *args)
+
+    def askWorker(self, kind: str, *args: Any) -> Deferred[Any]:
+        """
+        What the API's page workers answer to C{kind} and C{args}, a request
+        at a time per worker.  A request whose client goes away keeps its
+        place until its worker answers: the worker prepares it anyway.
+        """
+        workers = self._api.pageWorkers
+        assert workers is not None
         renders = self._api._renders
         acquiring = renders.acquire()
         result: Deferred[Any] = Deferred(lambda _: acquiring.cancel())
@@ -319,6 +325,9 @@ class Pages:
         return failed
 
     def _tooBusy(self, request: IRequest) -> Deferred[bytes] | None:
+        """
+        A 503 error body if L{RENDER_WAITING} pages already wait, else None.
+        """
         if len(self._api._renders.waiting) >= RENDER_WAITING:
             request.setHeader(b"Retry-After", b"1")
             return succeed(

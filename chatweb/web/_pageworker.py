@@ -18,6 +18,7 @@ end of stdin.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 import json
 import os
 import pickle
@@ -32,6 +33,7 @@ from twisted.internet.task import Clock
 
 from chatweb.backends.local import LocalBackend
 from chatweb.model import FAILED, PENDING, Session, SessionPage
+from chatweb.sessions import SessionView, sessionDetail
 from chatweb.render._preview import PAGE_MESSAGES, renderIndex, renderSession
 from chatweb.store._journal import _failedSessions, _undelivered
 from chatweb.web._json import _exportJSON
@@ -150,14 +152,58 @@ class PageWorker:
         C{sessionId} as a chat.nvim session file, in JSON; None if there is
         no such session.
         """
+        session = self._session(sessionId)
+        return None if session is None else _exportJSON(session)
+
+    def messages(self, sessionId: str, since: int) -> bytes | None:
+        """
+        The messages of C{sessionId} from the C{since}-th (1-based) on, in
+        JSON (C{GET /messages}); None if there is no such session.
+        """
+        session = self._session(sessionId)
+        if session is None:
+            return None
+        chosen = session.messages[max(since - 1, 0) :]
+        return json.dumps([m.asDict() for m in chosen], ensure_ascii=False).encode("utf-8")
+
+    def detail(self, sessionId: str) -> dict[str, object] | None:
+        """
+        C{sessionId}'s detail (C{GET /sessions/{id}}) but C{in_progress},
+        which only the parent knows; None if there is no such session.
+        """
+        session = self._session(sessionId)
+        return None if session is None else sessionDetail(SessionView(session), False)
+
+    def details(
+        self, pending: list[str], limit: int, after: str | None
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """
+        The details (as L{detail}) of up to C{limit} sessions after
+        C{after}, in id order, and the last one's id if more follow
+        (C{GET /sessions?detail=1}).
+        """
+        with self._snapshot() as cursor:
+            every = self._sessionIds(cursor, pending)
+        if after is not None:
+            every = every[bisect_right(every, after) :]
+        page = []
+        for sessionId in every[:limit]:
+            session = self._session(sessionId)
+            if session is not None:
+                page.append(sessionDetail(SessionView(session), False))
+        return page, (every[limit - 1] if len(every) > limit else None)
+
+    def _session(self, sessionId: str) -> Session | None:
+        """
+        The session as L{chatweb.sessions.Sessions.get} reads it: an empty
+        one if it only has messages waiting or failed; None if neither.
+        """
         with self._snapshot() as cursor:
             waiting = _undelivered(cursor, sessionId)
             session = self._backend._getSessionParsedOnce(cursor, sessionId)
-        if session is None:
-            if not waiting:
-                return None
-            session = Session(id=sessionId)
-        return _exportJSON(session)
+        if session is None and waiting:
+            return Session(id=sessionId)
+        return session
 
     def _sessionIds(self, cursor: sqlite3.Cursor, pending: list[str]) -> list[str]:
         ids = self._backend._listSessionsOnce(cursor)

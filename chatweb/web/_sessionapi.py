@@ -22,7 +22,7 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
@@ -169,7 +169,9 @@ class SessionAPI:
             return answer.body
         if isinstance(result, Deferred):
 
-            def failed(failure: Any) -> bytes:
+            def failed(failure: Any) -> Any:
+                if failure.check(CancelledError):
+                    return failure  # its client went away
                 if failure.check(_Answer):
                     return failure.value.body
                 if failure.check(BadRequest):
@@ -235,11 +237,35 @@ class SessionAPI:
 
         return self._run(request, b"GET", work)
 
+    async def _fromWorker(self, request: IRequest, kind: str, *args: Any) -> Any:
+        """
+        What the page workers answer (chatweb/web/_workers.py): this
+        process does not read or encode the session.  Too many waiting: a
+        503; a session there is not: a 404.
+        """
+        pages = self._api._pages
+        busy = pages._tooBusy(request)
+        if busy is not None:
+            raise _Answer(await busy)
+        answer = await pages.askWorker(kind, *args)
+        if answer is None:
+            raise _Answer(_error(request, 404, f"no session {args[0]!r}"))
+        return answer
+
     async def _one(self, request: IRequest, sessionId: str) -> bytes:
+        if self._api.pageWorkers is not None:
+            detail = await self._fromWorker(request, "detail", sessionId)
+            detail["in_progress"] = self._inProgress(sessionId)
+            return _json(request, detail)
         view = await self._view(request, sessionId)
         return _json(request, self._detail(view))
 
     async def _raw(self, request: IRequest, sessionId: str) -> Any:
+        if self._api.pageWorkers is not None:
+            body = await self._fromWorker(request, "export", sessionId)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return body
         session = (await self._view(request, sessionId)).session
         if len(session.messages) <= EXPORT_INLINE_LIMIT and (
             sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
@@ -269,6 +295,14 @@ class SessionAPI:
         return self._run(request, b"GET", work)
 
     async def _page(self, request: IRequest, limit: int, after: str | None) -> bytes:
+        if self._api.pageWorkers is not None:
+            pending = sorted(self._queue.sessionsWithPending())
+            page, last = await self._fromWorker(request, "details", pending, limit, after)
+            for detail in page:
+                detail["in_progress"] = self._inProgress(str(detail["id"]))
+            if last is not None:
+                request.setHeader(b"X-Next-Cursor", _encodeCursor(last).encode())
+            return _json(request, page)
         ids = await self.sessions.ids()
         failed = await self._queue.journal.failedSessions()
         every = mergeSessionIds(ids, set(failed) | self._queue.sessionsWithPending())
@@ -309,6 +343,11 @@ class SessionAPI:
         return self._run(request, b"GET", work)
 
     async def _messages(self, request: IRequest, sessionId: str, since: int) -> bytes:
+        if self._api.pageWorkers is not None:
+            body: bytes = await self._fromWorker(request, "messages", sessionId, since)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return body
         view = await self._view(request, sessionId)
         start = max(since - 1, 0)
         return _json(request, [m.asDict() for m in view.session.messages[start:]])
