@@ -12,13 +12,14 @@ import re
 import signal
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web._newclient import ResponseNeverReceived
 
 from chatweb import _priority
 from chatweb.testing import startChatWeb
+from chatweb.web import _workers
 from chatweb.web._workers import PageWorkers, WorkerFailed
 
 #: chat.nvim's kinds of content, as a page shows them.
@@ -249,6 +250,45 @@ class PageWorkersTests(TestCase):
             self.assertEqual(api._renders.tokens, 1)
 
 
+    async def test_lightReadsDoNotWaitForPages(self) -> None:
+        """
+        While every worker prepares a page, the reads chat.nvim polls (a
+        session's messages and detail, the lists) are read by the server's
+        process, as without workers, rather than wait.
+        """
+        chatweb = await self.startWithMessages()
+        api = chatweb.service.api
+        page: Deferred[object] = Deferred()
+        run = api.pageWorkers.run
+        self.patch(api.pageWorkers, "run", lambda kind, *args: page)
+        slow = chatweb.get("/session?id=long")
+        while api._renders.tokens:
+            await deferLater(reactor, 0.01)
+        for path in ("/messages?session=ci", "/sessions/ci", "/sessions", "/sessions?detail=1"):
+            response = await chatweb.get(path).addTimeout(10, reactor)
+            self.assertEqual(response.code, 200, path)
+            await response.content()
+        self.patch(api.pageWorkers, "run", run)
+        page.callback("<html>the long page</html>")
+        self.assertEqual(await (await slow).text(), "<html>the long page</html>")
+
+    async def test_newSessionAnsweredWhatever(self) -> None:
+        """
+        POST /session/new answers with the new session's detail even when
+        the page workers cannot: it exists, and a retry would make another.
+        """
+        chatweb = await self.startWithMessages()
+        self.patch(
+            chatweb.service.api.pageWorkers, "run",
+            lambda kind, *args: fail(WorkerFailed("a worker's trouble")),
+        )
+        response = await chatweb.client.post(
+            chatweb.url + "/session/new", data=b"{}", headers=chatweb.headers
+        )
+        self.assertEqual(response.code, 200, await response.text())
+        self.assertEqual((await response.json())["message_count"], 0)
+
+
 class PageWorkersUnitTests(TestCase):
     def setUp(self) -> None:
         from chatweb.store._sqlite import SQLiteDatabase
@@ -319,6 +359,13 @@ class PageWorkersUnitTests(TestCase):
         os.chdir(os.path.dirname(self.path))
         await workers.start()
         self.assertEqual(await workers.run("ids", []), b"[]")
+        # One started again later opens the same file, wherever the
+        # program has gone since.
+        os.chdir(here)
+        (first,) = workers._workers
+        first.transport.signalProcess("KILL")
+        await first.ended
+        self.assertEqual(await workers.run("ids", []), b"[]")
 
     async def test_importsNothingFromTheWorkingDirectory(self) -> None:
         """
@@ -367,7 +414,7 @@ class PageWorkersUnitTests(TestCase):
             seen = f.read()
         self.assertNotIn(b"api-key-0123456789", seen)
         self.assertNotIn(b"PGPASSWORD", seen)
-        self.assertIn(b"PYTHONPATH=", seen)
+        self.assertIn(b"PATH=", seen)
 
     async def test_interruptIgnored(self) -> None:
         """
@@ -397,6 +444,42 @@ class PageWorkersUnitTests(TestCase):
         self.assertEqual((len(first.waiting), len(replacement.waiting)), (2, 0))
         for answer in answers:
             await answer
+
+    async def test_noProcessLeft(self) -> None:
+        """
+        When the system will not start a worker (no file descriptor or
+        process left), requests fail at once, and it is not tried again at
+        every request.
+        """
+        workers = self.workers()
+        await workers.start()
+        (worker,) = workers._workers
+        worker.transport.signalProcess("KILL")
+        await worker.ended
+        tried = []
+
+        def spawnProcess(*args: object, **kwargs: object) -> None:
+            tried.append(args)
+            raise OSError(24, "Too many open files")
+
+        self.patch(reactor, "spawnProcess", spawnProcess)
+        for n in range(3):
+            with self.assertRaises(WorkerFailed):
+                await workers.run("ids", [])
+        self.assertEqual(len(tried), 1)
+
+    async def test_neverReadyIsKilled(self) -> None:
+        """
+        A worker that is not ready in time is killed, as one that could not
+        start: start() does not wait for ever, nor do requests.
+        """
+        self.patch(_workers, "_BOOT", "import time; time.sleep(60)")
+        self.patch(_workers, "READY_TIMEOUT", 0.5)
+        workers = self.workers()
+        await workers.start().addTimeout(10, reactor)
+        self.assertEqual([w.alive for w in workers._workers], [False])
+        with self.assertRaises(WorkerFailed):
+            await workers.run("ids", [])
 
     async def test_stoppedRefuses(self) -> None:
         workers = self.workers()

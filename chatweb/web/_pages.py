@@ -306,10 +306,25 @@ class Pages:
                 result.callback(outcome)
 
         def acquired(_: object) -> None:
-            workers.run(kind, *args).addBoth(answered)
+            try:
+                asked = workers.run(kind, *args)
+            except Exception:
+                answered(Failure())
+            else:
+                asked.addBoth(answered)
 
         acquiring.addCallbacks(acquired, _cancelled)
         return result
+
+    def workerFree(self) -> bool:
+        """
+        Whether the page workers are on and one would take a request now.
+        Light reads (a list of ids, a session's detail or messages) go to
+        one only then: they must not wait behind long pages and exports
+        (chat.nvim polls them), so otherwise this process reads them, as
+        it does without workers.
+        """
+        return self._api.pageWorkers is not None and self._api._renders.tokens > 0
 
     def _workerFailed(self, request: IRequest) -> Callable[[Failure], Any]:
         """
@@ -370,7 +385,7 @@ class Pages:
         # is delivered meanwhile is then in one or the other.
         pending = set(api._queue.sessionsWithPending())
         workers = api.pageWorkers
-        if workers is not None:
+        if workers is not None and (html or self.workerFree()):
             # Read (and the index rendered) in another process.
             if html:
                 listing = self.inWorker(

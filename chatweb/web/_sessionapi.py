@@ -253,7 +253,7 @@ class SessionAPI:
         return answer
 
     async def _one(self, request: IRequest, sessionId: str) -> bytes:
-        if self._api.pageWorkers is not None:
+        if self._api._pages.workerFree():
             detail = await self._fromWorker(request, "detail", sessionId)
             detail["in_progress"] = self._inProgress(sessionId)
             return _json(request, detail)
@@ -295,7 +295,7 @@ class SessionAPI:
         return self._run(request, b"GET", work)
 
     async def _page(self, request: IRequest, limit: int, after: str | None) -> bytes:
-        if self._api.pageWorkers is not None:
+        if self._api._pages.workerFree():
             pending = sorted(self._queue.sessionsWithPending())
             page, last = await self._fromWorker(request, "details", pending, limit, after)
             for detail in page:
@@ -343,7 +343,7 @@ class SessionAPI:
         return self._run(request, b"GET", work)
 
     async def _messages(self, request: IRequest, sessionId: str, since: int) -> bytes:
-        if self._api.pageWorkers is not None:
+        if self._api._pages.workerFree():
             body: bytes = await self._fromWorker(request, "messages", sessionId, since)
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", b"no-store")
@@ -431,7 +431,10 @@ class SessionAPI:
 
     async def _create(self, request: IRequest, manager: Any, metadata: dict[str, Any]) -> bytes:
         sessionId = await manager.createSession(**metadata)
-        return await self._one(request, sessionId)
+        # Read here, not by a page worker: the session exists now, and its
+        # creator must not get a 503 for a worker's trouble (and retry).
+        view = await self._view(request, sessionId)
+        return _json(request, self._detail(view))
 
     def sessionAction(self, request: IRequest, method: bytes) -> Any:
         """

@@ -16,6 +16,7 @@ nice +10.)
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -47,21 +48,29 @@ _BOOT = f"""\
 import sys
 if sys.path and sys.path[0] in ("", "."):
     del sys.path[0]
-import os, signal
+import json, os, signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-if sys.argv[1:] == ["lower"]:
+if sys.argv[1] == "lower":
     os.nice({WORKER_NICENESS})
+sys.path[:] = json.loads(sys.argv[2])
 from chatweb.web._pageworker import main
 main()
 """
 
 #: What a worker's environment keeps of the server's (no keys, no
-#: passwords: it needs none).
-_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
+#: passwords: it needs none).  Its import path is the server's, given on
+#: its command line.
+_ENVIRONMENT = (
+    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT",
+    "PYTHONHOME", "LD_LIBRARY_PATH",
+)
 
 #: Seconds a worker has to exit once told to, before it is killed.
 STOP_TIMEOUT = 5.0
+#: Seconds a worker may take to be ready (to import what it needs and
+#: open the database) before it is killed, as one that could not start.
+READY_TIMEOUT = 60.0
 #: Seconds before a worker that exited before it was ready is started
 #: again: the first time, then twice as long each time, up to the last.
 RESTART_DELAYS = (0.5, 30.0)
@@ -180,6 +189,8 @@ class PageWorkers:
         #: the next may start.
         self._failedStarts = 0
         self._nextStart = 0.0
+        #: C{path} made absolute when the first worker starts.
+        self._path: str | None = None
 
     def start(self) -> Deferred[None]:
         """
@@ -188,7 +199,8 @@ class PageWorkers:
         """
         self._workers = [w for w in self._workers if w.alive]
         while not self._stopped and len(self._workers) < self.processes:
-            self._start()
+            if self._startOne() is None:
+                break
         return DeferredList([w.readied for w in self._workers]).addCallback(lambda _: None)
 
     def run(self, kind: str, *args: Any) -> Deferred[Any]:
@@ -201,31 +213,50 @@ class PageWorkers:
             return fail(WorkerFailed("the page workers are stopped"))
         self._workers = [w for w in self._workers if w.alive]
         if len(self._workers) < self.processes and self._clock.seconds() >= self._nextStart:
-            self._start()
+            self._startOne()
         if not self._workers:
             return fail(WorkerFailed("no page worker could start; see the log"))
         candidates = [w for w in self._workers if w.ready] or self._workers
         return min(candidates, key=lambda w: len(w.waiting)).send((kind, args))
 
+    def _startOne(self) -> _Worker | None:
+        """
+        A new worker; None if the system would not start one (no file
+        descriptor or process left, say), which counts as a failed start.
+        """
+        try:
+            return self._start()
+        except OSError as e:
+            _log.warn("chatweb cannot start a page worker: {error}", error=str(e))
+            self._failedStart()
+            return None
+
     def _start(self) -> _Worker:
         worker = _Worker()
-        # The child imports the same chatweb as this process.
+        if self._path is None:
+            # Once: a worker started again later opens the same file.
+            self._path = os.path.abspath(self.path)
+        # The child imports what this process imports, from where it does
+        # (but not from the working directory, unless chatweb came from it).
         home = os.path.dirname(os.path.dirname(os.path.abspath(chatweb.__file__)))
+        path = [entry for entry in sys.path if entry not in ("", ".")]
+        if home not in path:
+            path.insert(0, home)
         env = {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [home] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-        )
         self._reactor.spawnProcess(
             worker,
             sys.executable,
-            [sys.executable, "-c", _BOOT] + (["lower"] if _priority.favoured() else []),
+            [
+                sys.executable, "-c", _BOOT,
+                "lower" if _priority.favoured() else "normal", json.dumps(path),
+            ],
             env=env,
             childFDs={0: "w", 1: "r", 2: "r", ANSWERS_FD: "r"},
         )
         assert worker.transport is not None
-        worker.transport.write(
-            frame({"path": os.path.abspath(self.path), "shareSecret": self.shareSecret()})
-        )
+        worker.transport.write(frame({"path": self._path, "shareSecret": self.shareSecret()}))
+        tooLong = self._clock.callLater(READY_TIMEOUT, _kill, worker)
+        worker.readied.addCallback(_cancel, tooLong)
         worker.readied.addCallback(self._started, worker)
         self._workers.append(worker)
         return worker
@@ -233,7 +264,10 @@ class PageWorkers:
     def _started(self, _: None, worker: _Worker) -> None:
         if worker.ready:
             self._failedStarts = 0
-            return
+        else:
+            self._failedStart()
+
+    def _failedStart(self) -> None:
         # It could not start (a broken install, a missing database): not
         # again at every request.
         first, longest = RESTART_DELAYS
