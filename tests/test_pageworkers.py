@@ -30,7 +30,7 @@ MESSAGES = [
 ]
 
 
-def fail(*args: object) -> None:
+def readHere(*args: object) -> None:
     raise AssertionError("read in the server's own process")
 
 
@@ -107,9 +107,9 @@ class PageWorkersTests(TestCase):
         api.pageWorkers = None
         fromThreads = await self.answers(chatweb, paths)
         api.pageWorkers = workers
-        self.patch(adapter, "getSessionPage", fail)
-        self.patch(adapter, "getSession", fail)
-        self.patch(adapter, "listSessions", fail)
+        self.patch(adapter, "getSessionPage", readHere)
+        self.patch(adapter, "getSession", readHere)
+        self.patch(adapter, "listSessions", readHere)
         fromWorkers = await self.answers(chatweb, paths)
 
         def withoutTokens(answers):  # type: ignore[no-untyped-def]

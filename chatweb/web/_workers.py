@@ -161,9 +161,9 @@ class _Worker(ProcessProtocol):
 class PageWorkers:
     """
     Up to C{processes} page workers over the SQLite database at C{path}
-    (relative paths are taken from the working directory when a worker
-    starts, as the database's own are when it opens), started by L{start}
-    or at the first request, and started again if one exits.
+    (a relative path is taken from the working directory when the first
+    worker starts, as the database's own is when it opens), started by
+    L{start} or at the first request, and started again if one exits.
 
     @ivar shareSecret: called when a worker starts: the secret it signs the
         index's share links with, or None (share links off).
