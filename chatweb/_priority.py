@@ -47,7 +47,7 @@ def favourTheReactor() -> None:
 def favoured() -> bool:
     """
     Whether L{favourTheReactor} was called: page workers (other processes,
-    L{chatweb.web._workers}) then run only when the core is otherwise idle.
+    L{chatweb.web._workers}) then run at a lower priority too.
     """
     return _favoured
 

@@ -72,10 +72,10 @@ class ChatWebService(MultiService):
     application so that the queue runs.
 
     With C{pageWorkers=N} (C{twistd chatweb}'s default is 2), N child
-    processes read and render pages, the list of sessions and exports, so
-    that this work never holds the reactor's GIL (L{chatweb.web._workers});
-    only for the default backend on SQLite.  With 0 (the default here),
-    threads of this process do.
+    processes answer the requests that read sessions (pages, lists,
+    exports, details, messages), so that this work never holds the
+    reactor's GIL (L{chatweb.web._workers}); only for the default backend
+    on SQLite.  With 0 (the default here), threads of this process do.
 
     Pages for browsers are served only to the Host names in C{allowedHosts}
     (loopback names always), against DNS rebinding; share links are signed
