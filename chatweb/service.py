@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -209,11 +209,9 @@ class ChatWebService(MultiService):
             and not isinstance(self.database, PostgreSQLDatabase)
         ):
             # Pages read and rendered in other processes (another GIL).
-            self.api.pageWorkers = PageWorkers(
-                reactor, self.database.path, pageWorkers, lambda: self._shareSecret
+            self.api.usePageWorkers(
+                PageWorkers(reactor, self.database.path, pageWorkers, lambda: self._shareSecret)
             )
-            # A request at a time per worker (the others wait their turn).
-            self.api._renders = DeferredSemaphore(pageWorkers)
         # Live events and health (chatweb/web/_events.py, _health.py).
         self.api.live = EventStreams(self.events, self.journal, reactor)
         self.api.health = HealthCheck(self._health)

@@ -7,7 +7,7 @@ session from the three.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -43,6 +43,51 @@ class SessionView:
         return self.session.id
 
 
+def sessionView(
+    sessionId: str,
+    session: Session | None,
+    waiting: Sequence[QueuedMessage],
+    inFlight: int | None = None,
+) -> SessionView | None:
+    """
+    The L{SessionView} of C{sessionId} from what was read of it: its data
+    (None if it does not exist) and its undelivered messages in id order
+    (C{waiting}); None if it has neither.  (Also what a page worker,
+    L{chatweb.web._pageworker}, reads in another process.)
+    """
+    if session is None and not waiting:
+        return None
+    return SessionView(
+        session=session if session is not None else Session(id=sessionId),
+        queued=tuple(m for m in waiting if m.state == PENDING),
+        failed=tuple(m for m in waiting if m.state == FAILED),
+        inFlight=inFlight,
+    )
+
+
+def pageView(
+    sessionId: str,
+    page: SessionPage | None,
+    waiting: Sequence[QueuedMessage],
+    inFlight: int | None = None,
+) -> tuple[SessionPage, SessionView] | None:
+    """
+    As L{sessionView}, for the part of the session a page shows.
+    """
+    view = sessionView(sessionId, None if page is None else page.session, waiting, inFlight)
+    if view is None:
+        return None
+    return (page if page is not None else SessionPage.whole(view.session)), view
+
+
+def undelivered(view: SessionView) -> list[QueuedMessage]:
+    """
+    The messages of C{view} that a page shows after the others: queued and
+    failed, in id order.
+    """
+    return sorted(view.queued + view.failed, key=lambda m: m.id)
+
+
 class Sessions:
     """
     Sessions, their queued and failed messages, and what is in flight.
@@ -74,14 +119,7 @@ class Sessions:
         # lets it go), never in neither.
         waiting: list[QueuedMessage] = await self._journal.messages(sessionId)
         session = await self._adapter.getSession(sessionId)
-        if session is None and not waiting:
-            return None
-        return SessionView(
-            session=session if session is not None else Session(id=sessionId),
-            queued=tuple(m for m in waiting if m.state == PENDING),
-            failed=tuple(m for m in waiting if m.state == FAILED),
-            inFlight=self._queue.deliveringNow(sessionId),
-        )
+        return sessionView(sessionId, session, waiting, self._queue.deliveringNow(sessionId))
 
     def page(
         self, sessionId: str, before: int | None, around: int
@@ -109,16 +147,7 @@ class Sessions:
         else:
             session = await self._adapter.getSession(sessionId)
             page = None if session is None else SessionPage.whole(session)
-        if page is None:
-            if not waiting:
-                return None
-            page = SessionPage.whole(Session(id=sessionId))
-        return page, SessionView(
-            session=page.session,
-            queued=tuple(m for m in waiting if m.state == PENDING),
-            failed=tuple(m for m in waiting if m.state == FAILED),
-            inFlight=self._queue.deliveringNow(sessionId),
-        )
+        return pageView(sessionId, page, waiting, self._queue.deliveringNow(sessionId))
 
     def messages(self, sessionId: str, since: int = 0) -> Deferred[list[Message] | None]:
         """

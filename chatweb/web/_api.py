@@ -122,6 +122,14 @@ class ChatWebAPI:
         #: Failed authentications, per client address.
         self._authFailures = FailureThrottle(clock)
 
+    def usePageWorkers(self, workers: PageWorkers) -> None:
+        """
+        Read and render in C{workers}' processes from now on, a request at
+        a time per worker (the others wait their turn, as for threads).
+        """
+        self.pageWorkers = workers
+        self._renders = DeferredSemaphore(workers.processes)
+
     def useShareSecret(self, shareSecret: bytes) -> None:
         """
         Sign share links with C{shareSecret} from now on (for a service that

@@ -15,9 +15,17 @@ from chatweb.render._preview import pause
 
 
 def _json(request: IRequest, value: Any) -> bytes:
+    return _encodedJSON(request, json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+def _encodedJSON(request: IRequest, body: bytes) -> bytes:
+    """
+    C{body}, JSON already encoded (on a thread, by a page worker), as the
+    answer.
+    """
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return body
 
 
 def _exportJSON(session: Session) -> bytes:

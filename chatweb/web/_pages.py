@@ -41,9 +41,11 @@ from chatweb.render._preview import (
     renderSessionInline,
 )
 from chatweb.web._errors import _error
-from chatweb.web._json import _exportJSON, _json
+from chatweb.web._json import _encodedJSON, _exportJSON, _json
 from chatweb.web._messages import _readBody, _Refused
 from chatweb.web._validation import BadRequest, parseShareRequest
+
+from chatweb.sessions import undelivered
 
 if TYPE_CHECKING:
     from chatweb.sessions import SessionView
@@ -384,8 +386,7 @@ class Pages:
         # Taken before the adapter is asked: a session whose first message
         # is delivered meanwhile is then in one or the other.
         pending = set(api._queue.sessionsWithPending())
-        workers = api.pageWorkers
-        if workers is not None and (html or self.workerFree()):
+        if api.pageWorkers is not None and (html or self.workerFree()):
             # Read (and the index rendered) in another process.
             if html:
                 listing = self.inWorker(
@@ -393,9 +394,9 @@ class Pages:
                     linkLifetime, api._clock.seconds(),
                 ).addCallback(lambda page: _html(request, page))
             else:
-                request.setHeader(b"Content-Type", b"application/json")
-                request.setHeader(b"Cache-Control", b"no-store")
-                listing = self.inWorker(request, "ids", sorted(pending))
+                listing = self.inWorker(request, "ids", sorted(pending)).addCallback(
+                    lambda body: _encodedJSON(request, body)
+                )
             return listing.addErrback(self._workerFailed(request))
 
         def listed(results: list[Any]) -> bytes:
@@ -497,15 +498,12 @@ class Pages:
         if not isinstance(sessionId, str):
             return sessionId
 
-        workers = self._api.pageWorkers
-        if workers is not None:
+        if self._api.pageWorkers is not None:
             # Read and turned into JSON in another process.
             def exported(body: bytes | None) -> bytes:
                 if body is None:
                     return _error(request, 404, f"no session {sessionId!r}")
-                request.setHeader(b"Content-Type", b"application/json")
-                request.setHeader(b"Cache-Control", b"no-store")
-                return body
+                return _encodedJSON(request, body)
 
             return self.inWorker(request, "export", sessionId).addCallbacks(
                 exported, self._workerFailed(request)
@@ -518,9 +516,9 @@ class Pages:
                 sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
             ):
                 return _json(request, exportSession(session))
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Cache-Control", b"no-store")
-            return self.inThread(request, _exportJSON, session)
+            return self.inThread(request, _exportJSON, session).addCallback(
+                lambda body: _encodedJSON(request, body)
+            )
 
         return self._sessionExists(sessionId).addCallbacks(
             export, lambda f: self._api._unavailable(request, f)
@@ -547,8 +545,7 @@ class Pages:
             token = request.args[b"token"][0].decode("ascii")
         base = _sessionURL(request, sessionId, token)
         pageURL = pageLinks(base)
-        workers = api.pageWorkers
-        if workers is not None:
+        if api.pageWorkers is not None:
             # Read and rendered in another process (chatweb/web/_workers.py).
             def rendered(html: str | bytes | None) -> Any:
                 if html is None:
@@ -563,14 +560,14 @@ class Pages:
             if found is None:
                 return _error(request, 404, f"no session {sessionId!r}")
             part, view = found
-            undelivered = sorted(view.queued + view.failed, key=lambda m: m.id)
+            waiting = undelivered(view)
             start, end = pageBounds(_Window(part), before)
-            if not _heavy(part, undelivered, start, end):
-                html = renderSessionInline(part, undelivered, before, pageURL)
+            if not _heavy(part, waiting, start, end):
+                html = renderSessionInline(part, waiting, before, pageURL)
                 if html is not None:
                     return _html(request, html)
             # Other pages render off the reactor thread, a few at a time.
-            page = self.inThread(request, renderSession, part, undelivered, before, pageURL)
+            page = self.inThread(request, renderSession, part, waiting, before, pageURL)
             return page.addCallback(lambda html: _html(request, html))
 
         # Only the page's messages, and those of the next page (its link),

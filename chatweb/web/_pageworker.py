@@ -32,8 +32,8 @@ from urllib.parse import quote
 from twisted.internet.task import Clock
 
 from chatweb.backends.local import LocalBackend
-from chatweb.model import FAILED, PENDING, Session, SessionPage
-from chatweb.sessions import SessionView, sessionDetail
+from chatweb.model import Session
+from chatweb.sessions import SessionView, pageView, sessionDetail, sessionView, undelivered
 from chatweb.render._preview import PAGE_MESSAGES, renderIndex, renderSession
 from chatweb.store._journal import _failedSessions, _undelivered
 from chatweb.web._json import _exportJSON
@@ -106,12 +106,11 @@ class PageWorker:
         with self._snapshot() as cursor:
             waiting = _undelivered(cursor, sessionId)
             part = self._backend._getSessionPage(cursor, sessionId, before, PAGE_MESSAGES)
-        if part is None:
-            if not waiting:
-                return None
-            part = SessionPage.whole(Session(id=sessionId))
-        undelivered = [m for m in waiting if m.state in (PENDING, FAILED)]
-        return renderSession(part, undelivered, before, pageLinks(base))
+        found = pageView(sessionId, part, waiting)
+        if found is None:
+            return None
+        part, view = found
+        return renderSession(part, undelivered(view), before, pageLinks(base))
 
     def ids(self, pending: list[str]) -> bytes:
         """
@@ -201,9 +200,8 @@ class PageWorker:
         with self._snapshot() as cursor:
             waiting = _undelivered(cursor, sessionId)
             session = self._backend._getSessionParsedOnce(cursor, sessionId)
-        if session is None and waiting:
-            return Session(id=sessionId)
-        return session
+        view = sessionView(sessionId, session, waiting)
+        return None if view is None else view.session
 
     def _sessionIds(self, cursor: sqlite3.Cursor, pending: list[str]) -> list[str]:
         ids = self._backend._listSessionsOnce(cursor)

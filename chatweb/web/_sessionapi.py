@@ -30,7 +30,7 @@ from chatweb.interfaces import ISessionManager
 from chatweb.render._preview import messageSize
 from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
-from chatweb.web._json import _exportJSON, _json
+from chatweb.web._json import _encodedJSON, _exportJSON, _json
 from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
 from chatweb.web._pages import (
     EXPORT_INLINE_CHARACTERS,
@@ -257,23 +257,23 @@ class SessionAPI:
             detail = await self._fromWorker(request, "detail", sessionId)
             detail["in_progress"] = self._inProgress(sessionId)
             return _json(request, detail)
+        return await self._oneHere(request, sessionId)
+
+    async def _oneHere(self, request: IRequest, sessionId: str) -> bytes:
         view = await self._view(request, sessionId)
         return _json(request, self._detail(view))
 
     async def _raw(self, request: IRequest, sessionId: str) -> Any:
         if self._api.pageWorkers is not None:
-            body = await self._fromWorker(request, "export", sessionId)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Cache-Control", b"no-store")
-            return body
+            return _encodedJSON(request, await self._fromWorker(request, "export", sessionId))
         session = (await self._view(request, sessionId)).session
         if len(session.messages) <= EXPORT_INLINE_LIMIT and (
             sum(messageSize(m) for m in session.messages) <= EXPORT_INLINE_CHARACTERS
         ):
             return _json(request, exportSession(session))
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        return await self._api._pages.inThread(request, _exportJSON, session)
+        return _encodedJSON(
+            request, await self._api._pages.inThread(request, _exportJSON, session)
+        )
 
     def listDetailed(self, request: IRequest) -> Any:
         """
@@ -344,10 +344,8 @@ class SessionAPI:
 
     async def _messages(self, request: IRequest, sessionId: str, since: int) -> bytes:
         if self._api._pages.workerFree():
-            body: bytes = await self._fromWorker(request, "messages", sessionId, since)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Cache-Control", b"no-store")
-            return body
+            body = await self._fromWorker(request, "messages", sessionId, since)
+            return _encodedJSON(request, body)
         view = await self._view(request, sessionId)
         start = max(since - 1, 0)
         return _json(request, [m.asDict() for m in view.session.messages[start:]])
@@ -433,8 +431,7 @@ class SessionAPI:
         sessionId = await manager.createSession(**metadata)
         # Read here, not by a page worker: the session exists now, and its
         # creator must not get a 503 for a worker's trouble (and retry).
-        view = await self._view(request, sessionId)
-        return _json(request, self._detail(view))
+        return await self._oneHere(request, sessionId)
 
     def sessionAction(self, request: IRequest, method: bytes) -> Any:
         """

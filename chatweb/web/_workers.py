@@ -119,9 +119,11 @@ class _Worker(ProcessProtocol):
             (size,) = _LENGTH.unpack_from(buffer)
             if len(buffer) < _LENGTH.size + size:
                 return
-            body = bytes(buffer[_LENGTH.size : _LENGTH.size + size])
+            # Unpickled from the buffer itself: a large answer (an export)
+            # is copied once on the reactor's thread, not three times.
+            with memoryview(buffer) as view:
+                status, value = pickle.loads(view[_LENGTH.size : _LENGTH.size + size])
             del buffer[: _LENGTH.size + size]
-            status, value = pickle.loads(body)
             if status == "ready":
                 self.ready = True
                 self.readied.callback(None)
