@@ -75,10 +75,10 @@ class Activity:
     """
     What the database's sessions are doing, sampled every 20 ms from
     pg_stat_activity while the load runs: running a statement, waiting for
-    the write lock (the advisory lock that orders every instance's writes),
-    or idle inside a transaction (waiting for chatweb to send the next
-    statement); and the transactions committed (chatweb's writes: its reads
-    are rolled back).
+    a lock (the advisory locks of a session, or of the event log at a
+    write's commit), or idle inside a transaction (waiting for chatweb to
+    send the next statement); and the transactions committed (chatweb's
+    writes and reads).
     """
 
     def __init__(self, dsn: str, database: str) -> None:
@@ -108,7 +108,7 @@ class Activity:
             self.samples += 1
             for state, waitType, waitEvent in rows:
                 if waitType == "Lock" and waitEvent == "advisory":
-                    self.counts["waiting for the write lock"] += 1
+                    self.counts["waiting for a lock"] += 1
                 elif state == "active":
                     self.counts["running a statement"] += 1
                 elif state == "idle in transaction":
@@ -232,7 +232,7 @@ def main() -> None:
                   flush=True)
             states = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["states"].items()))  # type: ignore[attr-defined]
             print(f"    database sessions on average: {states};"
-                  f" {r['commits per request']:.2f} write transactions per request", flush=True)
+                  f" {r['commits per request']:.2f} transactions per request (writes and reads)", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from twisted.internet import reactor
@@ -32,6 +33,7 @@ from chatweb.store._postgresql import (
     redact,
     translate,
 )
+from chatweb.store._sqlite import firstArgument, sessionWrite
 from chatweb.tap import Options
 
 from . import test_recorded, test_sessionapi, test_storage
@@ -283,11 +285,14 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         second = await journal.append("s", "after", 2.0)
         self._terminateOthers()
         self.assertEqual(await journal.pending(), [first, second])
+        # Reads of one statement (no transaction) likewise.
+        self._terminateOthers()
+        self.assertEqual(len(await journal.eventsSince(0)), 2)
 
     async def test_writesSeeWhatTheLockHolderCommitted(self) -> None:
         """
         With the server's default isolation REPEATABLE READ, a write that
-        waited for the write lock still sees what the lock's holder
+        waited for a session's lock still sees what the lock's holder
         committed: a message stored while it waited is not overtaken.
         """
         import threading
@@ -306,12 +311,13 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
             await db.open(SCHEMA + LEASE_SCHEMA)
         entered, gate = threading.Event(), threading.Event()
 
-        def storeAndHold(cursor: Any) -> None:
-            _queued(cursor, "s", "first", 1.0, None)
+        @sessionWrite(firstArgument)
+        def storeAndHold(cursor: Any, session: str) -> None:
+            _queued(cursor, session, "first", 1.0, None)
             entered.set()
             gate.wait(10)
 
-        held = other.write(storeAndHold)
+        held = other.write(storeAndHold, "s")
         self.addCleanup(gate.set)
         await deferToThread(entered.wait, 10)
         backend = LocalBackend(mine, reactor)
@@ -332,6 +338,180 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         gate.set()
         await held
         self.assertEqual((await second).state, PENDING)
+
+
+class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
+    """
+    Instances write at once: a write waits only for those that change the
+    same sessions, and events are numbered in the order they commit.
+    """
+
+    async def holdWriteTo(self, session: str) -> tuple[Any, Deferred[Any]]:
+        """
+        Another instance's write that stores a message for C{session} and
+        waits, in its transaction, until the returned gate is set.
+        """
+        import threading
+
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA)
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        @sessionWrite(firstArgument)
+        def storeAndHold(cursor: Any, session: str) -> Any:
+            stored = _queued(cursor, session, "held", 1.0, None)
+            entered.set()
+            gate.wait(10)
+            return stored
+
+        held = other.write(storeAndHold, session)
+        await deferToThread(entered.wait, 10)
+        return gate, held
+
+    async def test_otherSessionsWrittenMeanwhile(self) -> None:
+        """
+        While one instance's write to a session is under way, another
+        instance's write to another session commits.
+        """
+        gate, held = await self.holdWriteTo("a")
+        journal = SQLiteJournal(self.db)
+        stored = await journal.append("b", "meanwhile", 2.0).addTimeout(5, reactor)
+        self.assertEqual(await journal.pending(), [stored])
+        gate.set()
+        await held
+
+    async def test_aSessionWrittenOneWriteAtATime(self) -> None:
+        """
+        Another instance's write to the same session waits for the one
+        under way: a session's messages are stored in the order they
+        commit.
+        """
+        import psycopg
+
+        gate, held = await self.holdWriteTo("a")
+        journal = SQLiteJournal(self.db)
+        behind = journal.append("a", "behind", 2.0)
+
+        def waitingForALock() -> bool:
+            with psycopg.connect(self.dsn, autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        for _ in range(200):
+            if await deferToThread(waitingForALock):
+                break
+        self.assertFalse(behind.called)
+        gate.set()
+        first, second = (await held)[0], await behind
+        self.assertEqual([m.id for m in await journal.pending()], [first.id, second.id])
+
+    async def test_eventsNumberedInCommitOrder(self) -> None:
+        """
+        A write that commits later has the larger event ids, whenever its
+        operations ran: a reader that saw event N finds no smaller id
+        committed afterwards.
+        """
+        gate, held = await self.holdWriteTo("a")
+        journal = SQLiteJournal(self.db)
+        early = await journal.append("b", "commits first", 2.0).addTimeout(5, reactor)
+        seen = await journal.eventsSince(0)
+        gate.set()
+        late = (await held)[0]
+        events = await journal.eventsSince(0)
+        self.assertEqual([(e.session, e.data["message"]) for e in events],
+                         [("b", early.id), ("a", late.id)])
+        self.assertEqual(seen, events[:1])
+
+    async def test_eventsOfAnUndoneOperationDropped(self) -> None:
+        """
+        When one operation of a group fails after recording an event, the
+        others' events are committed with their ids and its are not.
+        """
+
+        def failsAfterAnEvent(cursor: Any) -> None:
+            _queued(cursor, "failing", "undone", 1.0, None)
+            raise RuntimeError("fails after writing")
+
+        results = await self.db._runBatch([
+            (_queued, ("s", "first", 1.0, None)),
+            (failsAfterAnEvent, ()),
+            (_queued, ("s", "second", 2.0, None)),
+        ])
+        self.assertEqual([ok for ok, _ in results], [True, False, True])
+        (first, [firstEvent]), (second, [secondEvent]) = results[0][1], results[2][1]
+        events = await SQLiteJournal(self.db).eventsSince(0)
+        self.assertEqual(
+            [(e.id, e.data["message"]) for e in events],
+            [(firstEvent.id, first.id), (secondEvent.id, second.id)],
+        )
+
+    async def test_manyEventsInOneWrite(self) -> None:
+        """
+        A write that records thousands of events commits them all, and
+        its caller gets each with the id the event log gives it.
+        """
+        from chatweb.model import EventKind
+        from chatweb.store._journal import insertEvents
+
+        def recordMany(cursor: Any) -> Any:
+            return insertEvents(cursor, [
+                (EventKind.DELIVERY_TEXT, "s", 1.0, {"text": f"part {n}"}) for n in range(2500)
+            ])
+
+        returned = await self.db.write(recordMany)
+        logged = await SQLiteJournal(self.db).eventsSince(0, limit=5000)
+        self.assertEqual(len(logged), 2500)
+        # (Not assertEqual: its diff of 2,500 events takes minutes.)
+        wrong = [(r.id, l.id) for r, l in zip(returned, logged) if r != l]
+        self.assertEqual((len(returned), wrong[:3]), (2500, []))
+
+    def test_everyWriteToASessionLocksIt(self) -> None:
+        """
+        Every write that changes a session's messages, its place in the
+        queue or its lease takes that session's lock (and only its).
+        """
+        from chatweb.backends import local
+        from chatweb.store import _journal, _postgresql
+        from chatweb.store._postgresql import _beginWrite, sessionLockKey
+
+        delivery = Delivery(1, "s", "hello", 1.0)
+        writes = [
+            (_journal._queued, ("s", "x", 1.0, None)),
+            (_journal._queuedAndRecorded, ("s", "x", 1.0, None, lambda *a: [], None)),
+            (local._recordDelivery, (delivery, 1.0, True)),
+            (local._appendReplies, ("s", 1, [], 1.0, True)),
+            (local._deleteSession, ("s", 1.0, True)),
+            (local._clearSession, ("s", 1.0, True)),
+            (local._deleteMessage, ("s", 0, 1.0, True)),
+            (local._updateSession, ("s", "model", "m", 1.0, True)),
+            (local._withEvent, (local._importSession, True, None, Session("s"), False, 1.0)),
+            (_postgresql._claim, ("s", "me", 15.0)),
+            (_postgresql._renew, (["s"], "me", 15.0)),
+            (_postgresql._release, ("s", "me")),
+        ]
+        lock = f"pg_advisory_xact_lock({_postgresql.SESSION_LOCKS}, {sessionLockKey('s')})"
+        for operation, args in writes:
+            self.assertTrue(_beginWrite([(operation, args)]).endswith(f"SELECT {lock}"),
+                            operation.__name__)
+        self.assertNotIn("pg_advisory", _beginWrite([(_journal._markDelivered, (1, 1.0))]))
+
+    def test_sessionLocksTakenInOneOrder(self) -> None:
+        """
+        A write locks its sessions in the order of their keys, whatever
+        the order of its operations: two writes never each hold a lock the
+        other waits for.
+        """
+        from chatweb.store._postgresql import _beginWrite, sessionLockKey
+
+        forward = _beginWrite([(_queued, (s, "x", 1.0, None)) for s in "abcdef"])
+        backward = _beginWrite([(_queued, (s, "x", 1.0, None)) for s in "fedcba"])
+        self.assertEqual(forward, backward)
+        keys = [int(k) for k in re.findall(r"pg_advisory_xact_lock\(\d+, (-?\d+)\)", forward)]
+        self.assertEqual(keys, sorted(sessionLockKey(s) for s in "abcdef"))
 
 
 class PostgreSQLCollationTests(PostgreSQLStorageMixin, TestCase):
@@ -604,6 +784,35 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         self.assertEqual([e.id for e in seen], sorted(e.id for e in seen))
         self.assertEqual(seen[1 + kinds[1:].index("message.added")].data["message"]["content"],
                          "posted on B")
+
+    async def test_everyEventPublishedOnceInOrderOnEachInstance(self) -> None:
+        """
+        Messages posted at once through two instances: each instance's
+        subscribers get every event of both, once, in id order, as the
+        event log has them.
+        """
+        a, b = await self.startTwo(responder="echo")
+        before = await a.service.journal.eventsSince(0)
+        after = before[-1].id if before else 0
+        seen: dict[Any, list[int]] = {a: [], b: []}
+        for instance, ids in seen.items():
+            instance.service.events.subscribe(lambda e, ids=ids: ids.append(e.id))
+        responses = await gatherResults([
+            (a if n % 2 else b).post(f"order-{n % 5}", f"message {n}") for n in range(40)
+        ])
+        self.assertEqual({r.code for r in responses}, {204})
+
+        async def settled() -> bool:
+            events = await a.service.journal.eventsSince(after, limit=100000)
+            done = sum(e.kind.value == "delivery.done" for e in events)
+            return done == 40 and all(
+                ids and ids[-1] == events[-1].id for ids in seen.values()
+            )
+
+        await waitFor(settled)
+        logged = [e.id for e in await a.service.journal.eventsSince(after, limit=100000)]
+        self.assertEqual(seen[a], logged)
+        self.assertEqual(seen[b], logged)
 
     async def test_oneDeliveryInFlightPerSessionAcrossInstances(self) -> None:
         """

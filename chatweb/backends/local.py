@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +18,13 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from chatweb.errors import NoSuchMessage
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades
+from chatweb.store._sqlite import (
+    SESSION_WRITES,
+    SQLiteDatabase,
+    Upgrades,
+    firstArgument,
+    sessionWrite,
+)
 from chatweb.interfaces import IResponder, ISessionAdapter, ISessionManager
 from chatweb.store._journal import (
     EventRow,
@@ -101,6 +108,7 @@ def _ensureSession(cursor: sqlite3.Cursor, sessionId: str, created: float) -> No
     )
 
 
+@sessionWrite(firstArgument)
 def _recordDelivery(
     cursor: sqlite3.Cursor, delivery: Delivery, now: float, withEvents: bool
 ) -> tuple[bool, list[Event]]:
@@ -155,6 +163,7 @@ def _appendMessages(
     )
 
 
+@sessionWrite(firstArgument)
 def _appendReplies(
     cursor: sqlite3.Cursor,
     sessionId: str,
@@ -185,6 +194,7 @@ def _answered(cursor: sqlite3.Cursor, deliveryId: int) -> bool:
     return cursor.fetchone() is not None
 
 
+@sessionWrite(lambda args: [args[0].id])
 def _importSession(
     cursor: sqlite3.Cursor, session: Session, replace: bool, now: float
 ) -> bool:
@@ -227,6 +237,13 @@ def _createSession(
         candidate = f"{base}-{n}"
 
 
+def _wrappedSessions(args: tuple[Any, ...]) -> Sequence[str]:
+    operation, _, _, *rest = args
+    sessionsOf = SESSION_WRITES.get(operation)
+    return sessionsOf(tuple(rest)) if sessionsOf is not None else []
+
+
+@sessionWrite(_wrappedSessions)
 def _withEvent(
     cursor: sqlite3.Cursor,
     operation: Any,
@@ -261,6 +278,7 @@ def _changeEvent(
     return [insertEvent(cursor, kind, sessionId, now, data or {})]
 
 
+@sessionWrite(firstArgument)
 def _deleteSession(
     cursor: sqlite3.Cursor, sessionId: str, now: float, withEvents: bool
 ) -> tuple[bool, list[Event]]:
@@ -277,6 +295,7 @@ def _readMeta(cursor: sqlite3.Cursor, sessionId: str) -> dict[str, Any] | None:
     return None if row is None else dict(json.loads(row[0]))
 
 
+@sessionWrite(firstArgument)
 def _clearSession(
     cursor: sqlite3.Cursor, sessionId: str, now: float, withEvents: bool
 ) -> tuple[bool, list[Event]]:
@@ -295,6 +314,7 @@ def _clearSession(
     )
 
 
+@sessionWrite(firstArgument)
 def _deleteMessage(
     cursor: sqlite3.Cursor, sessionId: str, index: int, now: float, withEvents: bool
 ) -> tuple[bool, list[Event]]:
@@ -314,6 +334,7 @@ def _deleteMessage(
     )
 
 
+@sessionWrite(firstArgument)
 def _updateSession(
     cursor: sqlite3.Cursor,
     sessionId: str,

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades, firstArgument, sessionWrite
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
 from chatweb.model._values import (
@@ -248,6 +248,7 @@ def _pruneEvents(cursor: sqlite3.Cursor, before: float) -> tuple[int, list[Event
     return cursor.rowcount, []
 
 
+@sessionWrite(firstArgument)
 def _queued(
     cursor: sqlite3.Cursor,
     session: str,
@@ -281,6 +282,7 @@ Recorder = Callable[[Any, Delivery, float], "list[EventRow]"]
 Guard = Callable[[Any, str], bool]
 
 
+@sessionWrite(firstArgument)
 def _queuedAndRecorded(
     cursor: sqlite3.Cursor,
     session: str,
@@ -577,7 +579,7 @@ class SQLiteJournal:
     def eventsSince(
         self, afterId: int, session: str | None = None, limit: int = 1000
     ) -> Deferred:
-        return self._db.read(_eventsSince, afterId, session, limit)
+        return self._db.readStatement(_eventsSince, afterId, session, limit)
 
     def pruneEvents(self, before: float) -> Deferred:
         return self._write(_pruneEvents, before)

@@ -18,16 +18,25 @@ read-only transaction with COMMIT, since psycopg forgets a connection's
 prepared statements at every ROLLBACK; and a pooled connection is checked
 with a round trip only when it has been idle a while (L{IDLE_CHECK}).
 
-Every write transaction first takes one transaction-scoped advisory lock,
-so writes from all instances commit one at a time, in id order: a reader
-that has seen event (or message) id N never later finds a smaller id
-committed (the event streams and the queue rely on that).  Writes still go
-in groups (one transaction, one fsync for many), as on SQLite.
+Instances write at once, each in groups (one transaction, one fsync for
+many), as on SQLite.  Two kinds of transaction-scoped advisory lock keep
+what must stay in order:
+- each session's (L{sessionLockKey}), taken at a write's start for every
+  session its operations change (L{SESSION_WRITES}), all in one order so
+  that no two writes wait for each other: what a session holds (its
+  queued messages, its records, its lease) changes one write at a time,
+  and its rows are numbered in the order they commit;
+- the event log's (L{EVENTS_LOCK}), taken only to commit: a write's events
+  are kept aside while its operations run and inserted at its end, with
+  the lock held to the COMMIT, so event ids are given in commit order: a
+  reader that has seen event id N never later finds a smaller one
+  committed (the event streams rely on that).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import uuid
 import weakref
@@ -36,6 +45,7 @@ from time import monotonic
 from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.threads import deferToThreadPool
@@ -44,13 +54,17 @@ from twisted.python.threadpool import ThreadPool
 
 from chatweb._priority import asWorker
 from chatweb.model import PENDING
+from chatweb.model._values import Event
 from chatweb.store._journal import OPEN
 from chatweb.store._sqlite import (
+    SESSION_WRITES,
     SQLiteDatabase,
     Upgrades,
     applySchema,
     applyUpgrades,
+    firstArgument,
     runOperations,
+    sessionWrite,
 )
 
 _log = Logger()
@@ -58,9 +72,14 @@ _log = Logger()
 Operation = Callable[..., Any]
 
 #: pg_advisory_lock keys: the schema (held while it is made or upgraded, so
-#: instances starting at once take turns) and the writes.
+#: instances starting at once take turns) and the event log (held from a
+#: write's events' INSERT to its COMMIT).
 SCHEMA_LOCK = 0x63687765_0001
-WRITE_LOCK = 0x63687765_0002
+EVENTS_LOCK = 0x63687765_0002
+
+#: The first of the two keys of each session's lock (the second is
+#: L{sessionLockKey}'s): a space of its own, apart from the keys above.
+SESSION_LOCKS = 0x63687765
 
 #: Seconds a pooled connection may sit idle and still be used without a
 #: check (a round trip) first: one just used is alive, or it fails at the
@@ -71,14 +90,18 @@ IDLE_CHECK = 1.0
 
 #: How write and read transactions begin.  Writes read what others
 #: committed up to each statement (READ COMMITTED, whatever the server's
-#: default): taken before the write lock is granted, a snapshot would miss
-#: what the lock's last holder committed (see L{_deliverableHere}).
+#: default): taken before a session's lock is granted, a snapshot would
+#: miss what the lock's last holder committed (see L{_deliverableHere}).
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
-#: A write transaction's start, in one round trip (several statements and
-#: no parameters: sent as one simple query); its end likewise (L{_end}).
-_BEGIN_AND_LOCK = f"{BEGIN_WRITE}; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+#: The statement of chatweb's that records events (the journal's
+#: C{_insertEvent(s)}): kept aside by a write's cursor (L{TranslatingCursor}).
+_EVENTS_INSERT = "INSERT INTO events (kind, session, time, data) VALUES"
+
+#: Most events in one INSERT at a write's end.
+_EVENTS_PER_INSERT = 1000
+
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
@@ -154,6 +177,20 @@ def translate(sql: str, returning: bool = True) -> tuple[str, str | None]:
     return sql.replace("%", "%%").replace("?", "%s"), key
 
 
+@functools.lru_cache(maxsize=512)
+def _recordsEvents(sql: str) -> bool:
+    """
+    Whether C{sql} inserts into the event log; it must be the journal's
+    statement (L{_EVENTS_INSERT}), whose rows a write keeps aside.
+    """
+    match = _INSERT.match(sql)
+    if match is None or match.group(1) != "events":
+        return False
+    if not sql.startswith(_EVENTS_INSERT):
+        raise ValueError(f"events are recorded with {_EVENTS_INSERT} only")
+    return True
+
+
 def _encode(value: Any) -> Any:
     # PostgreSQL text cannot hold U+0000: it is kept as U+FFFE U+0001, and
     # U+FFFE itself as U+FFFE U+0002, so every string comes back as stored.
@@ -178,15 +215,57 @@ class TranslatingCursor:
     """
     A psycopg cursor that takes chatweb's SQLite statements (see
     L{translate}), and offers C{lastrowid} as sqlite3's cursor does.
+
+    A write's cursor (C{keepEvents}) keeps the events its operations
+    record in L{events}, each with an id for the time being, for the write
+    to insert at its end (L{PostgreSQLDatabase._batchInThread}); it keeps
+    what savepoints undo in step with them.
     """
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, cursor: Any, keepEvents: bool = False) -> None:
         self._cursor = cursor
         self.lastrowid: int | None = None
         #: The keys of every row the last INSERT added, or None.
         self.insertedIds: list[int] | None = None
+        #: The events kept aside: their ids for now (negative, increasing),
+        #: and their rows (kind, session, time, data), in order.
+        self.events: list[tuple[int, list[Any]]] | None = [] if keepEvents else None
+        self._savepoints: list[int] = []
+        self._nextId = -(1 << 62)
+
+    def forgetEvents(self) -> None:
+        """
+        The transaction was rolled back: so are the events kept aside.
+        """
+        if self.events is not None:
+            self.events.clear()
+            self._savepoints.clear()
+
+    def _keepEvents(self, params: Sequence[Any]) -> None:
+        assert self.events is not None
+        ids = []
+        for i in range(0, len(params), 4):
+            self._nextId += 1
+            ids.append(self._nextId)
+            self.events.append((self._nextId, [_encode(p) for p in params[i:i + 4]]))
+        self.insertedIds = ids
+        self.lastrowid = ids[-1] if ids else None
+
+    def _savepoint(self, sql: str) -> None:
+        assert self.events is not None
+        if sql.startswith("SAVEPOINT "):
+            self._savepoints.append(len(self.events))
+        elif sql.startswith("ROLLBACK TO ") and self._savepoints:
+            del self.events[self._savepoints[-1]:]
+        elif sql.startswith("RELEASE ") and self._savepoints:
+            self._savepoints.pop()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "TranslatingCursor":
+        if self.events is not None:
+            if _recordsEvents(sql):
+                self._keepEvents(params)
+                return self
+            self._savepoint(sql)
         statement, key = translate(sql)
         self._cursor.execute(statement, [_encode(p) for p in params])
         self.lastrowid = self.insertedIds = None
@@ -371,25 +450,70 @@ class PostgreSQLDatabase(SQLiteDatabase):
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
+        begin = _beginWrite(batch)
         connection = self._connectedWriter()
-        if not _began(connection, _BEGIN_AND_LOCK):
+        if not _began(connection, begin):
             connection = self._connectedWriter()
-            connection.execute(_BEGIN_AND_LOCK)
+            connection.execute(begin)
         raw = connection.cursor()
-        cursor = TranslatingCursor(raw)
+        cursor = TranslatingCursor(raw, keepEvents=True)
 
         def again() -> None:
             raw.execute("ROLLBACK")
-            raw.execute(_BEGIN_AND_LOCK)
+            cursor.forgetEvents()
+            raw.execute(begin)
 
         try:
-            results = runOperations(raw.execute, cursor, batch, again)
-            raw.execute(self._end())
+            results = runOperations(cursor.execute, cursor, batch, again)
+            assert cursor.events is not None
+            if cursor.events:
+                ids = self._commitWithEvents(connection, cursor.events)
+                results = _withIds(results, dict(zip((i for i, _ in cursor.events), ids)))
+            else:
+                raw.execute(self._end())
         except BaseException:
             if not connection.closed:
                 connection.rollback()
             raise
         return results
+
+    def _commitWithEvents(
+        self, connection: Any, events: list[tuple[int, list[Any]]]
+    ) -> list[int]:
+        """
+        Insert a write's C{events} (kept aside while it ran) and commit,
+        holding L{EVENTS_LOCK} from the INSERT to the COMMIT, in one round
+        trip; the events' ids, in order.
+        """
+        import psycopg
+
+        # One simple query (several statements), so its values are bound
+        # here (psycopg quotes them).  Not a pipeline: psycopg polls for a
+        # pipeline's results holding the GIL.
+        binder = psycopg.ClientCursor(connection)
+        inserts = [
+            binder.mogrify(
+                "INSERT INTO events (kind, session, time, data) VALUES "
+                + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
+                + " RETURNING id",
+                [v for _, row in rows for v in row],
+            )
+            for rows in (
+                events[start:start + _EVENTS_PER_INSERT]
+                for start in range(0, len(events), _EVENTS_PER_INSERT)
+            )
+        ]
+        cursor = connection.cursor()
+        cursor.execute("; ".join([
+            f"SELECT pg_advisory_xact_lock({EVENTS_LOCK})", *inserts, self._end()
+        ]))
+        ids: list[int] = []
+        for _ in inserts:
+            cursor.nextset()
+            ids.extend(row[0] for row in cursor.fetchall())
+        # One statement's rows are numbered in order, and no other write
+        # numbers events while the lock is held.
+        return sorted(ids)
 
     def _runRead(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
         return self._inThread(self._readThreads, self._readInThread, operation, args)
@@ -404,6 +528,31 @@ class PostgreSQLDatabase(SQLiteDatabase):
         with self._pool.connection() as connection:
             connection.execute(BEGIN_READ)
             return self._readOn(connection, operation, args)
+
+    def _runReadStatement(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
+        return self._inThread(self._readThreads, self._readStatementInThread, operation, args)
+
+    def _readStatementInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
+        import psycopg
+
+        asWorker()
+        with self._pool.connection() as connection:
+            try:
+                return self._statementOn(connection, operation, args)
+            except psycopg.OperationalError:
+                # Closed since it was last used (a restart): nothing ran,
+                # and the read goes on another.
+                if not connection.closed:
+                    raise
+        # (The pool drops the closed one.)
+        with self._pool.connection() as connection:
+            return self._statementOn(connection, operation, args)
+
+    def _statementOn(self, connection: Any, operation: Operation, args: tuple[Any, ...]) -> Any:
+        # Autocommit: the statement is a transaction of its own.
+        result = operation(TranslatingCursor(connection.cursor()), *args)
+        self._returned[connection] = monotonic()
+        return result
 
     def _readOn(self, connection: Any, operation: Operation, args: tuple[Any, ...]) -> Any:
         try:
@@ -426,6 +575,50 @@ class PostgreSQLDatabase(SQLiteDatabase):
             self._pool.close()
         if self._writerConnection is not None:
             self._writerConnection.close()
+
+
+def sessionLockKey(session: str) -> int:
+    """
+    The second key of C{session}'s lock (see L{SESSION_LOCKS}): the same in
+    every instance.  Two sessions may share one; they then take turns.
+    """
+    digest = hashlib.blake2b(
+        session.encode("utf-8", "surrogatepass"), digest_size=4
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _beginWrite(batch: Sequence[tuple[Operation, tuple[Any, ...]]]) -> str:
+    """
+    The start of C{batch}'s transaction (one round trip): BEGIN, and the
+    lock of every session its operations change, in the order of their
+    keys, so that two writes never each hold a lock the other waits for.
+    """
+    keys = sorted({
+        sessionLockKey(session)
+        for operation, args in batch
+        if (sessionsOf := SESSION_WRITES.get(operation)) is not None
+        for session in sessionsOf(args)
+    })
+    if not keys:
+        return BEGIN_WRITE
+    # A target list's functions run in order, left to right.
+    locks = ", ".join(f"pg_advisory_xact_lock({SESSION_LOCKS}, {key})" for key in keys)
+    return f"{BEGIN_WRITE}; SELECT {locks}"
+
+
+def _withIds(value: Any, ids: dict[int, int]) -> Any:
+    """
+    C{value} (a write's results) with each event kept aside given its id
+    (C{ids}: from the one it had for now).
+    """
+    if isinstance(value, Event):
+        return attrs.evolve(value, id=ids[value.id]) if value.id in ids else value
+    if type(value) is tuple:
+        return tuple(_withIds(v, ids) for v in value)
+    if type(value) is list:
+        return [_withIds(v, ids) for v in value]
+    return value
 
 
 def _began(connection: Any, begin: str) -> bool:
@@ -461,6 +654,7 @@ LEASE_SCHEMA: list[str | Upgrades] = [
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
+@sessionWrite(firstArgument)
 def _claim(cursor: Any, session: str, owner: str, ttl: float) -> bool:
     cursor.execute(
         "INSERT INTO leases (session, owner, expires)"
@@ -473,6 +667,7 @@ def _claim(cursor: Any, session: str, owner: str, ttl: float) -> bool:
     return cursor.rowcount == 1
 
 
+@sessionWrite(lambda args: args[0])
 def _renew(cursor: Any, sessions: list[str], owner: str, ttl: float) -> int:
     renewed = 0
     for session in sessions:
@@ -484,13 +679,15 @@ def _renew(cursor: Any, sessions: list[str], owner: str, ttl: float) -> int:
     return renewed
 
 
+@sessionWrite(firstArgument)
 def _release(cursor: Any, session: str, owner: str) -> None:
     cursor.execute("DELETE FROM leases WHERE session = ? AND owner = ?", (session, owner))
 
 
 def _deliverableHere(cursor: Any, session: str) -> bool:
-    # In a write, so under WRITE_LOCK: no other instance can claim the
-    # session or store a message of it until this commits.
+    # In a write that holds the session's lock (see SESSION_WRITES): no
+    # other instance can claim the session or store a message of it until
+    # this commits.
     cursor.execute(
         f"SELECT EXISTS (SELECT 1 FROM leases WHERE session = ? AND expires >= {_NOW})"
         f" OR EXISTS (SELECT 1 FROM queue WHERE session = ? AND {OPEN} AND state = ?)",
@@ -546,9 +743,10 @@ class SharedEvents:
     """
     Publishes every event committed by any instance, in id order, to this
     instance's hub: its own (told by the journal) and the others' (told by
-    LISTEN/NOTIFY), each read back from the events table, so none is
-    skipped or published twice (writes commit in id order: see
-    L{WRITE_LOCK}).
+    LISTEN/NOTIFY), read back from the events table after the last one
+    published, so none is skipped or published twice (events are committed
+    in id order: see L{EVENTS_LOCK}).  One of its own that comes right
+    after the last one published needs no reading back.
     """
 
     def __init__(
@@ -569,6 +767,7 @@ class SharedEvents:
         self.lastId = 0
         self._reading = False
         self._again = False
+        self._scheduled = False
         self._listening = False
 
     def start(self) -> Deferred[None]:
@@ -603,23 +802,47 @@ class SharedEvents:
                 self._reactor.callFromThread(self.onChange)
                 while self._listening:
                     for notice in connection.notifies(timeout=0.5, stop_after=1):
-                        self._reactor.callFromThread(self.changed)
-                        # This instance's own commits free no other's lease.
+                        # This instance's own commits are told by its
+                        # journal, and free no other's lease.
                         if notice.payload != self._db.instance:
+                            self._reactor.callFromThread(self.changed)
                             self._reactor.callFromThread(self.onChange)
             except Exception:
                 time.sleep(0.2)
             finally:
                 connection.close()
 
-    def changed(self, _: object = None) -> None:
+    def changed(self, event: object = None) -> None:
         """
-        Something was committed: publish what is new.
+        Something was committed (by this instance: C{event}, told by its
+        journal): publish what is new.  An event of this instance's that
+        comes right after the last one published is published as it is;
+        otherwise what is new is read (once the reactor is done with the
+        write that called: the journal calls once for each of a write's
+        events).
         """
         if not self._listening:
             return  # stopped (or not started): the database may be closed
+        if (
+            isinstance(event, Event)
+            and event.id == self.lastId + 1
+            and not (self._reading or self._scheduled)
+        ):
+            # Event ids are given in commit order (EVENTS_LOCK): nothing
+            # committed by another instance can come before it.
+            self.lastId = event.id
+            self._publish(event)
+            return
         if self._reading:
             self._again = True
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self._readNew)
+
+    def _readNew(self) -> None:
+        self._scheduled = False
+        if not self._listening:
             return
         self._reading = True
         self._again = False

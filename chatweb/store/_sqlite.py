@@ -153,6 +153,40 @@ def runOperations(
     return results
 
 
+#: The operations that change one or more sessions' messages or their place
+#: in the queue, each with the function of its arguments that names those
+#: sessions.  Where writers run at once (PostgreSQL, several instances),
+#: a transaction takes a lock on each of its batch's sessions before
+#: anything else, in one order (see L{chatweb.store._postgresql}): what one
+#: session holds keeps the order it was committed in.  SQLite has one
+#: writer and needs none of it.
+SESSION_WRITES: dict[Operation, Callable[[tuple[Any, ...]], Sequence[str]]] = {}
+
+
+def sessionWrite(
+    sessionsOf: Callable[[tuple[Any, ...]], Sequence[str]],
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """
+    Record an operation in L{SESSION_WRITES}: C{sessionsOf(args)} names the
+    sessions it changes (C{args}: its arguments after the cursor).
+    """
+
+    def record(operation: Callable[..., T]) -> Callable[..., T]:
+        SESSION_WRITES[operation] = sessionsOf
+        return operation
+
+    return record
+
+
+def firstArgument(args: tuple[Any, ...]) -> Sequence[str]:
+    """
+    For L{sessionWrite}: the session of an operation whose first argument
+    is a session id, or has one (C{.session}).
+    """
+    first = args[0]
+    return [first if isinstance(first, str) else first.session]
+
+
 def _runBatch(
     connection: sqlite3.Connection, batch: Sequence[tuple[Operation, tuple[Any, ...]]]
 ) -> list[tuple[bool, Any]]:
@@ -326,13 +360,32 @@ class SQLiteDatabase:
         """
         Run C{operation(cursor, *args)} on a reader thread, in one snapshot.
         """
+        return self._read(self._runRead, operation, args)
+
+    def readStatement(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        L{read}, for an C{operation} of one statement (which sees one
+        snapshot by itself): on PostgreSQL, one round trip instead of three
+        (no transaction around it).
+        """
+        return self._read(self._runReadStatement, operation, args)
+
+    def _runReadStatement(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
+        return self._runRead(operation, args)
+
+    def _read(
+        self,
+        runner: Callable[[Operation, tuple[Any, ...]], Deferred[Any]],
+        operation: Callable[..., T],
+        args: tuple[Any, ...],
+    ) -> Deferred[T]:
         if self._closed:
             return fail(DatabaseClosed())
 
         def run(_: None) -> Deferred[T]:
             if self._closed:
                 raise DatabaseClosed()
-            return self._runRead(operation, args)
+            return runner(operation, args)
 
         self._reading += 1
         return self._whenOpen().addCallback(run).addBoth(self._readDone)
