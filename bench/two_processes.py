@@ -75,9 +75,9 @@ class Activity:
     """
     What the database's sessions are doing, sampled every 20 ms from
     pg_stat_activity while the load runs: running a statement, waiting for
-    a lock (the advisory locks of a session, or of the event log at a
-    write's commit), or idle inside a transaction (waiting for chatweb to
-    send the next statement); and the transactions committed (chatweb's
+    an advisory lock (a session's, or the event log's at a write's commit)
+    or for a row's lock, or idle inside a transaction (waiting for chatweb
+    to send the next statement); and the transactions committed (chatweb's
     writes and reads).
     """
 
@@ -108,7 +108,9 @@ class Activity:
             self.samples += 1
             for state, waitType, waitEvent in rows:
                 if waitType == "Lock" and waitEvent == "advisory":
-                    self.counts["waiting for a lock"] += 1
+                    self.counts["waiting for an advisory lock"] += 1
+                elif waitType == "Lock":
+                    self.counts["waiting for a row's lock"] += 1
                 elif state == "active":
                     self.counts["running a statement"] += 1
                 elif state == "idle in transaction":

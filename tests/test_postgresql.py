@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -409,6 +410,90 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
         first, second = (await held)[0], await behind
         self.assertEqual([m.id for m in await journal.pending()], [first.id, second.id])
 
+    async def test_oneIdempotencyKeyAcrossInstances(self) -> None:
+        """
+        Two instances storing messages with the same idempotency key for
+        different sessions at once: the second waits for the first, and
+        is refused as a conflict.
+        """
+        import threading
+
+        from chatweb.errors import IdempotencyConflict
+        from chatweb.store._journal import _storedIn
+
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA)
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        @sessionWrite(_storedIn)
+        def storeAndHold(cursor: Any, *args: Any) -> Any:
+            stored = _queued(cursor, *args)
+            entered.set()
+            gate.wait(10)
+            return stored
+
+        held = other.write(storeAndHold, "a", "first", 1.0, "key-1")
+        await deferToThread(entered.wait, 10)
+        journal = SQLiteJournal(self.db)
+        second = journal.append("b", "second", 2.0, "key-1")
+        for _ in range(100):
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(second.called)
+        gate.set()
+        first = (await held)[0]
+        with self.assertRaises(IdempotencyConflict):
+            await second
+        self.assertEqual(await journal.pending(), [first])
+
+    async def test_discardAfterAnotherInstanceDelivered(self) -> None:
+        """
+        A message discarded through one instance while another records
+        its delivery: once that commits, the discard is refused (the
+        message was delivered), and the message stays delivered.
+        """
+        import threading
+
+        import psycopg
+
+        from chatweb.errors import WrongState
+        from chatweb.store._journal import _markDelivered
+
+        journal = SQLiteJournal(self.db)
+        message = await journal.append("s", "hello", 1.0)
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA)
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        def deliverAndHold(cursor: Any) -> Any:
+            done = _markDelivered(cursor, message.id, 2.0)
+            entered.set()
+            gate.wait(10)
+            return done
+
+        held = other.write(deliverAndHold)
+        await deferToThread(entered.wait, 10)
+        discard = journal.discard(message.id)
+
+        def waitingForTheRow() -> bool:
+            with psycopg.connect(self.dsn, autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        for _ in range(200):
+            if await deferToThread(waitingForTheRow):
+                break
+        gate.set()
+        await held
+        with self.assertRaises(WrongState):
+            await discard
+        self.assertEqual((await journal.messageHistory(message.id))[0].state, DELIVERED)
+
     async def test_eventsNumberedInCommitOrder(self) -> None:
         """
         A write that commits later has the larger event ids, whenever its
@@ -471,8 +556,9 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
 
     def test_everyWriteToASessionLocksIt(self) -> None:
         """
-        Every write that changes a session's messages, its place in the
-        queue or its lease takes that session's lock (and only its).
+        Every write that adds to a session (its queue, its messages) or
+        changes its record or its lease takes that session's lock (and only
+        its); a change of one message's state is guarded by its row.
         """
         from chatweb.backends import local
         from chatweb.store import _journal, _postgresql
@@ -490,7 +576,6 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
             (local._updateSession, ("s", "model", "m", 1.0, True)),
             (local._withEvent, (local._importSession, True, None, Session("s"), False, 1.0)),
             (_postgresql._claim, ("s", "me", 15.0)),
-            (_postgresql._renew, (["s"], "me", 15.0)),
             (_postgresql._release, ("s", "me")),
         ]
         lock = f"pg_advisory_xact_lock({_postgresql.SESSION_LOCKS}, {sessionLockKey('s')})"
@@ -498,6 +583,105 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
             self.assertTrue(_beginWrite([(operation, args)]).endswith(f"SELECT {lock}"),
                             operation.__name__)
         self.assertNotIn("pg_advisory", _beginWrite([(_journal._markDelivered, (1, 1.0))]))
+
+    async def test_largeEventsInOneWrite(self) -> None:
+        """
+        A write whose events are larger than one query should carry
+        commits them all, with their ids.
+        """
+        from chatweb.model import EventKind
+        from chatweb.store._journal import insertEvents
+
+        def recordLarge(cursor: Any) -> Any:
+            return insertEvents(cursor, [
+                (EventKind.DELIVERY_TEXT, "s", 1.0, {"text": f"{n}" + "\u00e9" * 1_000_000})
+                for n in range(6)
+            ])
+
+        returned = await self.db.write(recordLarge)
+        logged = await SQLiteJournal(self.db).eventsSince(0)
+        self.assertEqual([e.data["text"][0] for e in logged], list("012345"))
+        self.assertEqual([e.id for e in returned], [e.id for e in logged])
+
+    async def test_aWriteToThousandsOfSessions(self) -> None:
+        """
+        A group of writes to 2,000 sessions (more locks than one SELECT
+        may take) commits.
+        """
+        results = await self.db._runBatch(
+            [(_queued, (f"s{n}", "x", 1.0, None)) for n in range(2000)]
+        )
+        self.assertEqual({ok for ok, _ in results}, {True})
+        self.assertEqual(len(await SQLiteJournal(self.db).pending()), 2000)
+
+    async def test_leasesRenewedWithoutWaiting(self) -> None:
+        """
+        An instance's renewal extends each of its leases (whatever the
+        session's id) but one another write has locked: it does not wait
+        for that write, which may be waiting for it.
+        """
+        import threading
+
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA + LEASE_SCHEMA)
+        mine = Leases(self.db, "me", ttl=60.0)
+        sessions = ["a", "b\x00nul", "c"]
+        for session in sessions:
+            self.assertTrue(await mine.claim(session))
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        def lockAndHold(cursor: Any) -> None:
+            cursor.execute("SELECT 1 FROM leases WHERE session = ? FOR UPDATE", ("c",))
+            entered.set()
+            gate.wait(10)
+
+        held = other.write(lockAndHold)
+        await deferToThread(entered.wait, 10)
+        mine.ttl = 3600.0
+        self.assertEqual(await mine.renew().addTimeout(5, reactor), 2)
+        gate.set()
+        await held
+
+        def expiries(cursor: Any) -> Any:
+            cursor.execute(
+                "SELECT session, expires - EXTRACT(EPOCH FROM clock_timestamp())"
+                " FROM leases ORDER BY session"
+            )
+            return [(session, left > 600) for session, left in cursor.fetchall()]
+
+        self.assertEqual(await self.db.read(expiries),
+                         [("a", True), ("b\x00nul", True), ("c", False)])
+
+    def test_eventsRecordedOnlyAsTheJournalDoes(self) -> None:
+        """
+        A write's cursor refuses any other statement into the event log
+        (its rows would be numbered outside the commit order), and runs
+        nothing for the journal's.
+        """
+        from chatweb.store._postgresql import TranslatingCursor
+
+        ran: list[str] = []
+
+        class Raw:
+            def execute(self, sql: str, params: Any) -> None:
+                ran.append(sql)
+
+            def executemany(self, sql: str, rows: Any) -> None:
+                ran.append(sql)
+
+        cursor = TranslatingCursor(Raw(), keepEvents=True)
+        cursor.execute("INSERT INTO events (kind, session, time, data) VALUES (?, ?, ?, ?)",
+                       ("message.queued", "s", 1.0, "{}"))
+        for statement in ["INSERT OR IGNORE INTO events (id, kind) VALUES (?, ?)",
+                          "insert into events (kind) values (?)"]:
+            with self.assertRaises(ValueError):
+                cursor.execute(statement, (1, "k"))
+        with self.assertRaises(ValueError):
+            cursor.executemany("INSERT INTO events (kind, session, time, data) VALUES"
+                               " (?, ?, ?, ?)", [])
+        self.assertEqual((ran, len(cursor.events or [])), ([], 1))
 
     def test_sessionLocksTakenInOneOrder(self) -> None:
         """
@@ -813,6 +997,30 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         logged = [e.id for e in await a.service.journal.eventsSince(after, limit=100000)]
         self.assertEqual(seen[a], logged)
         self.assertEqual(seen[b], logged)
+
+    async def test_eventsPublishedWhenTheirWriterWentAway(self) -> None:
+        """
+        Events an instance committed, but whose write's caller never told
+        the instance's hub of them (it went away: a delivery cancelled
+        while its record was written), are still published there.
+        """
+        from chatweb.model import EventKind
+        from chatweb.store._journal import insertEvents
+
+        a, b = await self.startTwo()
+        seen: list[Any] = []
+        a.service.events.subscribe(seen.append)
+
+        def record(cursor: Any) -> Any:
+            return insertEvents(cursor, [(EventKind.DELIVERY_TEXT, "s", 1.0, {"text": "t"})])
+
+        # Its result goes to no hub.
+        [event] = await a.service.database.write(record)
+
+        async def published() -> bool:
+            return [e.id for e in seen] == [event.id]
+
+        await waitFor(published, timeout=5.0)
 
     async def test_oneDeliveryInFlightPerSessionAcrossInstances(self) -> None:
         """

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from chatweb.store._sqlite import SQLiteDatabase, Upgrades, firstArgument, sessionWrite
+from chatweb.store._sqlite import SQLiteDatabase, Upgrades, sessionWrite
 from chatweb.errors import IdempotencyConflict, UnknownMessage, WrongState
 from chatweb.interfaces import IJournal
 from chatweb.model._values import (
@@ -248,7 +248,19 @@ def _pruneEvents(cursor: sqlite3.Cursor, before: float) -> tuple[int, list[Event
     return cursor.rowcount, []
 
 
-@sessionWrite(firstArgument)
+def _storedIn(args: tuple[Any, ...]) -> list[str]:
+    """
+    For L{sessionWrite}: the session a message is stored in, and its
+    idempotency key's name (another instance storing a message with the
+    same key waits, and then finds it).
+    """
+    session, _, _, idempotencyKey = args[:4]
+    if idempotencyKey is None:
+        return [session]
+    return [session, f"\x00idempotency key\x00{idempotencyKey}"]
+
+
+@sessionWrite(_storedIn)
 def _queued(
     cursor: sqlite3.Cursor,
     session: str,
@@ -282,7 +294,7 @@ Recorder = Callable[[Any, Delivery, float], "list[EventRow]"]
 Guard = Callable[[Any, str], bool]
 
 
-@sessionWrite(firstArgument)
+@sessionWrite(_storedIn)
 def _queuedAndRecorded(
     cursor: sqlite3.Cursor,
     session: str,
@@ -460,13 +472,21 @@ def changeEvent(message: QueuedMessage) -> tuple[EventKind, dict[str, Any]]:
 def _changeState(
     cursor: sqlite3.Cursor, messageId: int, change: Change, now: float
 ) -> tuple[QueuedMessage, list[Event]]:
-    message = changed(_get(cursor, messageId), messageId, change)
-    cursor.execute(
-        "UPDATE queue SET state = ?, attempts = ? WHERE id = ?",
-        (message.state, message.attempts, messageId),
-    )
-    kind, data = changeEvent(message)
-    return message, [_insertEvent(cursor, kind, message.session, now, data)]
+    while True:
+        current = _get(cursor, messageId)
+        message = changed(current, messageId, change)
+        assert current is not None
+        # Only what was read is changed: on PostgreSQL another instance may
+        # have changed the message since (a delivery that ended); then it
+        # is read again, as committed.
+        cursor.execute(
+            "UPDATE queue SET state = ?, attempts = ?"
+            " WHERE id = ? AND state = ? AND attempts = ?",
+            (message.state, message.attempts, messageId, current.state, current.attempts),
+        )
+        if cursor.rowcount == 1:
+            kind, data = changeEvent(message)
+            return message, [_insertEvent(cursor, kind, message.session, now, data)]
 
 
 def _pendingSessions(cursor: sqlite3.Cursor) -> dict[str, tuple[int, int]]:

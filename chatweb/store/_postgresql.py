@@ -22,10 +22,13 @@ Instances write at once, each in groups (one transaction, one fsync for
 many), as on SQLite.  Two kinds of transaction-scoped advisory lock keep
 what must stay in order:
 - each session's (L{sessionLockKey}), taken at a write's start for every
-  session its operations change (L{SESSION_WRITES}), all in one order so
-  that no two writes wait for each other: what a session holds (its
-  queued messages, its records, its lease) changes one write at a time,
-  and its rows are numbered in the order they commit;
+  session its operations add to or whose record or lease they change
+  (L{SESSION_WRITES}), all in one order, so that writes wait for each
+  other's locks without ever deadlocking on them: a session's new
+  messages, records and lease are written one write at a time, and its
+  rows are numbered in the order they commit (a message's change of
+  state, a single row's, is guarded by the row: see
+  L{chatweb.store._journal._changeState});
 - the event log's (L{EVENTS_LOCK}), taken only to commit: a write's events
   are kept aside while its operations run and inserted at its end, with
   the lock held to the COMMIT, so event ids are given in commit order: a
@@ -102,6 +105,14 @@ _EVENTS_INSERT = "INSERT INTO events (kind, session, time, data) VALUES"
 #: Most events in one INSERT at a write's end.
 _EVENTS_PER_INSERT = 1000
 
+#: Most characters of events sent in the one query that ends a write
+#: (more go in INSERTs of their own first: PostgreSQL takes at most 1 GB
+#: in one message).
+_EVENTS_IN_LAST_QUERY = 4 * 1024 * 1024
+
+#: Most session locks in one SELECT (PostgreSQL's limit is 1664).
+_LOCKS_PER_SELECT = 1000
+
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
@@ -177,14 +188,16 @@ def translate(sql: str, returning: bool = True) -> tuple[str, str | None]:
     return sql.replace("%", "%%").replace("?", "%s"), key
 
 
+_INTO_EVENTS = re.compile(r"^\s*INSERT\s+(?:OR\s+\w+\s+)?INTO\s+events\b", re.I)
+
+
 @functools.lru_cache(maxsize=512)
 def _recordsEvents(sql: str) -> bool:
     """
     Whether C{sql} inserts into the event log; it must be the journal's
     statement (L{_EVENTS_INSERT}), whose rows a write keeps aside.
     """
-    match = _INSERT.match(sql)
-    if match is None or match.group(1) != "events":
+    if _INTO_EVENTS.match(sql) is None:
         return False
     if not sql.startswith(_EVENTS_INSERT):
         raise ValueError(f"events are recorded with {_EVENTS_INSERT} only")
@@ -276,6 +289,8 @@ class TranslatingCursor:
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self.events is not None and _recordsEvents(sql):
+            raise ValueError(f"events are recorded with {_EVENTS_INSERT} only")
         statement, _ = translate(sql, returning=False)
         rows = [[_encode(p) for p in row] for row in rows]
         if rows:
@@ -440,12 +455,17 @@ class PostgreSQLDatabase(SQLiteDatabase):
     ) -> Deferred[list[tuple[bool, Any]]]:
         return self._inThread(self._writeThreads, self._batchInThread, batch)
 
-    def _end(self) -> str:
+    def _end(self, withEvents: bool = False) -> str:
         if not self.notify:
             return "COMMIT"
-        # Delivered to listeners when (and only if) this commits.  Both
-        # values are chatweb's own (a constant, a hex uuid): no quoting.
-        return f"SELECT pg_notify('{CHANNEL}', '{self.instance}'); COMMIT"
+        # Delivered to listeners when (and only if) this commits: this
+        # instance's id, and the id of the last event the write recorded
+        # (see SharedEvents).  Both are chatweb's own (a constant, a hex
+        # uuid, a number): no quoting.
+        payload = f"'{self.instance}'"
+        if withEvents:
+            payload += " || ' ' || currval(pg_get_serial_sequence('events', 'id'))"
+        return f"SELECT pg_notify('{CHANNEL}', {payload}); COMMIT"
 
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
@@ -482,32 +502,48 @@ class PostgreSQLDatabase(SQLiteDatabase):
     ) -> list[int]:
         """
         Insert a write's C{events} (kept aside while it ran) and commit,
-        holding L{EVENTS_LOCK} from the INSERT to the COMMIT, in one round
-        trip; the events' ids, in order.
+        holding L{EVENTS_LOCK} from the first INSERT to the COMMIT; the
+        events' ids, in order.  One round trip, unless they are large.
         """
         import psycopg
 
+        chunks: list[list[tuple[int, list[Any]]]] = [[]]
+        size = 0
+        for event in events:
+            if len(chunks[-1]) == _EVENTS_PER_INSERT:
+                chunks.append([])
+            chunks[-1].append(event)
+            size += sum(len(v) for v in event[1] if isinstance(v, str))
+        insert = (
+            "INSERT INTO events (kind, session, time, data) VALUES {}"
+            " RETURNING id"
+        )
+        cursor = connection.cursor()
+        lock = f"SELECT pg_advisory_xact_lock({EVENTS_LOCK})"
+        ids: list[int] = []
+        if size > _EVENTS_IN_LAST_QUERY:
+            # Each INSERT in a message of its own, its values as parameters.
+            cursor.execute(lock)
+            for chunk in chunks:
+                cursor.execute(
+                    insert.format(", ".join(["(%s, %s, %s, %s)"] * len(chunk))),
+                    [v for _, row in chunk for v in row],
+                )
+                ids.extend(row[0] for row in cursor.fetchall())
+            cursor.execute(self._end(withEvents=True))
+            return sorted(ids)
         # One simple query (several statements), so its values are bound
         # here (psycopg quotes them).  Not a pipeline: psycopg polls for a
         # pipeline's results holding the GIL.
         binder = psycopg.ClientCursor(connection)
         inserts = [
             binder.mogrify(
-                "INSERT INTO events (kind, session, time, data) VALUES "
-                + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
-                + " RETURNING id",
-                [v for _, row in rows for v in row],
+                insert.format(", ".join(["(%s, %s, %s, %s)"] * len(chunk))),
+                [v for _, row in chunk for v in row],
             )
-            for rows in (
-                events[start:start + _EVENTS_PER_INSERT]
-                for start in range(0, len(events), _EVENTS_PER_INSERT)
-            )
+            for chunk in chunks
         ]
-        cursor = connection.cursor()
-        cursor.execute("; ".join([
-            f"SELECT pg_advisory_xact_lock({EVENTS_LOCK})", *inserts, self._end()
-        ]))
-        ids: list[int] = []
+        cursor.execute("; ".join([lock, *inserts, self._end(withEvents=True)]))
         for _ in inserts:
             cursor.nextset()
             ids.extend(row[0] for row in cursor.fetchall())
@@ -594,17 +630,30 @@ def _beginWrite(batch: Sequence[tuple[Operation, tuple[Any, ...]]]) -> str:
     lock of every session its operations change, in the order of their
     keys, so that two writes never each hold a lock the other waits for.
     """
-    keys = sorted({
-        sessionLockKey(session)
-        for operation, args in batch
-        if (sessionsOf := SESSION_WRITES.get(operation)) is not None
-        for session in sessionsOf(args)
-    })
-    if not keys:
-        return BEGIN_WRITE
-    # A target list's functions run in order, left to right.
-    locks = ", ".join(f"pg_advisory_xact_lock({SESSION_LOCKS}, {key})" for key in keys)
-    return f"{BEGIN_WRITE}; SELECT {locks}"
+    keys = sorted({sessionLockKey(session) for session in _sessionsOf(batch)})
+    # A target list's functions run in order, left to right; a SELECT
+    # takes at most 1664 of them.
+    selects = [
+        "SELECT " + ", ".join(
+            f"pg_advisory_xact_lock({SESSION_LOCKS}, {key})"
+            for key in keys[start:start + _LOCKS_PER_SELECT]
+        )
+        for start in range(0, len(keys), _LOCKS_PER_SELECT)
+    ]
+    return "; ".join([BEGIN_WRITE, *selects])
+
+
+def _sessionsOf(batch: Sequence[tuple[Operation, tuple[Any, ...]]]) -> list[str]:
+    names: list[str] = []
+    for operation, args in batch:
+        sessionsOf = SESSION_WRITES.get(operation)
+        if sessionsOf is not None:
+            try:
+                names.extend(sessionsOf(args))
+            except Exception:
+                # Arguments it cannot run with: it fails alone, when it runs.
+                pass
+    return names
 
 
 def _withIds(value: Any, ids: dict[int, int]) -> Any:
@@ -667,16 +716,19 @@ def _claim(cursor: Any, session: str, owner: str, ttl: float) -> bool:
     return cursor.rowcount == 1
 
 
-@sessionWrite(lambda args: args[0])
 def _renew(cursor: Any, sessions: list[str], owner: str, ttl: float) -> int:
-    renewed = 0
-    for session in sessions:
-        cursor.execute(
-            f"UPDATE leases SET expires = {_NOW} + ? WHERE session = ? AND owner = ?",
-            (ttl, session, owner),
-        )
-        renewed += cursor.rowcount
-    return renewed
+    # Takes no session locks (an instance may hold thousands of leases):
+    # it skips a lease another write has locked (a claim that will find it
+    # held), so it never waits for a write that may wait for it.  The next
+    # renewal, a third of the TTL later, renews it.
+    cursor.execute(
+        f"UPDATE leases SET expires = {_NOW} + ? WHERE owner = ? AND session IN"
+        " (SELECT session FROM leases WHERE owner = ? AND session = ANY(?)"
+        " FOR UPDATE SKIP LOCKED)",
+        # (The cursor encodes parameters, not the items of a list.)
+        (ttl, owner, owner, [_encode(session) for session in sessions]),
+    )
+    return cursor.rowcount
 
 
 @sessionWrite(firstArgument)
@@ -739,6 +791,12 @@ class Leases:
         return self._db.write(_renew, sorted(self.held), self.owner, self.ttl)
 
 
+#: Seconds after which events this instance committed, and announced,
+#: are read back if its journal has not told of them (see
+#: L{SharedEvents._committedHere}).
+CHECK_AFTER = 1.0
+
+
 class SharedEvents:
     """
     Publishes every event committed by any instance, in id order, to this
@@ -769,6 +827,10 @@ class SharedEvents:
         self._again = False
         self._scheduled = False
         self._listening = False
+        #: The last event id this instance's own commits announced, and the
+        #: check that it was published (L{_committedHere}).
+        self._lastHere = 0
+        self._check: Any = None
 
     def start(self) -> Deferred[None]:
         """
@@ -784,6 +846,9 @@ class SharedEvents:
 
     def stop(self) -> None:
         self._listening = False
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
 
     def _listen(self) -> None:
         # A thread of its own, with a connection of its own.
@@ -802,15 +867,35 @@ class SharedEvents:
                 self._reactor.callFromThread(self.onChange)
                 while self._listening:
                     for notice in connection.notifies(timeout=0.5, stop_after=1):
-                        # This instance's own commits are told by its
-                        # journal, and free no other's lease.
-                        if notice.payload != self._db.instance:
+                        instance, _, lastEvent = notice.payload.partition(" ")
+                        if instance != self._db.instance:
                             self._reactor.callFromThread(self.changed)
                             self._reactor.callFromThread(self.onChange)
+                        elif lastEvent:
+                            # Its own commits are told by its journal (and
+                            # free no other's lease).
+                            self._reactor.callFromThread(self._committedHere, int(lastEvent))
             except Exception:
                 time.sleep(0.2)
             finally:
                 connection.close()
+
+    def _committedHere(self, lastEvent: int) -> None:
+        """
+        This instance committed events up to C{lastEvent} (its NOTIFY
+        said).  Its journal tells of them, unless the write's caller went
+        away meanwhile (a delivery cancelled while its record was
+        written): so, once L{CHECK_AFTER} has passed, they are read if
+        still not published.
+        """
+        self._lastHere = max(self._lastHere, lastEvent)
+        if self._check is None and self._lastHere > self.lastId:
+            self._check = self._reactor.callLater(CHECK_AFTER, self._checkHere)
+
+    def _checkHere(self) -> None:
+        self._check = None
+        if self._lastHere > self.lastId:
+            self.changed()
 
     def changed(self, event: object = None) -> None:
         """
@@ -823,6 +908,8 @@ class SharedEvents:
         """
         if not self._listening:
             return  # stopped (or not started): the database may be closed
+        if isinstance(event, Event) and event.id <= self.lastId:
+            return  # read and published already
         if (
             isinstance(event, Event)
             and event.id == self.lastId + 1

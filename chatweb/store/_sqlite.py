@@ -153,13 +153,14 @@ def runOperations(
     return results
 
 
-#: The operations that change one or more sessions' messages or their place
-#: in the queue, each with the function of its arguments that names those
-#: sessions.  Where writers run at once (PostgreSQL, several instances),
-#: a transaction takes a lock on each of its batch's sessions before
-#: anything else, in one order (see L{chatweb.store._postgresql}): what one
-#: session holds keeps the order it was committed in.  SQLite has one
-#: writer and needs none of it.
+#: The operations that add to one or more sessions (their messages, their
+#: queue), change their records or their leases, each with the function of
+#: its arguments that names those sessions (and any other name that must be
+#: written one write at a time, such as an idempotency key's).  Where
+#: writers run at once (PostgreSQL, several instances), a transaction takes
+#: a lock on each name of its batch before anything else, in one order (see
+#: L{chatweb.store._postgresql}): what one session holds is numbered in the
+#: order it was committed.  SQLite has one writer and needs none of it.
 SESSION_WRITES: dict[Operation, Callable[[tuple[Any, ...]], Sequence[str]]] = {}
 
 
