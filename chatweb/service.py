@@ -135,6 +135,9 @@ class ChatWebService(MultiService):
             self._where = f"the database in {dataDir}"
         #: Every change, published once committed (see L{EventHub}).
         self.events = EventHub()
+        #: The changes this instance made (what its metrics count): all of
+        #: L{events}, unless other instances share the store.
+        self.ownEvents = self.events
         sink: Callable[[Event], None] = self.events.publish
         #: With PostgreSQL: the leases on sessions, and the events of every
         #: instance (LISTEN/NOTIFY), in id order.
@@ -152,7 +155,8 @@ class ChatWebService(MultiService):
                 self.events.publish,
                 reactor,
             )
-            sink = self.sharedEvents.changed
+            self.ownEvents = EventHub()
+            sink = self._ownEvent
         self.journal = SQLiteJournal(self.database, now=reactor.seconds, eventSink=sink)
         self._ownsAdapter = adapter is None
         if adapter is None:
@@ -226,7 +230,7 @@ class ChatWebService(MultiService):
         # Metrics (chatweb/metrics.py): GET /metrics with the key, and on
         # metricsEndpoint without it.
         self.metrics = Metrics(
-            self.events, self.queue.pendingCount, self.api.live.openCount, self._routeOf
+            self.ownEvents, self.queue.pendingCount, self.api.live.openCount, self._routeOf
         )
         self.api.metrics = self.metrics
         self.site.requestObservers.append(self.metrics.observeRequest)
@@ -386,6 +390,13 @@ class ChatWebService(MultiService):
     def _announce(self, port: Any) -> Any:
         _log.info("chatweb listening on {where}", where=describeAddress(port.getHost()))
         return port
+
+    def _ownEvent(self, event: Event) -> None:
+        # With other instances (PostgreSQL): an event this instance
+        # committed, told by its journal.
+        assert self.sharedEvents is not None
+        self.ownEvents.publish(event)
+        self.sharedEvents.changed(event)
 
     def _routeOf(self, request: Any) -> str | None:
         """

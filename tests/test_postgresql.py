@@ -998,6 +998,33 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         self.assertEqual(seen[a], logged)
         self.assertEqual(seen[b], logged)
 
+    async def test_metricsCountWhatEachInstanceDid(self) -> None:
+        """
+        Each instance's metrics count the deliveries it made, so that the
+        sum over the instances is what was delivered.
+        """
+        a, b = await self.startTwo(responder="echo")
+        responses = await gatherResults([
+            (a if n % 2 else b).post(f"m-{n % 3}", f"message {n}") for n in range(12)
+        ])
+        self.assertEqual({r.code for r in responses}, {204})
+
+        async def delivered() -> bool:
+            # Each message and its echo, in each of the three sessions.
+            counts = [len(await self.sessionMessages(a, f"m-{n}")) for n in range(3)]
+            return counts == [8, 8, 8]
+
+        async def allDone() -> bool:
+            events = await a.service.journal.eventsSince(0, limit=10000)
+            return sum(e.kind.value == "delivery.done" for e in events) == 12
+
+        await waitFor(delivered)
+        await waitFor(allDone)
+        # Each hub has had the time to publish every one of them.
+        await deferLater(reactor, 0.5, lambda: None)
+        counted = [i.service.metrics.deliveries._value.get() for i in (a, b)]
+        self.assertEqual(sum(counted), 12, counted)
+
     async def test_eventsPublishedWhenTheirWriterWentAway(self) -> None:
         """
         Events an instance committed, but whose write's caller never told
