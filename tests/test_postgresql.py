@@ -195,6 +195,25 @@ def _preparedStatements(cursor: Any) -> int:
     return int(cursor.fetchone()[0])
 
 
+async def oneSessionWaits(dsn: str, waitEvent: str) -> None:
+    """
+    Until one database session waits for C{waitEvent} (C{advisory}, a
+    row's C{transactionid}), or a few seconds have passed.
+    """
+    import psycopg
+
+    def waiting() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = %s", (waitEvent,)
+            ).fetchone()
+        return row is not None and row[0] == 1
+
+    for _ in range(200):
+        if await deferToThread(waiting):
+            return
+
+
 class ConnectionTests(PostgreSQLStorageMixin, TestCase):
     """
     How the engine uses its connections: the statements it runs again and
@@ -326,16 +345,7 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
             "s", "second", 2.0, None, backend.recorder(), Leases.deliverableHere
         )
 
-        def waitingForTheLock() -> bool:
-            with psycopg.connect(self.dsn, autocommit=True) as admin:
-                row = admin.execute(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                ).fetchone()
-            return row is not None and row[0] == 1
-
-        for _ in range(500):
-            if await deferToThread(waitingForTheLock):
-                break
+        await oneSessionWaits(self.dsn, "advisory")
         gate.set()
         await held
         self.assertEqual((await second).state, PENDING)
@@ -347,29 +357,45 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
     same sessions, and events are numbered in the order they commit.
     """
 
-    async def holdWriteTo(self, session: str) -> tuple[Any, Deferred[Any]]:
+    async def otherInstance(self) -> PostgreSQLDatabase:
         """
-        Another instance's write that stores a message for C{session} and
+        Another instance's database (with the leases' table).
+        """
+        other = PostgreSQLDatabase(self.dsn, reactor)
+        self.addCleanup(other.close)
+        await other.open(SCHEMA + LEASE_SCHEMA)
+        return other
+
+    async def holdWrite(self, operation: Any, *args: Any) -> tuple[Any, Deferred[Any]]:
+        """
+        Another instance's write of C{operation(cursor, *args)}, which then
         waits, in its transaction, until the returned gate is set.
         """
         import threading
 
-        other = PostgreSQLDatabase(self.dsn, reactor)
-        self.addCleanup(other.close)
-        await other.open(SCHEMA)
+        from chatweb.store._sqlite import SESSION_WRITES
+
+        other = await self.otherInstance()
         entered, gate = threading.Event(), threading.Event()
         self.addCleanup(gate.set)
 
-        @sessionWrite(firstArgument)
-        def storeAndHold(cursor: Any, session: str) -> Any:
-            stored = _queued(cursor, session, "held", 1.0, None)
+        def hold(cursor: Any, *args: Any) -> Any:
+            result = operation(cursor, *args)
             entered.set()
             gate.wait(10)
-            return stored
+            return result
 
-        held = other.write(storeAndHold, session)
+        if operation in SESSION_WRITES:
+            sessionWrite(SESSION_WRITES[operation])(hold)
+        held = other.write(hold, *args)
         await deferToThread(entered.wait, 10)
         return gate, held
+
+    def holdWriteTo(self, session: str) -> Deferred[tuple[Any, Deferred[Any]]]:
+        """
+        L{holdWrite} of a message stored for C{session}.
+        """
+        return Deferred.fromCoroutine(self.holdWrite(_queued, session, "held", 1.0, None))
 
     async def test_otherSessionsWrittenMeanwhile(self) -> None:
         """
@@ -389,22 +415,10 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
         under way: a session's messages are stored in the order they
         commit.
         """
-        import psycopg
-
         gate, held = await self.holdWriteTo("a")
         journal = SQLiteJournal(self.db)
         behind = journal.append("a", "behind", 2.0)
-
-        def waitingForALock() -> bool:
-            with psycopg.connect(self.dsn, autocommit=True) as admin:
-                row = admin.execute(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                ).fetchone()
-            return row is not None and row[0] == 1
-
-        for _ in range(200):
-            if await deferToThread(waitingForALock):
-                break
+        await oneSessionWaits(self.dsn, "advisory")
         self.assertFalse(behind.called)
         gate.set()
         first, second = (await held)[0], await behind
@@ -416,30 +430,12 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
         different sessions at once: the second waits for the first, and
         is refused as a conflict.
         """
-        import threading
-
         from chatweb.errors import IdempotencyConflict
-        from chatweb.store._journal import _storedIn
 
-        other = PostgreSQLDatabase(self.dsn, reactor)
-        self.addCleanup(other.close)
-        await other.open(SCHEMA)
-        entered, gate = threading.Event(), threading.Event()
-        self.addCleanup(gate.set)
-
-        @sessionWrite(_storedIn)
-        def storeAndHold(cursor: Any, *args: Any) -> Any:
-            stored = _queued(cursor, *args)
-            entered.set()
-            gate.wait(10)
-            return stored
-
-        held = other.write(storeAndHold, "a", "first", 1.0, "key-1")
-        await deferToThread(entered.wait, 10)
+        gate, held = await self.holdWrite(_queued, "a", "first", 1.0, "key-1")
         journal = SQLiteJournal(self.db)
         second = journal.append("b", "second", 2.0, "key-1")
-        for _ in range(100):
-            await deferLater(reactor, 0.01, lambda: None)
+        await oneSessionWaits(self.dsn, "advisory")
         self.assertFalse(second.called)
         gate.set()
         first = (await held)[0]
@@ -453,41 +449,14 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
         its delivery: once that commits, the discard is refused (the
         message was delivered), and the message stays delivered.
         """
-        import threading
-
-        import psycopg
-
         from chatweb.errors import WrongState
         from chatweb.store._journal import _markDelivered
 
         journal = SQLiteJournal(self.db)
         message = await journal.append("s", "hello", 1.0)
-        other = PostgreSQLDatabase(self.dsn, reactor)
-        self.addCleanup(other.close)
-        await other.open(SCHEMA)
-        entered, gate = threading.Event(), threading.Event()
-        self.addCleanup(gate.set)
-
-        def deliverAndHold(cursor: Any) -> Any:
-            done = _markDelivered(cursor, message.id, 2.0)
-            entered.set()
-            gate.wait(10)
-            return done
-
-        held = other.write(deliverAndHold)
-        await deferToThread(entered.wait, 10)
+        gate, held = await self.holdWrite(_markDelivered, message.id, 2.0)
         discard = journal.discard(message.id)
-
-        def waitingForTheRow() -> bool:
-            with psycopg.connect(self.dsn, autocommit=True) as admin:
-                row = admin.execute(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'"
-                ).fetchone()
-            return row is not None and row[0] == 1
-
-        for _ in range(200):
-            if await deferToThread(waitingForTheRow):
-                break
+        await oneSessionWaits(self.dsn, "transactionid")
         gate.set()
         await held
         with self.assertRaises(WrongState):
@@ -620,25 +589,15 @@ class ConcurrentWritesTests(PostgreSQLStorageMixin, TestCase):
         session's id) but one another write has locked: it does not wait
         for that write, which may be waiting for it.
         """
-        import threading
-
-        other = PostgreSQLDatabase(self.dsn, reactor)
-        self.addCleanup(other.close)
-        await other.open(SCHEMA + LEASE_SCHEMA)
+        await self.otherInstance()  # (which makes the leases' table)
         mine = Leases(self.db, "me", ttl=60.0)
-        sessions = ["a", "b\x00nul", "c"]
-        for session in sessions:
+        for session in ["a", "b\x00nul", "c"]:
             self.assertTrue(await mine.claim(session))
-        entered, gate = threading.Event(), threading.Event()
-        self.addCleanup(gate.set)
 
-        def lockAndHold(cursor: Any) -> None:
-            cursor.execute("SELECT 1 FROM leases WHERE session = ? FOR UPDATE", ("c",))
-            entered.set()
-            gate.wait(10)
+        def lockLease(cursor: Any, session: str) -> None:
+            cursor.execute("SELECT 1 FROM leases WHERE session = ? FOR UPDATE", (session,))
 
-        held = other.write(lockAndHold)
-        await deferToThread(entered.wait, 10)
+        gate, held = await self.holdWrite(lockLease, "c")
         mine.ttl = 3600.0
         self.assertEqual(await mine.renew().addTimeout(5, reactor), 2)
         gate.set()
