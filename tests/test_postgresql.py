@@ -174,6 +174,7 @@ class PostgreSQLDatabaseTests(PostgreSQLStorageMixin, TestCase):
         test_storage.DatabaseTests.test_aRefusalDoesNotRunItsGroupAgain
     )
     test_neverOnTheReactorThread = test_storage.DatabaseTests.test_neverOnTheReactorThread
+    test_closedWithoutOpening = test_storage.DatabaseTests.test_closedWithoutOpening
 
 
 def _waitUntil(condition: Any, timeout: float = 10.0) -> None:

@@ -53,6 +53,19 @@ class StorageTestCase(TestCase):
 
 
 class DatabaseTests(StorageTestCase):
+    async def test_closedWithoutOpening(self) -> None:
+        """
+        A database closed without being opened closes at once; a write
+        asked for before fails, saying the database is closed.
+        """
+        from chatweb.store._sqlite import DatabaseClosed
+
+        db = self.openDatabase()
+        write = db.write(lambda cursor: None)
+        await db.close().addTimeout(5, reactor)
+        with self.assertRaises(DatabaseClosed):
+            await write
+
     @inlineCallbacks
     def test_writesArriveTogetherCommitTogether(self):
         """

@@ -461,6 +461,13 @@ class SQLiteDatabase:
             return succeed(None)
         self._closed = True
         self._settleOpen(Failure(DatabaseClosed()))
+        if not self._started:
+            # Never opened (or it failed before any connection): nothing
+            # to finish, and writes asked for meanwhile will never run.
+            waiting, self._waiting = self._waiting, []
+            for _, _, d in waiting:
+                d.errback(DatabaseClosed())
+            return succeed(None)
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
         self._flush()
