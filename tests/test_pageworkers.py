@@ -10,10 +10,12 @@ import json
 import os
 import re
 import signal
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web._newclient import ResponseNeverReceived
 
@@ -289,6 +291,29 @@ class PageWorkersTests(TestCase):
         self.assertEqual((await response.json())["message_count"], 0)
 
 
+def _killIfThere(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+#: A server of two workers, which prints their pids (for
+#: test_killedServerTakesItsWorkers).
+_SERVER = """
+import json, sys
+from twisted.internet import reactor
+from chatweb.web._workers import PageWorkers
+
+def started(_):
+    print(json.dumps([w.transport.pid for w in workers._workers]), flush=True)
+
+workers = PageWorkers(reactor, sys.argv[1], 2)
+reactor.callWhenRunning(lambda: workers.start().addCallback(started))
+reactor.run()
+"""
+
+
 class PageWorkersUnitTests(TestCase):
     def setUp(self) -> None:
         from chatweb.store._sqlite import SQLiteDatabase
@@ -428,6 +453,41 @@ class PageWorkersUnitTests(TestCase):
         os.kill(worker.transport.pid, signal.SIGTERM)
         self.assertEqual(await workers.run("ids", []), b"[]")
         self.assertTrue(worker.alive)
+
+    async def test_killedServerTakesItsWorkers(self) -> None:
+        """
+        A server killed outright (SIGKILL: it cannot stop them) does not
+        leave its workers behind, even those that could not notice it (busy
+        with a page; here, stopped).
+        """
+        import subprocess
+        import time
+
+        server = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, self.path],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        line = await deferToThread(server.stdout.readline)  # type: ignore[union-attr]
+        pids = json.loads(line)
+        self.assertEqual(len(pids), 2)
+        for pid in pids:
+            self.addCleanup(_killIfThere, pid)
+            os.kill(pid, signal.SIGSTOP)
+        server.kill()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        deadline = time.monotonic() + 10
+        while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([gone(pid) for pid in pids], [True, True])
 
     async def test_readyWorkerPreferred(self) -> None:
         """

@@ -51,6 +51,15 @@ if sys.path and sys.path[0] in ("", "."):
 import json, os, signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+try:
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (ImportError, OSError, AttributeError):
+    pass  # not Linux: a worker left alone ends when its stdin does
+else:
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed with the server
+    if os.getppid() != int(sys.argv[3]):
+        os._exit(0)  # the server was gone before that
 if sys.argv[1] == "lower":
     os.nice({WORKER_NICENESS})
 sys.path[:] = json.loads(sys.argv[2])
@@ -251,6 +260,7 @@ class PageWorkers:
             [
                 sys.executable, "-c", _BOOT,
                 "lower" if _priority.favoured() else "normal", json.dumps(path),
+                str(os.getpid()),
             ],
             env=env,
             childFDs={0: "w", 1: "r", 2: "r", ANSWERS_FD: "r"},
