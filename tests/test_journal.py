@@ -322,6 +322,23 @@ class SQLiteJournalContractTests(JournalContractMixin, TestCase):
         return SQLiteJournal(db, now=now or (lambda: 0.0))
 
 
+    async def test_expiredKeysForgottenAtThePrune(self) -> None:
+        """
+        Idempotency keys past their window are deleted when the event log
+        is pruned (once a minute), not kept for ever; the others stay.
+        """
+        now = [T0]
+        journal = await self.makeJournal(now=lambda: now[0])
+        await journal.append("ci", "x", T0, "old")
+        await journal.append("ci", "y", T0 + IDEMPOTENCY_WINDOW, "new")
+        now[0] = T0 + IDEMPOTENCY_WINDOW + 1
+        await journal.pruneEvents(0.0)
+        keys = await journal._db.read(
+            lambda cursor: [r[0] for r in cursor.execute("SELECT key FROM idempotency")]
+        )
+        self.assertEqual(keys, ["new"])
+
+
 class PostgreSQLJournalContractTests(JournalContractMixin, TestCase):
     """
     The same contract on PostgreSQL (a real server: see L{tests.postgres}).

@@ -243,9 +243,16 @@ def _messageHistory(
     ]
 
 
-def _pruneEvents(cursor: sqlite3.Cursor, before: float) -> tuple[int, list[Event]]:
+def _pruneEvents(
+    cursor: sqlite3.Cursor, before: float, keysBefore: float
+) -> tuple[int, list[Event]]:
     cursor.execute("DELETE FROM events WHERE time < ?", (before,))
-    return cursor.rowcount, []
+    pruned = cursor.rowcount
+    # Expired idempotency keys go here, not at each POST: instances that
+    # share a store would otherwise wait for each other's deletion of the
+    # same rows.
+    cursor.execute("DELETE FROM idempotency WHERE created < ?", (keysBefore,))
+    return pruned, []
 
 
 def _storedIn(args: tuple[Any, ...]) -> list[str]:
@@ -342,10 +349,6 @@ def _append(
             earlier = _get(cursor, seen[1])
             if earlier is not None:
                 return attrs.evolve(earlier, duplicate=True)
-        cursor.execute(
-            "DELETE FROM idempotency WHERE created < ?",
-            (received - IDEMPOTENCY_WINDOW,),
-        )
     cursor.execute(
         "INSERT INTO queue (session, content, received, state) VALUES (?, ?, ?, ?)",
         (session, content, received, state),
@@ -602,7 +605,11 @@ class SQLiteJournal:
         return self._db.readStatement(_eventsSince, afterId, session, limit)
 
     def pruneEvents(self, before: float) -> Deferred:
-        return self._write(_pruneEvents, before)
+        """
+        Forget the events recorded before C{before}, and the idempotency
+        keys past their window.
+        """
+        return self._write(_pruneEvents, before, self._now() - IDEMPOTENCY_WINDOW)
 
     def messages(self, session: str) -> Deferred:
         return self._db.read(_undelivered, session)
