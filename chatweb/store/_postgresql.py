@@ -507,46 +507,40 @@ class PostgreSQLDatabase(SQLiteDatabase):
         """
         import psycopg
 
-        chunks: list[list[tuple[int, list[Any]]]] = [[]]
-        size = 0
-        for event in events:
-            if len(chunks[-1]) == _EVENTS_PER_INSERT:
-                chunks.append([])
-            chunks[-1].append(event)
-            size += sum(len(v) for v in event[1] if isinstance(v, str))
-        insert = (
-            "INSERT INTO events (kind, session, time, data) VALUES {}"
-            " RETURNING id"
-        )
-        cursor = connection.cursor()
+        inserts = [
+            (
+                f"{_EVENTS_INSERT} {', '.join(['(%s, %s, %s, %s)'] * len(chunk))} RETURNING id",
+                [v for _, row in chunk for v in row],
+            )
+            for chunk in (
+                events[start:start + _EVENTS_PER_INSERT]
+                for start in range(0, len(events), _EVENTS_PER_INSERT)
+            )
+        ]
+        size = sum(len(v) for _, params in inserts for v in params if isinstance(v, str))
         lock = f"SELECT pg_advisory_xact_lock({EVENTS_LOCK})"
+        cursor = connection.cursor()
         ids: list[int] = []
         if size > _EVENTS_IN_LAST_QUERY:
             # Each INSERT in a message of its own, its values as parameters.
             cursor.execute(lock)
-            for chunk in chunks:
-                cursor.execute(
-                    insert.format(", ".join(["(%s, %s, %s, %s)"] * len(chunk))),
-                    [v for _, row in chunk for v in row],
-                )
+            for statement, params in inserts:
+                cursor.execute(statement, params)
                 ids.extend(row[0] for row in cursor.fetchall())
             cursor.execute(self._end(withEvents=True))
-            return sorted(ids)
-        # One simple query (several statements), so its values are bound
-        # here (psycopg quotes them).  Not a pipeline: psycopg polls for a
-        # pipeline's results holding the GIL.
-        binder = psycopg.ClientCursor(connection)
-        inserts = [
-            binder.mogrify(
-                insert.format(", ".join(["(%s, %s, %s, %s)"] * len(chunk))),
-                [v for _, row in chunk for v in row],
-            )
-            for chunk in chunks
-        ]
-        cursor.execute("; ".join([lock, *inserts, self._end(withEvents=True)]))
-        for _ in inserts:
-            cursor.nextset()
-            ids.extend(row[0] for row in cursor.fetchall())
+        else:
+            # One simple query (several statements), so its values are
+            # bound here (psycopg quotes them).  Not a pipeline: psycopg
+            # polls for a pipeline's results holding the GIL.
+            binder = psycopg.ClientCursor(connection)
+            cursor.execute("; ".join([
+                lock,
+                *(binder.mogrify(statement, params) for statement, params in inserts),
+                self._end(withEvents=True),
+            ]))
+            for _ in inserts:
+                cursor.nextset()
+                ids.extend(row[0] for row in cursor.fetchall())
         # One statement's rows are numbered in order, and no other write
         # numbers events while the lock is held.
         return sorted(ids)
@@ -897,7 +891,7 @@ class SharedEvents:
         if self._lastHere > self.lastId:
             self.changed()
 
-    def changed(self, event: object = None) -> None:
+    def changed(self, event: Event | None = None) -> None:
         """
         Something was committed (by this instance: C{event}, told by its
         journal): publish what is new.  An event of this instance's that
@@ -908,18 +902,15 @@ class SharedEvents:
         """
         if not self._listening:
             return  # stopped (or not started): the database may be closed
-        if isinstance(event, Event) and event.id <= self.lastId:
-            return  # read and published already
-        if (
-            isinstance(event, Event)
-            and event.id == self.lastId + 1
-            and not (self._reading or self._scheduled)
-        ):
-            # Event ids are given in commit order (EVENTS_LOCK): nothing
-            # committed by another instance can come before it.
-            self.lastId = event.id
-            self._publish(event)
-            return
+        if event is not None:
+            if event.id <= self.lastId:
+                return  # read and published already
+            if event.id == self.lastId + 1 and not (self._reading or self._scheduled):
+                # Event ids are given in commit order (EVENTS_LOCK): nothing
+                # committed by another instance can come before it.
+                self.lastId = event.id
+                self._publish(event)
+                return
         if self._reading:
             self._again = True
             return

@@ -250,10 +250,17 @@ def _sessionIdArgument(request: IRequest) -> str | bytes:
 def _html(request: IRequest, html: str | bytes) -> bytes:
     if isinstance(html, bytes):  # an error body from inThread
         return html
+    return _htmlPage(request, html)
+
+
+def _htmlPage(request: IRequest, page: str | bytes) -> bytes:
+    """
+    C{page} (HTML, encoded already if bytes: a page worker's) as the answer.
+    """
     request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
-    return html.encode("utf-8")
+    return page if isinstance(page, bytes) else page.encode("utf-8")
 
 
 class Pages:
@@ -275,16 +282,26 @@ class Pages:
             return busy
         return self._api._renders.run(deferToThread, inBackground, work, *args)
 
-    def inWorker(self, request: IRequest, kind: str, *args: Any) -> Any:
+    def inWorker(
+        self, request: IRequest, kind: str, *args: Any, then: Callable[[Any], bytes]
+    ) -> Any:
         """
-        A Deferred: what the API's page workers answer to C{kind} (a
-        L{chatweb.web._pageworker.PageWorker} method) and C{args}
-        (L{askWorker}); the same 503 as L{inThread} when too many wait.
+        A Deferred: C{then} of what the API's page workers answer to
+        C{kind} (a L{chatweb.web._pageworker.PageWorker} method) and
+        C{args} (L{askWorker}); a 404 if they answer None (no session
+        C{args[0]}), a 503 if they fail, and the same 503 as L{inThread}
+        when too many wait.
         """
         busy = self._tooBusy(request)
         if busy is not None:
             return busy
-        return self.askWorker(kind, *args)
+
+        def answered(answer: Any) -> bytes:
+            if answer is None:
+                return _error(request, 404, f"no session {args[0]!r}")
+            return then(answer)
+
+        return self.askWorker(kind, *args).addCallbacks(answered, self._workerFailed(request))
 
     def askWorker(self, kind: str, *args: Any) -> Deferred[Any]:
         """
@@ -389,15 +406,14 @@ class Pages:
         if api.pageWorkers is not None and (html or self.workerFree()):
             # Read (and the index rendered) in another process.
             if html:
-                listing = self.inWorker(
+                return self.inWorker(
                     request, "index", sorted(pending), _mountPrefix(request),
                     linkLifetime, api._clock.seconds(),
-                ).addCallback(lambda page: _html(request, page))
-            else:
-                listing = self.inWorker(request, "ids", sorted(pending)).addCallback(
-                    lambda body: _encodedJSON(request, body)
+                    then=lambda page: _htmlPage(request, page),
                 )
-            return listing.addErrback(self._workerFailed(request))
+            return self.inWorker(
+                request, "ids", sorted(pending), then=lambda body: _encodedJSON(request, body)
+            )
 
         def listed(results: list[Any]) -> bytes:
             ids, failed = results
@@ -500,13 +516,8 @@ class Pages:
 
         if self._api.pageWorkers is not None:
             # Read and turned into JSON in another process.
-            def exported(body: bytes | None) -> bytes:
-                if body is None:
-                    return _error(request, 404, f"no session {sessionId!r}")
-                return _encodedJSON(request, body)
-
-            return self.inWorker(request, "export", sessionId).addCallbacks(
-                exported, self._workerFailed(request)
+            return self.inWorker(
+                request, "export", sessionId, then=lambda body: _encodedJSON(request, body)
             )
 
         def export(session: Session | None) -> Any:
@@ -544,17 +555,13 @@ class Pages:
         if api._shareExpiry.get(request) is not None:
             token = request.args[b"token"][0].decode("ascii")
         base = _sessionURL(request, sessionId, token)
-        pageURL = pageLinks(base)
         if api.pageWorkers is not None:
             # Read and rendered in another process (chatweb/web/_workers.py).
-            def rendered(html: str | bytes | None) -> Any:
-                if html is None:
-                    return _error(request, 404, f"no session {sessionId!r}")
-                return _html(request, html)
-
-            return self.inWorker(request, "page", sessionId, before, base).addCallbacks(
-                rendered, self._workerFailed(request)
+            return self.inWorker(
+                request, "page", sessionId, before, base,
+                then=lambda page: _htmlPage(request, page),
             )
+        pageURL = pageLinks(base)
 
         def render(found: tuple[SessionPage, SessionView] | None) -> Any:
             if found is None:

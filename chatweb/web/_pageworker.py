@@ -77,8 +77,7 @@ class PageWorker:
         # Read only (the parent's writer is the database's one writer), and
         # never a new, empty file in place of a missing one.
         self._connection = sqlite3.connect(
-            f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None,
-            check_same_thread=False,
+            f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None
         )
         self._connection.execute("PRAGMA busy_timeout=10000")
         # The local backend's reads (and its cache of parsed messages), on
@@ -97,11 +96,11 @@ class PageWorker:
         finally:
             cursor.execute("COMMIT")
 
-    def page(self, sessionId: str, before: int | None, base: str) -> str | None:
+    def page(self, sessionId: str, before: int | None, base: str) -> bytes | None:
         """
         The HTML page of C{sessionId} that ends before message C{before}
-        (links to the others start with C{base}); None if there is no such
-        session (as L{chatweb.sessions.Sessions.page}).
+        (links to the others start with C{base}), encoded; None if there is
+        no such session (as L{chatweb.sessions.Sessions.page}).
         """
         with self._snapshot() as cursor:
             waiting = _undelivered(cursor, sessionId)
@@ -110,7 +109,8 @@ class PageWorker:
         if found is None:
             return None
         part, view = found
-        return renderSession(part, undelivered(view), before, pageLinks(base))
+        # Encoded here, not by the server's reactor.
+        return renderSession(part, undelivered(view), before, pageLinks(base)).encode("utf-8")
 
     def ids(self, pending: list[str]) -> bytes:
         """
@@ -130,7 +130,7 @@ class PageWorker:
         self._listed = (key, body)
         return body
 
-    def index(self, pending: list[str], prefix: str, lifetime: int, now: float) -> str:
+    def index(self, pending: list[str], prefix: str, lifetime: int, now: float) -> bytes:
         """
         The HTML index of the same sessions as L{ids}, each linked with a
         share token that lives C{lifetime} seconds from C{now}.
@@ -144,7 +144,9 @@ class PageWorker:
             links = ShareLinks(secret, clock)
         with self._snapshot() as cursor:
             sessionIds = self._sessionIds(cursor, pending)
-        return renderIndex(sessionIds, indexLinks(sessionIds, prefix, lifetime, links))
+        return renderIndex(sessionIds, indexLinks(sessionIds, prefix, lifetime, links)).encode(
+            "utf-8"
+        )
 
     def export(self, sessionId: str) -> bytes | None:
         """
@@ -181,25 +183,28 @@ class PageWorker:
         C{after}, in id order, and the last one's id if more follow
         (C{GET /sessions?detail=1}).
         """
+        page = []
         with self._snapshot() as cursor:
             every = self._sessionIds(cursor, pending)
-        if after is not None:
-            every = every[bisect_right(every, after) :]
-        page = []
-        for sessionId in every[:limit]:
-            session = self._session(sessionId)
-            if session is not None:
-                page.append(sessionDetail(SessionView(session), False))
+            if after is not None:
+                every = every[bisect_right(every, after) :]
+            for sessionId in every[:limit]:
+                session = self._sessionIn(cursor, sessionId)
+                if session is not None:
+                    page.append(sessionDetail(SessionView(session), False))
         return page, (every[limit - 1] if len(every) > limit else None)
 
     def _session(self, sessionId: str) -> Session | None:
+        with self._snapshot() as cursor:
+            return self._sessionIn(cursor, sessionId)
+
+    def _sessionIn(self, cursor: sqlite3.Cursor, sessionId: str) -> Session | None:
         """
         The session as L{chatweb.sessions.Sessions.get} reads it: an empty
         one if it only has messages waiting or failed; None if neither.
         """
-        with self._snapshot() as cursor:
-            waiting = _undelivered(cursor, sessionId)
-            session = self._backend._getSessionParsedOnce(cursor, sessionId)
+        waiting = _undelivered(cursor, sessionId)
+        session = self._backend._getSessionParsedOnce(cursor, sessionId)
         view = sessionView(sessionId, session, waiting)
         return None if view is None else view.session
 
