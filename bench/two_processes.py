@@ -3,7 +3,7 @@ Issue 13, item 4: POST / throughput of two chatweb processes against one,
 on the same store (PostgreSQL with leases: several instances need it), on
 this machine's cores, in one run; and where the CPU goes.
 
-    python bench/two_processes.py [--seconds 10] [--runs 2]
+    python bench/two_processes.py [--seconds 10] [--runs 2] [--streams]
 
 The load is two wrk processes (8 keep-alive connections each, bodies spread
 over 64 sessions by bench/wrk.lua): with one instance both send to it, with
@@ -12,6 +12,11 @@ SO_REUSEPORT, without the kernel's uneven spread).  Nothing is pinned:
 instances, PostgreSQL (a throwaway cluster, fsync off, as in the tests) and
 wrk share the cores, as they would on a two-core host.  For each run, the
 CPU time of each part (from /proc) per request shows what limits it.
+
+With --streams, two clients follow C{GET /events} while the load runs, like
+the two wrk processes (both on the one instance, or one on each): each of
+two instances then reads back the events the other commits (with no stream
+open, it need not).
 """
 
 from __future__ import annotations
@@ -130,6 +135,45 @@ class Activity:
         return {k: v / max(self.samples, 1) for k, v in self.counts.items()}, commits
 
 
+class Follower:
+    """
+    Follows C{GET /events} on a port in a thread, reading and dropping what
+    comes, and counts the events.
+    """
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self._socket = socket.create_connection(("127.0.0.1", port))
+        self._socket.sendall(
+            f"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n\r\n".encode()
+        )
+        self.events = 0
+        self._thread = threading.Thread(target=self._read)
+        self._thread.start()
+
+    def _read(self) -> None:
+        tail = b""
+        while True:
+            try:
+                data = self._socket.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            data = tail + data
+            self.events += data.count(b"\nid: ")
+            tail = data[-5:]
+
+    def stop(self) -> int:
+        import socket
+
+        self._socket.shutdown(socket.SHUT_RDWR)
+        self._thread.join()
+        self._socket.close()
+        return self.events
+
+
 def wrk(port: int, seconds: float) -> subprocess.Popen:
     return subprocess.Popen(
         ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "-s", os.path.join(HERE, "wrk.lua"),
@@ -148,7 +192,7 @@ def results(process: subprocess.Popen) -> tuple[int, int, int, float]:
     return requests, bad, errors, duration / 1e6
 
 
-def run(server: Cluster, instances: int, seconds: float) -> dict[str, float]:
+def run(server: Cluster, instances: int, seconds: float, streams: bool = False) -> dict[str, float]:
     name = server.createDatabase()
     env = dict(os.environ, CHATWEB_API_KEY=KEY, PYTHONPATH=ROOT)
     processes = []
@@ -164,6 +208,7 @@ def run(server: Cluster, instances: int, seconds: float) -> dict[str, float]:
                 ], PATTERN, env)
                 processes.append(process)
                 ports.append(port)
+            followers = [Follower(ports[n % instances]) for n in range(2)] if streams else []
             for load in [wrk(ports[n % instances], 1) for n in range(2)]:
                 results(load)  # warm up: connections, caches, the JIT-less rest
             pids = [p.pid for p in processes]
@@ -183,6 +228,7 @@ def run(server: Cluster, instances: int, seconds: float) -> dict[str, float]:
             afterPostgres = postgresProcesses(server)
             chatwebCPU = sum(cpuSeconds(pid) for pid in pids) - before["chatweb"]
             reactorCPU = max(cpuSeconds(pid, pid) for pid in pids) - before["reactor"]
+            followed = [follower.stop() for follower in followers]
     finally:
         for process in processes:
             process.terminate()
@@ -208,6 +254,7 @@ def run(server: Cluster, instances: int, seconds: float) -> dict[str, float]:
         "cores used": (chatwebCPU + postgresCPU + wrkCPU) / elapsed,
         "states": states,  # type: ignore[dict-item]
         "commits per request": commits / requests,
+        "followed": followed,  # type: ignore[dict-item]
     }
 
 
@@ -215,16 +262,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--streams", action="store_true",
+                        help="two clients follow GET /events meanwhile")
     args = parser.parse_args()
     server = cluster()
     print(f"POST / for {args.seconds:g} s, 2 wrk x 8 connections, {os.cpu_count()} cores,"
-          " PostgreSQL (fsync off); CPU ms per request", flush=True)
+          " PostgreSQL (fsync off)" + (", 2 clients following GET /events" if args.streams else "")
+          + "; CPU ms per request", flush=True)
     print(f"{'run':<14} {'req/s':>7} {'vs 1':>6} {'chatweb':>8} {'postgres':>9} {'wrk':>6}"
           f" {'cores used':>11} {'busiest reactor':>16}")
     for n in range(args.runs):
         one = None
         for instances in (1, 2):
-            r = run(server, instances, args.seconds)
+            r = run(server, instances, args.seconds, args.streams)
             one = one or r["rps"]
             label = f"{instances} process{'es' if instances > 1 else ''} #{n + 1}"
             print(f"{label:<14} {r['rps']:7.0f} {r['rps'] / one:5.2f}x {r['chatweb']:8.2f}"
@@ -234,7 +284,9 @@ def main() -> None:
                   flush=True)
             states = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["states"].items()))  # type: ignore[attr-defined]
             print(f"    database sessions on average: {states};"
-                  f" {r['commits per request']:.2f} transactions per request (writes and reads)", flush=True)
+                  f" {r['commits per request']:.2f} transactions per request (writes and reads)"
+                  + (f"; events followed: {', '.join(map(str, r['followed']))}"  # type: ignore[call-overload]
+                     if r["followed"] else ""), flush=True)
 
 
 if __name__ == "__main__":

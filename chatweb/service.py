@@ -154,6 +154,7 @@ class ChatWebService(MultiService):
                 lambda after: self.journal.eventsSince(after),
                 self.events.publish,
                 reactor,
+                wanted=lambda: self.events.subscriberCount() > 0,
             )
             self.ownEvents = EventHub()
             sink = self._ownEvent

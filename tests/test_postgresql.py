@@ -12,18 +12,18 @@ import re
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import EchoResponder
 from chatweb.interfaces import IResponder
-from chatweb.model import DELIVERED, PENDING, Delivery, Message, Session
+from chatweb.model import DELIVERED, PENDING, Delivery, Event, EventKind, Message, Session
 from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
 from chatweb.store._journal import SQLiteJournal, _queued
 from chatweb.store._postgresql import (
@@ -31,6 +31,7 @@ from chatweb.store._postgresql import (
     LEASE_SCHEMA,
     Leases,
     PostgreSQLDatabase,
+    SharedEvents,
     redact,
     translate,
 )
@@ -958,6 +959,81 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         self.assertEqual(seen[a], logged)
         self.assertEqual(seen[b], logged)
 
+    async def test_unwatchedInstanceReadsNoEventsBack(self) -> None:
+        """
+        An instance nothing subscribes to (no stream open) does not read
+        back the events another commits; once something subscribes, it
+        does, and its subscriber gets each event committed since, once, in
+        id order.
+        """
+        a, b = await self.startTwo()
+        shared = a.service.sharedEvents
+        eventsSince = a.service.journal.eventsSince
+
+        async def caughtUp() -> bool:
+            events = await eventsSince(0, limit=100000)
+            return bool(events) and shared.lastId == events[-1].id
+
+        # Once A has heard of B's first write, its start-up read is done.
+        await b.post("ci", "first")
+        await waitFor(caughtUp)
+        reads: list[int] = []
+
+        def spy(after: int, session: str | None = None, limit: int = 1000) -> Any:
+            reads.append(after)
+            return eventsSince(after, session, limit)
+
+        a.service.journal.eventsSince = spy
+        # Both at once: each commits between the other's writes.
+        responses = await gatherResults([
+            (a if n % 2 else b).post(f"u{n % 4}", f"unwatched {n}") for n in range(40)
+        ])
+        self.assertEqual({r.code for r in responses}, {204})
+        await waitFor(caughtUp)
+        self.assertEqual(reads, [])
+
+        skipped = shared.lastId
+        seen: list[int] = []
+        a.service.events.subscribe(lambda e: seen.append(e.id))
+        for n in range(6):
+            self.assertEqual((await (a if n % 2 else b).post(f"w{n % 2}", f"watched {n}")).code, 204)
+
+        async def published() -> bool:
+            events = await eventsSince(skipped, limit=100000)
+            return bool(seen) and seen[-1] == events[-1].id
+
+        await waitFor(published)
+        self.assertNotEqual(reads, [])
+        self.assertEqual(seen, [e.id for e in await eventsSince(skipped, limit=100000)])
+
+    async def test_streamReplaysWhatAnUnwatchedInstanceSkipped(self) -> None:
+        """
+        A stream opened on an instance after another committed events it
+        did not read (nothing watched it) replays them from the event log,
+        then gets the live ones, each once, in order.
+        """
+        from .test_live import kinds, openStream
+
+        a, b = await self.startTwo(responder="echo")
+        for n in range(3):
+            await b.post("ci", f"before {n}")
+
+        async def answered() -> bool:
+            return len(await self.sessionMessages(a, "ci")) == 6
+
+        await waitFor(answered)
+        _, reader = await openStream(
+            a, "/events", lambda events: kinds(events).count("delivery.done") == 5,
+            headers={"Last-Event-ID": "0"},
+        )
+        for n in range(2):
+            await b.post("ci", f"after {n}")
+        events = await reader.done.addTimeout(30, reactor)
+        logged = await a.service.journal.eventsSince(0, limit=100000)
+        self.assertEqual([int(e["id"]) for e in events],
+                         [e.id for e in logged][:len(events)])
+        self.assertEqual(kinds(events).count("message.queued"), 5)
+
     async def test_metricsCountWhatEachInstanceDid(self) -> None:
         """
         Each instance's metrics count the deliveries it made, so that the
@@ -1060,6 +1136,48 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         self.assertGreater(reactor.seconds() - start, 1.0)
         self.assertEqual(await self.sessionMessages(a, "ci"),
                          [("user", "after the crash"), ("assistant", "after the crash")])
+
+
+class _NoListener(Clock):
+    def callInThread(self, f: Any, *args: Any) -> None:
+        pass  # no LISTEN thread: nothing else commits
+
+
+class _LastEventIs:
+    def read(self, operation: Any) -> Deferred[int]:
+        return succeed(10)
+
+
+class SharedEventsTests(SynchronousTestCase):
+    """
+    An instance's own event that comes after a gap (another instance
+    committed events in between, not yet heard of) is read back with what
+    it missed only when something in the instance wants the events.
+    """
+
+    def ownEventAfterAGap(self, wanted: bool) -> tuple[SharedEvents, list[int], list[int]]:
+        clock = _NoListener()
+        reads: list[int] = []
+        published: list[int] = []
+
+        def reader(after: int) -> Deferred[list[Any]]:
+            reads.append(after)
+            return succeed([Event(n, EventKind.MESSAGE_QUEUED, "s", 1.0) for n in (11, 12, 13)])
+
+        shared = SharedEvents(_LastEventIs(), reader, lambda e: published.append(e.id),  # type: ignore[arg-type]
+                              clock, wanted=lambda: wanted)
+        shared.start()
+        shared.changed(Event(13, EventKind.MESSAGE_QUEUED, "s", 1.0))
+        clock.advance(0)
+        return shared, reads, published
+
+    def test_readWhenWanted(self) -> None:
+        shared, reads, published = self.ownEventAfterAGap(wanted=True)
+        self.assertEqual((reads, published, shared.lastId), ([10], [11, 12, 13], 13))
+
+    def test_notReadWhenNotWanted(self) -> None:
+        shared, reads, published = self.ownEventAfterAGap(wanted=False)
+        self.assertEqual((reads, published, shared.lastId), ([], [13], 13))
 
 
 class OneWriteAcrossInstancesTests(TwoInstancesTestCase):

@@ -798,7 +798,10 @@ class SharedEvents:
     LISTEN/NOTIFY), read back from the events table after the last one
     published, so none is skipped or published twice (events are committed
     in id order: see L{EVENTS_LOCK}).  One of its own that comes right
-    after the last one published needs no reading back.
+    after the last one published needs no reading back; nor does any while
+    nothing in this instance subscribes to its hub (no stream is open): a
+    stream opened later replays from the event log what came after the id
+    it gives.
     """
 
     def __init__(
@@ -808,6 +811,7 @@ class SharedEvents:
         publish: Callable[[Any], None],
         reactor: Any,
         onChange: Callable[[], None] = lambda: None,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> None:
         self._db = database
         self._read = reader
@@ -816,6 +820,10 @@ class SharedEvents:
         #: Called (in the reactor thread) whenever another instance may have
         #: changed something: the queue looks again.
         self.onChange = onChange
+        #: Whether anything in this instance would be given the events
+        #: published (reading back another instance's events costs a round
+        #: trip and their decoding).
+        self.wanted = wanted
         self.lastId = 0
         self._reading = False
         self._again = False
@@ -863,7 +871,11 @@ class SharedEvents:
                     for notice in connection.notifies(timeout=0.5, stop_after=1):
                         instance, _, lastEvent = notice.payload.partition(" ")
                         if instance != self._db.instance:
-                            self._reactor.callFromThread(self.changed)
+                            if lastEvent:
+                                # (A write that recorded no event adds none.)
+                                self._reactor.callFromThread(
+                                    self._newUpTo, int(lastEvent)
+                                )
                             self._reactor.callFromThread(self.onChange)
                         elif lastEvent:
                             # Its own commits are told by its journal (and
@@ -873,6 +885,21 @@ class SharedEvents:
                 time.sleep(0.2)
             finally:
                 connection.close()
+
+    def _newUpTo(self, lastEvent: int) -> None:
+        """
+        Events up to C{lastEvent} are committed: read those not yet
+        published, if anything here wants them.
+        """
+        if self.wanted():
+            self.changed()
+        else:
+            self._skipTo(lastEvent)
+
+    def _skipTo(self, lastEvent: int) -> None:
+        # Events are committed in id order: every event up to lastEvent is
+        # in the log, where a stream opened from now on replays it.
+        self.lastId = max(self.lastId, lastEvent)
 
     def _committedHere(self, lastEvent: int) -> None:
         """
@@ -889,7 +916,7 @@ class SharedEvents:
     def _checkHere(self) -> None:
         self._check = None
         if self._lastHere > self.lastId:
-            self.changed()
+            self._newUpTo(self._lastHere)
 
     def changed(self, event: Event | None = None) -> None:
         """
@@ -905,6 +932,10 @@ class SharedEvents:
         if event is not None:
             if event.id <= self.lastId:
                 return  # read and published already
+            if not self.wanted():
+                self._skipTo(event.id)
+                self._publish(event)  # (to no one, but it is the newest)
+                return
             if event.id == self.lastId + 1 and not (self._reading or self._scheduled):
                 # Event ids are given in commit order (EVENTS_LOCK): nothing
                 # committed by another instance can come before it.
