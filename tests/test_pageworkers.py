@@ -252,6 +252,67 @@ class PageWorkersTests(TestCase):
             self.assertEqual(api._renders.tokens, 1)
 
 
+    async def test_clientGoneKeepsItsPlaceOnThreads(self) -> None:
+        """
+        Without workers, a page whose client went away holds its place
+        until its thread is done, as with workers.
+        """
+        import threading
+
+        from chatweb.web import _pages
+
+        chatweb = await startChatWeb(self)
+        for n in range(30):
+            await chatweb.post("long", f"message {n}")
+        await chatweb.service.queue.whenDelivered()
+        api = chatweb.service.api
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def slowRender(*args: object, **kwargs: object) -> str:
+            release.wait(30)
+            return "<p>page</p>"
+
+        self.patch(_pages, "renderSession", slowRender)
+        places = api._renders.tokens
+        request = chatweb.get("/session?id=long")
+        while api._renders.tokens == places:
+            await deferLater(reactor, 0.01)
+        request.cancel()
+        with self.assertRaises(ResponseNeverReceived):
+            await request
+        await deferLater(reactor, 0.1)
+        self.assertEqual(api._renders.tokens, places - 1)
+        release.set()
+        for _ in range(500):
+            if api._renders.tokens == places:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(api._renders.tokens, places)
+
+    async def test_clientGoneWhileReadingIsNoFailure(self) -> None:
+        """
+        A request whose client goes away while its session is read is not
+        logged as a failure of the backend (trial fails a test that logs
+        one).
+        """
+        chatweb = await startChatWeb(self)
+        reading: list[Deferred[object]] = []
+
+        def neverRead() -> Deferred[object]:
+            reading.append(Deferred())
+            return reading[-1]
+
+        self.patch(chatweb.service.adapter, "listSessions", neverRead)
+        request = chatweb.get("/sessions")
+        while not reading:
+            await deferLater(reactor, 0.01)
+        request.cancel()
+        with self.assertRaises(ResponseNeverReceived):
+            await request
+        while not reading[0].called:
+            await deferLater(reactor, 0.01)
+
     async def test_lightReadsDoNotWaitForPages(self) -> None:
         """
         While every worker prepares a page, the reads chat.nvim polls (a

@@ -22,7 +22,7 @@ from typing import Any, Sequence, cast
 from weakref import WeakKeyDictionary
 
 from klein import Klein
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import CancelledError, DeferredSemaphore, FirstError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -262,7 +262,15 @@ class ChatWebAPI:
             return _error(request, 404, "not found")
         return None
 
-    def _unavailable(self, request: IRequest, failure: Any) -> bytes:
+    def _unavailable(self, request: IRequest, failure: Any) -> Any:
+        """
+        A 503 error body for a request whose read or write failed (the log
+        says why); unless its client went away (its Deferred was
+        cancelled): that is no failure of the backend's.
+        """
+        cause = failure.value.subFailure if failure.check(FirstError) else failure
+        if cause.check(CancelledError):
+            return cause  # (what Klein expects of a request gone)
         _log.failure("The session backend failed", failure)
         return _error(request, 503, "the session backend is unavailable; retry later")
 

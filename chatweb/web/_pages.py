@@ -274,13 +274,15 @@ class Pages:
 
     def inThread(self, request: IRequest, work: Any, *args: Any) -> Any:
         """
-        A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time;
-        a 503 error body at once when L{RENDER_WAITING} already wait.
+        A Deferred: C{work(*args)} on a thread, L{RENDER_THREADS} at a time
+        (one whose client went away holds its place until it is done: see
+        L{_holdingARender}); a 503 error body at once when L{RENDER_WAITING}
+        already wait.
         """
         busy = self._tooBusy(request)
         if busy is not None:
             return busy
-        return self._api._renders.run(deferToThread, inBackground, work, *args)
+        return self._holdingARender(lambda: deferToThread(inBackground, work, *args))
 
     def inWorker(
         self, request: IRequest, kind: str, *args: Any, then: Callable[[Any], bytes]
@@ -301,16 +303,26 @@ class Pages:
                 return _error(request, 404, f"no session {args[0]!r}")
             return then(answer)
 
-        return self.askWorker(kind, *args).addCallbacks(answered, self._workerFailed(request))
+        return self.askWorker(kind, *args).addCallbacks(
+            answered, lambda f: self._api._unavailable(request, f)
+        )
 
     def askWorker(self, kind: str, *args: Any) -> Deferred[Any]:
         """
         What the API's page workers answer to C{kind} and C{args}, a request
-        at a time per worker.  A request whose client goes away keeps its
-        place until its worker answers: the worker prepares it anyway.
+        at a time per worker (see L{_holdingARender}).
         """
         workers = self._api.pageWorkers
         assert workers is not None
+        return self._holdingARender(lambda: workers.run(kind, *args))
+
+    def _holdingARender(self, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """
+        What C{start()} gives, started once one of the API's render places
+        is free, which it holds until that is done.  A request whose client
+        goes away keeps its place until then (the thread or the worker
+        prepares it anyway), so more never pile up than the limit.
+        """
         renders = self._api._renders
         acquiring = renders.acquire()
         result: Deferred[Any] = Deferred(lambda _: acquiring.cancel())
@@ -326,11 +338,11 @@ class Pages:
 
         def acquired(_: object) -> None:
             try:
-                asked = workers.run(kind, *args)
+                started = start()
             except Exception:
                 answered(Failure())
             else:
-                asked.addBoth(answered)
+                started.addBoth(answered)
 
         acquiring.addCallbacks(acquired, _cancelled)
         return result
@@ -344,19 +356,6 @@ class Pages:
         it does without workers.
         """
         return self._api.pageWorkers is not None and self._api._renders.tokens > 0
-
-    def _workerFailed(self, request: IRequest) -> Callable[[Failure], Any]:
-        """
-        What answers a request whose worker failed: a 503 (and the log
-        says why), unless its client went away.
-        """
-
-        def failed(failure: Failure) -> Any:
-            if failure.check(CancelledError):
-                return failure
-            return self._api._unavailable(request, failure)
-
-        return failed
 
     def _tooBusy(self, request: IRequest) -> Deferred[bytes] | None:
         """

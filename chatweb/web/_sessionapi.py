@@ -22,7 +22,7 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
@@ -170,8 +170,6 @@ class SessionAPI:
         if isinstance(result, Deferred):
 
             def failed(failure: Any) -> Any:
-                if failure.check(CancelledError):
-                    return failure  # its client went away
                 if failure.check(_Answer):
                     return failure.value.body
                 if failure.check(BadRequest):
