@@ -271,6 +271,44 @@ class KeepAliveTests(SynchronousTestCase):
         # The route's answer ends: Klein finishes the request.
         self.assertEqual(self.successResultOf(ended), b"")
 
+    def test_catchingUpIsNotOverflow(self) -> None:
+        """
+        A stream replaying from the event log is not cut off when more live
+        events arrive meanwhile than it may buffer: it reads them from the
+        log too, and goes live once a read finds the log's end with none
+        dropped, each event once, in order.
+        """
+        log = [Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}) for n in range(1, 8)]
+        reads: list[tuple[int, Deferred[list[Event]]]] = []
+
+        class Journal:
+            def eventsSince(self, after: int, session: Any, limit: int) -> Deferred[list[Event]]:
+                reads.append((after, Deferred()))
+                return reads[-1][1]
+
+        hub = EventHub()
+        streams = EventStreams(hub, Journal(), Clock(), maxBuffered=3)  # type: ignore[arg-type]
+        request = _Request([b"events"])
+        request.requestHeaders.setRawHeaders(b"last-event-id", [b"0"])
+        streams.stream(request, None)
+        # The first read's snapshot holds events 1 and 2; 1 to 5 are
+        # published while it runs, more than the stream buffers.
+        for event in log[:5]:
+            hub.publish(event)
+        reads[0][1].callback(log[:2])
+        # So it reads again, after 2; 6 is published meanwhile.
+        self.assertEqual([after for after, _ in reads], [0, 2])
+        hub.publish(log[5])
+        reads[1][1].callback(log[2:6])
+        hub.publish(log[6])
+        written = b"".join(request.written).decode()
+        self.assertEqual(
+            [int(line[4:]) for line in written.splitlines() if line.startswith("id: ")],
+            [1, 2, 3, 4, 5, 6, 7],
+        )
+        self.assertNotIn("overflow", written)
+        self.assertEqual(len(reads), 2)
+
     def test_idNewerThanAnyEventStillGetsNewEvents(self) -> None:
         """
         A client that reconnects with an id from another store (restored

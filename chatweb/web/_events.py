@@ -15,9 +15,10 @@ gap and no duplicate: the stream subscribes to the L{EventHub} first and
 buffers what it publishes, replays from the store, then sends the buffer,
 skipping the ids already sent.
 
-A reader too slow for the events (its connection's buffer is full and
+A reader too slow for the live events (its connection's buffer is full and
 C{maxBuffered} more events wait) gets a final C{overflow} event and its stream
-is closed; it reconnects with C{Last-Event-ID}.  At most C{maxStreams} are
+is closed; it reconnects with C{Last-Event-ID}.  While a stream replays, what
+would overflow its buffer is dropped instead, and read from the store.  At most C{maxStreams} are
 open at once (more get a 503 with Retry-After).
 """
 
@@ -135,6 +136,9 @@ class _Stream:
         #: connection is paused).
         self._waiting: list[Event] = []
         self._replaying = False
+        #: Whether live events were dropped while the replay's last read
+        #: ran (it reads again: they are in the log).
+        self._dropped = False
         self._paused = False
         self.closed = False
         self._unsubscribe: Callable[[], None] = lambda: None
@@ -157,6 +161,8 @@ class _Stream:
     def _replayFrom(self, afterId: int) -> None:
         if self.closed:
             return
+        # What is dropped from now on, this read may not have.
+        self._dropped = False
         d = self._streams.journal.eventsSince(afterId, self.session, REPLAY_BATCH)
         d.addCallbacks(self._replayed, self._replayFailed)
 
@@ -165,7 +171,7 @@ class _Stream:
             return
         for event in events:
             self._write(event)
-        if len(events) >= REPLAY_BATCH:
+        if len(events) >= REPLAY_BATCH or self._dropped:
             if self._paused:
                 # Read on when the reader has taken what was sent.
                 return
@@ -194,7 +200,13 @@ class _Stream:
         if self._replaying or self._paused or self._waiting:
             self._waiting.append(event)
             if len(self._waiting) > self._streams.maxBuffered:
-                self._overflow()
+                if self._replaying:
+                    # Catching up, not too slow: published, so they are in
+                    # the log, where the replay reads them.
+                    self._waiting = []
+                    self._dropped = True
+                else:
+                    self._overflow()
             return
         self._write(event)
 
