@@ -311,6 +311,59 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         self._terminateOthers()
         self.assertEqual(len(await journal.eventsSince(0)), 2)
 
+    def _takeConnections(self, allowed: bool) -> None:
+        """
+        Make the test's database refuse new connections, as a server that
+        is down does, ending those it has; or take them again.
+        """
+        import psycopg
+
+        with psycopg.connect(cluster().dsn(), autocommit=True) as admin:
+            name = admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'test_%%'"
+                " AND %s LIKE '%%/' || datname || '?%%'", (self.dsn,)
+            ).fetchone()[0]
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}')
+            if not allowed:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s", (name,)
+                )
+                _waitUntil(lambda: admin.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s", (name,)
+                ).fetchone() == (0,))
+
+    async def test_readsFailSoonWithoutTheServer(self) -> None:
+        """
+        While the server takes no connection, a read fails once it has
+        waited C{readWait} seconds for one (not the connect timeout), and
+        for as long after, reads fail without waiting; once the server
+        takes connections again, reads succeed.
+        """
+        from psycopg_pool import PoolTimeout
+
+        journal = SQLiteJournal(self.db)
+        self.assertEqual(await journal.pending(), [])
+        self.db.readWait, self.db.idleCheck = 0.5, 0.0
+        self.addCleanup(self._takeConnections, True)
+        self._takeConnections(False)
+        waited: list[object] = []
+        connection = self.db._pool.connection
+        self.patch(self.db._pool, "connection",
+                   lambda **kwargs: waited.append(kwargs) or connection(**kwargs))
+        with self.assertRaises(PoolTimeout):
+            await journal.pending()
+        self.assertEqual(waited, [{"timeout": 0.5}])
+        with self.assertRaises(PoolTimeout):
+            await journal.pending()
+        with self.assertRaises(PoolTimeout):
+            await journal.eventsSince(0)
+        self.assertEqual(len(waited), 1)
+        self._takeConnections(True)
+        self.db.readWait = 30.0
+        await deferLater(reactor, 0.5)
+        self.assertEqual(await journal.pending(), [])
+
     async def test_writesSeeWhatTheLockHolderCommitted(self) -> None:
         """
         With the server's default isolation REPEATABLE READ, a write that

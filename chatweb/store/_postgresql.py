@@ -43,7 +43,8 @@ import hashlib
 import re
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from time import monotonic
 from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -116,6 +117,12 @@ _LOCKS_PER_SELECT = 1000
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
+
+#: Seconds a read waits for a pooled connection: one is made in
+#: milliseconds while the server is up, so when it is down a read fails
+#: (a 503) after this rather than after the connect timeout; and for this
+#: long after such a wait, reads fail at once instead of waiting again.
+READ_WAIT = 5.0
 
 #: Tables whose integer key an INSERT returns as C{lastrowid}.
 _KEYS = {"queue": "id", "events": "id", "messages": "seq"}
@@ -343,6 +350,9 @@ class PostgreSQLDatabase(SQLiteDatabase):
         self._password = password
         self._connectTimeout = connectTimeout
         self._pool: Any = None
+        #: See L{READ_WAIT}.
+        self.readWait = READ_WAIT
+        self._noConnectionUntil = 0.0
         #: The writer thread's own connection (made at the first write,
         #: made again after it breaks).
         self._writerConnection: Any = None
@@ -548,14 +558,34 @@ class PostgreSQLDatabase(SQLiteDatabase):
     def _runRead(self, operation: Operation, args: tuple[Any, ...]) -> Deferred[Any]:
         return self._inThread(self._readThreads, self._readInThread, operation, args)
 
+    @contextmanager
+    def _pooled(self) -> Iterator[Any]:
+        """
+        A connection from the pool, waiting at most L{readWait} seconds for
+        one; none at all for that long after a wait in vain.
+        """
+        from psycopg_pool import PoolTimeout
+
+        if monotonic() < self._noConnectionUntil:
+            raise PoolTimeout(
+                f"no connection to the database: none came in {self.readWait:g} s"
+                " a moment ago"
+            )
+        try:
+            with self._pool.connection(timeout=self.readWait) as connection:
+                yield connection
+        except PoolTimeout:
+            self._noConnectionUntil = monotonic() + self.readWait
+            raise
+
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
         asWorker()
         # One snapshot for all the statements of the read.
-        with self._pool.connection() as connection:
+        with self._pooled() as connection:
             if _began(connection, BEGIN_READ):
                 return self._readOn(connection, operation, args)
         # (The pool drops the closed one.)
-        with self._pool.connection() as connection:
+        with self._pooled() as connection:
             connection.execute(BEGIN_READ)
             return self._readOn(connection, operation, args)
 
@@ -566,7 +596,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
         import psycopg
 
         asWorker()
-        with self._pool.connection() as connection:
+        with self._pooled() as connection:
             try:
                 return self._statementOn(connection, operation, args)
             except psycopg.OperationalError:
@@ -575,7 +605,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
                 if not connection.closed:
                     raise
         # (The pool drops the closed one.)
-        with self._pool.connection() as connection:
+        with self._pooled() as connection:
             return self._statementOn(connection, operation, args)
 
     def _statementOn(self, connection: Any, operation: Operation, args: tuple[Any, ...]) -> Any:
