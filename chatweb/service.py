@@ -46,7 +46,7 @@ from chatweb.web._events import EventStreams
 from chatweb.web._workers import PageWorkers
 from chatweb.metrics import Metrics, MetricsResource
 from twisted.web.server import Site
-from chatweb.web._health import OK, STARTING, STOPPING, HealthCheck
+from chatweb.web._health import OK, STARTING, STOPPING, UNREACHABLE, HealthCheck
 
 DEFAULT_ENDPOINT = "tcp:7777:interface=127.0.0.1:backlog=1024"
 #: Route templates of request paths kept for the metrics (see _routeOf).
@@ -433,7 +433,9 @@ class ChatWebService(MultiService):
     def _health(self) -> str:
         if self._stopped:
             return STOPPING
-        return OK if self._readyResult is True else STARTING
+        if self._readyResult is not True:
+            return STARTING
+        return OK if self.database.reachable else UNREACHABLE
 
     def stopService(self) -> Deferred[None]:
         self._stopped = True

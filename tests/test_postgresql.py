@@ -216,6 +216,29 @@ async def oneSessionWaits(dsn: str, waitEvent: str) -> None:
             return
 
 
+def takeConnections(dsn: str, allowed: bool) -> None:
+    """
+    Make the database of C{dsn} refuse new connections, as a server that
+    is down does, ending those it has; or take them again.
+    """
+    import psycopg
+
+    with psycopg.connect(cluster().dsn(), autocommit=True) as admin:
+        name = admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'test_%%'"
+            " AND %s LIKE '%%/' || datname || '?%%'", (dsn,)
+        ).fetchone()[0]
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}')
+        if not allowed:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s", (name,)
+            )
+            _waitUntil(lambda: admin.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s", (name,)
+            ).fetchone() == (0,))
+
+
 class ConnectionTests(PostgreSQLStorageMixin, TestCase):
     """
     How the engine uses its connections: the statements it runs again and
@@ -311,42 +334,21 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         self._terminateOthers()
         self.assertEqual(len(await journal.eventsSince(0)), 2)
 
-    def _takeConnections(self, allowed: bool) -> None:
-        """
-        Make the test's database refuse new connections, as a server that
-        is down does, ending those it has; or take them again.
-        """
-        import psycopg
-
-        with psycopg.connect(cluster().dsn(), autocommit=True) as admin:
-            name = admin.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'test_%%'"
-                " AND %s LIKE '%%/' || datname || '?%%'", (self.dsn,)
-            ).fetchone()[0]
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}')
-            if not allowed:
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = %s", (name,)
-                )
-                _waitUntil(lambda: admin.execute(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s", (name,)
-                ).fetchone() == (0,))
-
     async def test_readsFailSoonWithoutTheServer(self) -> None:
         """
         While the server takes no connection, a read fails once it has
         waited C{readWait} seconds for one (not the connect timeout), and
         for as long after, reads fail without waiting; once the server
-        takes connections again, reads succeed.
+        takes connections again, reads succeed.  The database says whether
+        it was reached.
         """
         from psycopg_pool import PoolTimeout
 
         journal = SQLiteJournal(self.db)
         self.assertEqual(await journal.pending(), [])
         self.db.readWait, self.db.idleCheck = 0.5, 0.0
-        self.addCleanup(self._takeConnections, True)
-        self._takeConnections(False)
+        self.addCleanup(takeConnections, self.dsn, True)
+        takeConnections(self.dsn, False)
         waited: list[object] = []
         connection = self.db._pool.connection
         self.patch(self.db._pool, "connection",
@@ -354,15 +356,17 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         with self.assertRaises(PoolTimeout):
             await journal.pending()
         self.assertEqual(waited, [{"timeout": 0.5}])
+        self.assertFalse(self.db.reachable)  # (what GET /healthz says)
         with self.assertRaises(PoolTimeout):
             await journal.pending()
         with self.assertRaises(PoolTimeout):
             await journal.eventsSince(0)
         self.assertEqual(len(waited), 1)
-        self._takeConnections(True)
+        takeConnections(self.dsn, True)
         self.db.readWait = 30.0
         await deferLater(reactor, 0.5)
         self.assertEqual(await journal.pending(), [])
+        self.assertTrue(self.db.reachable)
 
     async def test_writesSeeWhatTheLockHolderCommitted(self) -> None:
         """
@@ -757,6 +761,33 @@ class ServiceTests(TestCase):
         with psycopg.connect(dsn) as connection:
             count = connection.execute("SELECT COUNT(*) FROM events").fetchone()
         self.assertTrue(count[0] > 10)
+
+    async def test_healthzSaysWhenTheDatabaseIsUnreachable(self) -> None:
+        """
+        Once a write or read could not reach the database server (a POST's
+        503, or the queue's sweep), C{GET /healthz} answers 503 C{database
+        unreachable}, so that a load balancer sends elsewhere; and C{ok}
+        once it is reached again.
+        """
+        from chatweb.testing import startChatWeb
+
+        dsn = freshDatabase(self)
+        chatweb = await startChatWeb(self, database=dsn)
+        self.assertEqual((await chatweb.get("/healthz")).code, 200)
+        self.addCleanup(takeConnections, dsn, True)
+        takeConnections(dsn, False)
+        self.assertEqual((await chatweb.post("s", "while it is down")).code, 503)
+        response = await chatweb.get("/healthz")
+        self.assertEqual((response.code, await response.json()),
+                         (503, {"status": "database unreachable"}))
+        takeConnections(dsn, True)
+        self.assertEqual((await chatweb.post("s", "once it is back")).code, 204)
+        response = await chatweb.get("/healthz")
+        self.assertEqual((response.code, await response.json()), (200, {"status": "ok"}))
+        import psycopg
+
+        # (The POST's failure, logged.)
+        self.flushLoggedErrors(psycopg.OperationalError)
 
 
 class SchemaTests(TestCase):

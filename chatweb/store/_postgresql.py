@@ -480,6 +480,20 @@ class PostgreSQLDatabase(SQLiteDatabase):
     def _batchInThread(
         self, batch: list[tuple[Operation, tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
+        try:
+            results = self._writeBatch(batch)
+        except BaseException:
+            connection = self._writerConnection
+            if connection is None or connection.closed:
+                self.reachable = False  # (not an error of the batch's)
+            raise
+        self.reachable = True
+        self._noConnectionUntil = 0.0  # reads need not wait to try
+        return results
+
+    def _writeBatch(
+        self, batch: list[tuple[Operation, tuple[Any, ...]]]
+    ) -> list[tuple[bool, Any]]:
         begin = _beginWrite(batch)
         connection = self._connectedWriter()
         if not _began(connection, begin):
@@ -575,8 +589,10 @@ class PostgreSQLDatabase(SQLiteDatabase):
             with self._pool.connection(timeout=self.readWait) as connection:
                 yield connection
         except PoolTimeout:
+            self.reachable = False
             self._noConnectionUntil = monotonic() + self.readWait
             raise
+        self.reachable = True
 
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
         asWorker()

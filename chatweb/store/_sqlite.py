@@ -249,6 +249,10 @@ class SQLiteDatabase:
         self.path = path
         self._reactor = reactor
         self._readers = readers
+        #: False while the database server is known unreachable (the last
+        #: attempt to reach it failed): C{GET /healthz} says so.  A file
+        #: always is.
+        self.reachable = True
         #: The writer's and the readers' connection pools, made by open():
         #: building a database touches no file and starts no thread.
         self._writer: ConnectionPool | None = None

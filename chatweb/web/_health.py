@@ -1,8 +1,9 @@
 """
 C{GET /healthz}: liveness and readiness, for load balancers and
 orchestrators.  It needs no key and says nothing but C{{"status": ...}}:
-200 C{ok} when the store is open and the queue runs, 503 C{starting} or
-C{stopping} otherwise.
+200 C{ok} when the store is open and the queue runs, 503 C{starting},
+C{stopping} or C{database unreachable} (a database server that the last
+attempt could not reach) otherwise.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from chatweb.web._json import _json
 OK = "ok"
 STARTING = "starting"
 STOPPING = "stopping"
+UNREACHABLE = "database unreachable"
 
 
 class HealthCheck:
     """
     Answers C{GET /healthz} from C{status}, a callable that gives L{OK},
-    L{STARTING} or L{STOPPING}.
+    L{STARTING}, L{STOPPING} or L{UNREACHABLE}.
     """
 
     def __init__(self, status: Callable[[], str]) -> None:
