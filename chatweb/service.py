@@ -343,6 +343,7 @@ class ChatWebService(MultiService):
             _log.warn("chatweb: {problem}", problem=warning)
 
         def started(_: object) -> None:
+            _log.info("chatweb started on {where}", where=self._where)
             self._settleReady(True)
 
         def failed(failure: Failure) -> None:

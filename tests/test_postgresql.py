@@ -15,8 +15,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
@@ -333,6 +334,22 @@ class ConnectionTests(PostgreSQLStorageMixin, TestCase):
         # Reads of one statement (no transaction) likewise.
         self._terminateOthers()
         self.assertEqual(len(await journal.eventsSince(0)), 2)
+
+    async def test_sessionsSayWhoseTheyAre(self) -> None:
+        """
+        In pg_stat_activity, chatweb's sessions are named for the host and
+        process of the instance.
+        """
+        import socket
+
+        def mine(cursor: Any) -> Any:
+            return cursor.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()[0]
+
+        expected = f"chatweb {socket.gethostname()}:{os.getpid()}"[:60]
+        self.assertEqual(await self.db.read(mine), expected)
+        self.assertEqual(await self.db.write(mine), expected)
 
     async def test_readsFailSoonWithoutTheServer(self) -> None:
         """
@@ -767,7 +784,8 @@ class ServiceTests(TestCase):
         Once a write or read could not reach the database server (a POST's
         503, or the queue's sweep), C{GET /healthz} answers 503 C{database
         unreachable}, so that a load balancer sends elsewhere; and C{ok}
-        once it is reached again.
+        once it is reached again.  The failure is logged in one line, not
+        with a traceback.
         """
         from chatweb.testing import startChatWeb
 
@@ -776,7 +794,14 @@ class ServiceTests(TestCase):
         self.assertEqual((await chatweb.get("/healthz")).code, 200)
         self.addCleanup(takeConnections, dsn, True)
         takeConnections(dsn, False)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.assertEqual((await chatweb.post("s", "while it is down")).code, 503)
+        [line] = [e for e in logged if "Could not store" in e.get("log_format", "")]
+        self.assertNotIn("log_failure", line)
+        self.assertIn("the database is unreachable (", line["log_format"])
+        self.assertIn("not currently accepting connections", line["reason"])
         response = await chatweb.get("/healthz")
         self.assertEqual((response.code, await response.json()),
                          (503, {"status": "database unreachable"}))
@@ -784,10 +809,44 @@ class ServiceTests(TestCase):
         self.assertEqual((await chatweb.post("s", "once it is back")).code, 204)
         response = await chatweb.get("/healthz")
         self.assertEqual((response.code, await response.json()), (200, {"status": "ok"}))
-        import psycopg
 
-        # (The POST's failure, logged.)
-        self.flushLoggedErrors(psycopg.OperationalError)
+
+class UnreachableLogTests(SynchronousTestCase):
+    """
+    A failure that says the database could not be reached is logged in one
+    line; any other with its traceback.
+    """
+
+    def logged(self, failure: Failure) -> dict[str, Any]:
+        from twisted.logger import Logger
+
+        from chatweb.store._unreachable import logFailure
+
+        events: list[dict[str, Any]] = []
+        logFailure(Logger(observer=events.append), failure, "Could not {what}", what="store")
+        [event] = events
+        return event
+
+    def test_unreachableInOneLine(self) -> None:
+        psycopg = importPsycopg()
+        event = self.logged(Failure(psycopg.OperationalError("connection failed:\n  refused")))
+        self.assertNotIn("log_failure", event)
+        self.assertEqual(formatEvent(event),
+                         "Could not store: the database is unreachable (connection failed: refused)")
+
+    def test_otherFailuresWithTheirTraceback(self) -> None:
+        importPsycopg()
+        event = self.logged(Failure(ZeroDivisionError("a bug")))
+        self.assertIsInstance(event["log_failure"].value, ZeroDivisionError)
+        self.assertEqual(formatEvent(event), "Could not store")
+
+
+def importPsycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise SkipTest("psycopg is not installed")
+    return psycopg
 
 
 class SchemaTests(TestCase):
@@ -879,6 +938,19 @@ class PasswordTests(TestCase):
         db = PostgreSQLDatabase(dsn, reactor)
         self.assertNotIn(PASSWORD, db.path)
         self.assertNotIn(PASSWORD, redact(f"host=x password={PASSWORD} user=y"))
+
+    async def test_startSaysWhereWithoutThePassword(self) -> None:
+        """
+        The log says which database a started service uses, its password
+        hidden.
+        """
+        from chatweb.testing import startChatWeb
+
+        dsn = self.server.tcpDSN(self.name).replace(f"{USER}@", f"{USER}:{PASSWORD}@")
+        await startChatWeb(self, database=dsn)
+        text = "\n".join(self.logged)
+        self.assertIn(f"chatweb started on the database postgresql://{USER}:***@127.0.0.1:", text)
+        self.assertNotIn(PASSWORD, text)
 
     async def test_wrongPasswordFailsWithoutShowingIt(self) -> None:
         """

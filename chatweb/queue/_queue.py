@@ -33,6 +33,7 @@ from chatweb.errors import QueueFull, WrongState
 from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.store._journal import EVENT_RETENTION, Recorder
 from chatweb.store._sqlite import DatabaseClosed
+from chatweb.store._unreachable import logFailure
 from chatweb.model._values import DELIVERED, PENDING, EventKind, QueuedMessage
 
 _log = Logger()
@@ -599,7 +600,7 @@ class MessageQueue:
             # that died) are found here.
             self._journal.pendingSessions().addCallbacks(
                 self._resync,
-                lambda f: _log.failure("Could not read the pending sessions", f),
+                lambda f: logFailure(_log, f, "Could not read the pending sessions"),
             )
 
     def _resync(self, pending: dict[str, tuple[int, int]]) -> None:
@@ -614,7 +615,7 @@ class MessageQueue:
         if not self._leases.held:
             return None
         return self._leases.renew().addErrback(
-            lambda f: _log.failure("Could not renew the session leases", f)
+            lambda f: logFailure(_log, f, "Could not renew the session leases")
         )
 
     def othersChanged(self) -> None:
@@ -657,7 +658,7 @@ class MessageQueue:
 
         def failed(failure: Failure) -> None:
             queue.claiming = False
-            _log.failure("Could not claim session {session!r}", failure, session=session)
+            logFailure(_log, failure, "Could not claim session {session!r}", session=session)
 
         self._leases.claim(session).addCallbacks(claimed, failed)
 
@@ -669,7 +670,7 @@ class MessageQueue:
         def failed(failure: Failure) -> None:
             # Closed while stopping: the lease expires by itself.
             if not failure.check(DatabaseClosed):
-                _log.failure("Could not release session {session!r}", failure, session=session)
+                logFailure(_log, failure, "Could not release session {session!r}", session=session)
 
         self._leases.release(session).addErrback(failed)
 
@@ -710,7 +711,7 @@ class MessageQueue:
         prune = getattr(self._journal, "pruneEvents", None)
         if prune is not None:
             maybeDeferred(prune, now - self.eventRetention).addErrback(
-                lambda f: _log.failure("Could not prune old events", f)
+                lambda f: logFailure(_log, f, "Could not prune old events")
             )
 
     def _kick(self, session: str) -> None:

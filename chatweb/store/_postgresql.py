@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+import socket
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -384,7 +386,12 @@ class PostgreSQLDatabase(SQLiteDatabase):
         kwargs: dict[str, Any] = {"autocommit": True}
         if self._password is not None:
             kwargs["password"] = self._password
-        if "connect_timeout" not in conninfo_to_dict(self._dsn):
+        given = conninfo_to_dict(self._dsn)
+        if "application_name" not in given:
+            # Which instance a session in pg_stat_activity is (at most 63
+            # bytes are kept).
+            kwargs["application_name"] = f"chatweb {socket.gethostname()}:{os.getpid()}"[:60]
+        if "connect_timeout" not in given:
             # Not libpq's default (none; psycopg's 130 s): a writer that
             # reconnects to an unreachable server holds every write.
             kwargs["connect_timeout"] = max(1, int(self._connectTimeout))

@@ -43,6 +43,7 @@ from chatweb.web._messages import Messages
 from chatweb.web._workers import PageWorkers
 from chatweb.web._pages import INDEX_SCOPE, RENDER_THREADS, Pages, _sessionIdArgument
 from chatweb.web._site import Refusal
+from chatweb.store._unreachable import logFailure
 from chatweb.web._validation import (
     BadRequest,
     parseMessage,
@@ -271,7 +272,7 @@ class ChatWebAPI:
         cause = failure.value.subFailure if failure.check(FirstError) else failure
         if cause.check(CancelledError):
             return cause  # (what Klein expects of a request gone)
-        _log.failure("The session backend failed", failure)
+        logFailure(_log, failure, "The session backend failed")
         return _error(request, 503, "the session backend is unavailable; retry later")
 
     # -- routes (handlers in chatweb/web/_messages.py and chatweb/web/_pages.py)

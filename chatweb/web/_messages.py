@@ -16,6 +16,7 @@ from twisted.web.iweb import IRequest
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
 from chatweb.limits import retryAfter
 from chatweb.model._values import FAILED, PENDING, QueuedMessage
+from chatweb.store._unreachable import logFailure
 from chatweb.web._errors import _error
 from chatweb.web._json import _json
 from chatweb.web._validation import (
@@ -145,7 +146,7 @@ def notQueued(failure: Any, session: str) -> tuple[int, str, bytes | None]:
             "this Idempotency-Key was already used for another session or other content",
             None,
         )
-    _log.failure("Could not store a message", failure)
+    logFailure(_log, failure, "Could not store a message")
     return 503, "the message could not be stored; retry later", None
 
 

@@ -1,0 +1,38 @@
+"""
+Failures that only say the database server could not be reached (it is
+down, restarting, or refusing connections): nothing in chatweb to mend, and
+while they last every request and every sweep meets one.  They are logged
+in one line each, not with a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+def unreachable(failure: Failure) -> str | None:
+    """
+    Why the database could not be reached, if that is what C{failure}
+    says (psycopg's C{OperationalError}, a pool's timeout among them);
+    None for any other failure.
+    """
+    psycopg = sys.modules.get("psycopg")  # (not imported: not in use)
+    if psycopg is not None and failure.check(psycopg.OperationalError):
+        return " ".join(failure.getErrorMessage().split())
+    return None
+
+
+def logFailure(log: Logger, failure: Failure, format: str, **kwargs: Any) -> None:
+    """
+    Log C{failure} with C{format}: in one line if the database was
+    unreachable, else with its traceback.
+    """
+    reason = unreachable(failure)
+    if reason is None:
+        log.failure(format, failure, **kwargs)
+    else:
+        log.warn(format + ": the database is unreachable ({reason})", reason=reason, **kwargs)
