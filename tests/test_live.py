@@ -309,6 +309,72 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertNotIn("overflow", written)
         self.assertEqual(len(reads), 2)
 
+    def replaying(self, maxBuffered: int) -> tuple[Any, list[Any], EventHub, Clock]:
+        """
+        A stream replaying from event 0 (each read of the log waits to be
+        answered), its request, the reads asked for, its hub and clock.
+        """
+        reads: list[tuple[int, Deferred[list[Event]]]] = []
+
+        class Journal:
+            def eventsSince(self, after: int, session: Any, limit: int) -> Deferred[list[Event]]:
+                reads.append((after, Deferred()))
+                return reads[-1][1]
+
+        hub, clock = EventHub(), Clock()
+        streams = EventStreams(hub, Journal(), clock, maxBuffered=maxBuffered)  # type: ignore[arg-type]
+        request = _Request([b"events"])
+        request.requestHeaders.setRawHeaders(b"last-event-id", [b"0"])
+        streams.stream(request, None)
+        return request, reads, hub, clock
+
+    def test_oneReplayReadAtATime(self) -> None:
+        """
+        A stream paused and resumed while a replay's read is under way does
+        not start another (whose start would hide what was dropped during
+        the first): it reads on once the first is answered.
+        """
+        log = [Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}) for n in range(1, 7)]
+        request, reads, hub, _ = self.replaying(maxBuffered=3)
+        for event in log[:5]:
+            hub.publish(event)
+        request.producer.pauseProducing()
+        request.producer.resumeProducing()
+        self.assertEqual(len(reads), 1)
+        hub.publish(log[5])
+        reads[0][1].callback([])
+        reads[1][1].callback(log)
+        written = b"".join(request.written).decode()
+        self.assertEqual(
+            [int(line[4:]) for line in written.splitlines() if line.startswith("id: ")],
+            [1, 2, 3, 4, 5, 6],
+        )
+
+    def test_replayingReaderThatTakesNothingIsDropped(self) -> None:
+        """
+        A replaying stream whose reader takes nothing (its connection stays
+        paused) while live events keep coming is dropped with an overflow
+        once REPLAY_STALL seconds have passed, as a slow live reader is;
+        before that, it only drops what it buffered.
+        """
+        from chatweb.web._events import REPLAY_STALL
+
+        request, reads, hub, clock = self.replaying(maxBuffered=10)
+        request.producer.pauseProducing()
+        for n in range(1, 50):
+            hub.publish(Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}))
+        # Events were dropped during the read: the replay goes on once the
+        # reader takes what was sent.
+        reads[0][1].callback([])
+        for n in range(50, 100):
+            hub.publish(Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}))
+        self.assertNotIn(b"overflow", b"".join(request.written))
+        clock.advance(REPLAY_STALL)
+        for n in range(100, 112):
+            hub.publish(Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {}))
+        self.assertIn(b"event: overflow\n", b"".join(request.written))
+        self.assertEqual(hub.subscriberCount(), 0)
+
     def test_idNewerThanAnyEventStillGetsNewEvents(self) -> None:
         """
         A client that reconnects with an id from another store (restored

@@ -18,7 +18,8 @@ skipping the ids already sent.
 A reader too slow for the live events (its connection's buffer is full and
 C{maxBuffered} more events wait) gets a final C{overflow} event and its stream
 is closed; it reconnects with C{Last-Event-ID}.  While a stream replays, what
-would overflow its buffer is dropped instead, and read from the store.  At most C{maxStreams} are
+would overflow its buffer is dropped instead, and read from the store, unless
+its reader has taken nothing for L{REPLAY_STALL} seconds.  At most C{maxStreams} are
 open at once (more get a 503 with Retry-After).
 """
 
@@ -39,6 +40,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from chatweb.events import EventHub
 from chatweb.model import Event
+from chatweb.store._unreachable import logFailure
 from chatweb.web._errors import _error
 from chatweb.web._validation import BadRequest, decodePathSegment, validateSessionId
 
@@ -55,6 +57,9 @@ KEEP_ALIVE = 15.0
 ABORT_AFTER = 10.0
 #: Events read from the store at a time while replaying.
 REPLAY_BATCH = 500
+#: Seconds a replaying stream's reader may take nothing while more live
+#: events come than it buffers, before it is dropped as too slow.
+REPLAY_STALL = 10.0
 #: Event ids are SQLite integers.
 _MAX_ID = 2**63 - 1
 
@@ -136,10 +141,12 @@ class _Stream:
         #: connection is paused).
         self._waiting: list[Event] = []
         self._replaying = False
-        #: Whether live events were dropped while the replay's last read
-        #: ran (it reads again: they are in the log).
+        #: Whether a replay's read is under way, and whether live events
+        #: were dropped while it ran (it reads again: they are in the log).
+        self._reading = False
         self._dropped = False
         self._paused = False
+        self._pausedSince = 0.0
         self.closed = False
         self._unsubscribe: Callable[[], None] = lambda: None
         #: Fires when the stream ends (what the route returns to Klein).
@@ -163,10 +170,12 @@ class _Stream:
             return
         # What is dropped from now on, this read may not have.
         self._dropped = False
+        self._reading = True
         d = self._streams.journal.eventsSince(afterId, self.session, REPLAY_BATCH)
         d.addCallbacks(self._replayed, self._replayFailed)
 
     def _replayed(self, events: list[Event]) -> None:
+        self._reading = False
         if self.closed:
             return
         for event in events:
@@ -181,7 +190,8 @@ class _Stream:
         self._flush()
 
     def _replayFailed(self, failure: Any) -> None:
-        _log.failure("Could not read the event log for a stream", failure)
+        self._reading = False
+        logFailure(_log, failure, "Could not read the event log for a stream")
         self.close()
 
     # -- live events
@@ -200,15 +210,23 @@ class _Stream:
         if self._replaying or self._paused or self._waiting:
             self._waiting.append(event)
             if len(self._waiting) > self._streams.maxBuffered:
-                if self._replaying:
-                    # Catching up, not too slow: published, so they are in
-                    # the log, where the replay reads them.
+                if self._replaying and not self._stalled():
+                    # Catching up: published, so they are in the log, where
+                    # the replay reads them.
                     self._waiting = []
                     self._dropped = True
                 else:
                     self._overflow()
             return
         self._write(event)
+
+    def _stalled(self) -> bool:
+        """
+        Whether the reader has taken nothing for L{REPLAY_STALL} seconds.
+        """
+        return self._paused and (
+            self._streams.clock.seconds() - self._pausedSince >= REPLAY_STALL
+        )
 
     def _flush(self) -> None:
         while self._waiting and not self._paused and not self.closed:
@@ -245,14 +263,17 @@ class _Stream:
     # -- IPushProducer
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        if not self._paused:
+            self._paused = True
+            self._pausedSince = self._streams.clock.seconds()
 
     def resumeProducing(self) -> None:
         if not self._paused:
             return
         self._paused = False
         if self._replaying:
-            self._replayFrom(self.lastSent)
+            if not self._reading:  # (else it reads on when that is done)
+                self._replayFrom(self.lastSent)
         else:
             self._flush()
 
