@@ -13,7 +13,7 @@ import signal
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -312,6 +312,18 @@ class PageWorkersTests(TestCase):
             await request
         while not reading[0].called:
             await deferLater(reactor, 0.01)
+
+    async def test_backendsOwnCancellationIsA503(self) -> None:
+        """
+        A read the backend cancelled itself (its own timeout), for a client
+        still there, is a failure of the backend's: a 503, logged.
+        """
+        chatweb = await startChatWeb(self)
+        self.patch(chatweb.service.adapter, "listSessions", lambda: fail(CancelledError()))
+        response = await chatweb.get("/sessions")
+        self.assertEqual(response.code, 503)
+        self.assertIn("unavailable", (await response.json())["error"])
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 1)
 
     async def test_lightReadsDoNotWaitForPages(self) -> None:
         """

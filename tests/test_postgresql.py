@@ -834,11 +834,18 @@ class UnreachableLogTests(SynchronousTestCase):
         self.assertEqual(formatEvent(event),
                          "Could not store: the database is unreachable (connection failed: refused)")
 
+    def test_serverGoingAwayInOneLine(self) -> None:
+        psycopg = importPsycopg()
+        for error in [psycopg.errors.AdminShutdown("terminating connection"),
+                      psycopg.errors.ConnectionFailure("connection failure")]:
+            self.assertNotIn("log_failure", self.logged(Failure(error)))
+
     def test_otherFailuresWithTheirTraceback(self) -> None:
-        importPsycopg()
-        event = self.logged(Failure(ZeroDivisionError("a bug")))
-        self.assertIsInstance(event["log_failure"].value, ZeroDivisionError)
-        self.assertEqual(formatEvent(event), "Could not store")
+        psycopg = importPsycopg()
+        for error in [ZeroDivisionError("a bug"), psycopg.errors.DeadlockDetected("deadlock")]:
+            event = self.logged(Failure(error))
+            self.assertIs(event["log_failure"].value, error)
+            self.assertEqual(formatEvent(event), "Could not store")
 
 
 def importPsycopg() -> Any:
@@ -1161,6 +1168,29 @@ class SeveralInstancesTests(TwoInstancesTestCase):
         await waitFor(published)
         self.assertNotEqual(reads, [])
         self.assertEqual(seen, [e.id for e in await eventsSince(skipped, limit=100000)])
+
+    async def test_failedReadOfNewEventsTriedAgain(self) -> None:
+        """
+        An instance that could not read the events another committed (no
+        connection to be had for a moment) reads them again soon after,
+        without waiting for the other to write again.
+        """
+        from time import monotonic
+
+        a, b = await self.startTwo()
+        seen: list[int] = []
+        a.service.events.subscribe(lambda e: seen.append(e.id))
+        await b.post("ci", "one")
+
+        async def caughtUp() -> bool:
+            events = await b.service.journal.eventsSince(0, limit=100000)
+            return bool(seen) and seen[-1] == events[-1].id
+
+        await waitFor(caughtUp)
+        # As right after a read waited in vain: reads fail at once, a while.
+        a.service.database._noConnectionUntil = monotonic() + 1.0
+        await b.post("ci", "two")
+        await waitFor(caughtUp, timeout=10)
 
     async def test_streamReplaysWhatAnUnwatchedInstanceSkipped(self) -> None:
         """

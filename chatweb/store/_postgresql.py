@@ -56,12 +56,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from chatweb._priority import asWorker
 from chatweb.model import PENDING
 from chatweb.model._values import Event
 from chatweb.store._journal import OPEN
+from chatweb.store._unreachable import logFailure
 from chatweb.store._sqlite import (
     SESSION_WRITES,
     SQLiteDatabase,
@@ -119,6 +121,9 @@ _LOCKS_PER_SELECT = 1000
 
 #: Where committed changes are announced (LISTEN/NOTIFY).
 CHANNEL = "chatweb_events"
+
+#: Most seconds between tries to read new events while reading fails.
+RETRY_LONGEST = 10.0
 
 #: Seconds a read waits for a pooled connection: one is made in
 #: milliseconds while the server is up, so when it is down a read fails
@@ -494,8 +499,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
             if connection is None or connection.closed:
                 self.reachable = False  # (not an error of the batch's)
             raise
-        self.reachable = True
-        self._noConnectionUntil = 0.0  # reads need not wait to try
+        self.reached()
         return results
 
     def _writeBatch(
@@ -599,7 +603,15 @@ class PostgreSQLDatabase(SQLiteDatabase):
             self.reachable = False
             self._noConnectionUntil = monotonic() + self.readWait
             raise
+        self.reached()
+
+    def reached(self) -> None:
+        """
+        The server took a connection or a statement: it is reachable, and
+        reads need not wait to try.
+        """
         self.reachable = True
+        self._noConnectionUntil = 0.0
 
     def _readInThread(self, operation: Operation, args: tuple[Any, ...]) -> Any:
         asWorker()
@@ -886,6 +898,9 @@ class SharedEvents:
         #: check that it was published (L{_committedHere}).
         self._lastHere = 0
         self._check: Any = None
+        #: Reads of new events that failed in a row, and the next try.
+        self._failures = 0
+        self._retry: Any = None
 
     def start(self) -> Deferred[None]:
         """
@@ -901,9 +916,10 @@ class SharedEvents:
 
     def stop(self) -> None:
         self._listening = False
-        if self._check is not None:
-            self._check.cancel()
-            self._check = None
+        for call in (self._check, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._check = self._retry = None
 
     def _listen(self) -> None:
         # A thread of its own, with a connection of its own.
@@ -917,6 +933,7 @@ class SharedEvents:
                 continue
             try:
                 connection.execute(f"LISTEN {CHANNEL}")
+                self._db.reached()
                 # Whatever was committed while not listening.
                 self._reactor.callFromThread(self.changed)
                 self._reactor.callFromThread(self.onChange)
@@ -1010,6 +1027,7 @@ class SharedEvents:
         self._again = False
 
         def got(events: list[Any]) -> None:
+            self._failures = 0
             for event in events:
                 if event.id > self.lastId:
                     self.lastId = event.id
@@ -1022,6 +1040,13 @@ class SharedEvents:
             if self._again:
                 self.changed()
 
-        self._read(self.lastId).addCallback(got).addErrback(
-            lambda f: _log.failure("Could not read the new events", f)
-        ).addBoth(done)
+        def failed(failure: Failure) -> None:
+            logFailure(_log, failure, "Could not read the new events")
+            # Nothing else may come to make it read again: it tries again
+            # later, less often while it keeps failing.
+            self._failures += 1
+            if self._retry is None or not self._retry.active():
+                delay = min(RETRY_LONGEST, 0.5 * 2 ** (self._failures - 1))
+                self._retry = self._reactor.callLater(delay, self.changed)
+
+        self._read(self.lastId).addCallback(got).addErrback(failed).addBoth(done)

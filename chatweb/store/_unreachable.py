@@ -14,14 +14,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
+#: SQLSTATEs of a server shutting down or starting (admin_shutdown,
+#: crash_shutdown, cannot_connect_now); class 08 is the connection's.
+_GOING = {"57P01", "57P02", "57P03"}
+
+
 def unreachable(failure: Failure) -> str | None:
     """
     Why the database could not be reached, if that is what C{failure}
-    says (psycopg's C{OperationalError}, a pool's timeout among them);
-    None for any other failure.
+    says: psycopg's C{OperationalError} from a connection that failed
+    (no SQLSTATE: a pool's timeout among them), a connection exception or
+    a server going away.  None for any other failure (a deadlock, a
+    timeout of a statement, a full disk: a traceback may help).
     """
     psycopg = sys.modules.get("psycopg")  # (not imported: not in use)
-    if psycopg is not None and failure.check(psycopg.OperationalError):
+    if psycopg is None or not failure.check(psycopg.OperationalError):
+        return None
+    state = getattr(failure.value, "sqlstate", None)
+    if state is None or state.startswith("08") or state in _GOING:
         return " ".join(failure.getErrorMessage().split())
     return None
 

@@ -266,13 +266,14 @@ class ChatWebAPI:
     def _unavailable(self, request: IRequest, failure: Any) -> Any:
         """
         A 503 error body for a request whose read or write failed (the log
-        says why); unless its client went away (its Deferred was
-        cancelled): that is no failure of the backend's.
+        says why); unless its client went away (Klein cancelled its
+        Deferred): that is no failure of the backend's.  (A cancellation
+        of the backend's own, a timeout, is one.)
         """
         cause = failure.value.subFailure if failure.check(FirstError) else failure
-        if cause.check(CancelledError):
+        if cause.check(CancelledError) and getattr(request, "_disconnected", False):
             return cause  # (what Klein expects of a request gone)
-        logFailure(_log, failure, "The session backend failed")
+        logFailure(_log, cause, "The session backend failed")
         return _error(request, 503, "the session backend is unavailable; retry later")
 
     # -- routes (handlers in chatweb/web/_messages.py and chatweb/web/_pages.py)
