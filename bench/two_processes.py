@@ -163,7 +163,7 @@ class Follower:
                 return
             data = tail + data
             self.events += data.count(b"\nid: ")
-            tail = data[-5:]
+            tail = data[-4:]  # (a marker cut in two is counted once)
 
     def stop(self) -> int:
         import socket

@@ -784,9 +784,8 @@ class MessageQueue:
 
         def failed(failure: Failure) -> None:
             queue.reading = None
-            _log.failure(
-                "Reading the next message of session {session!r} failed",
-                failure,
+            logFailure(
+                _log, failure, "Reading the next message of session {session!r} failed",
                 session=session,
             )
 
@@ -833,7 +832,7 @@ class MessageQueue:
                     "received": message.received,
                 },
             ).addErrback(
-                lambda f: _log.failure("Could not record a delivery start", f)
+                lambda f: logFailure(_log, f, "Could not record a delivery start")
             )
         delivery = attrs.evolve(
             message.delivery(), emit=self._emitter(session, message.id)
@@ -850,7 +849,7 @@ class MessageQueue:
             errbackArgs=(session, queue, message),
         )
         d.addErrback(
-            lambda f: _log.failure("Delivery bookkeeping failed", f)
+            lambda f: logFailure(_log, f, "Delivery bookkeeping failed")
         )
 
     def _emitter(self, session: str, messageId: int) -> Any:
@@ -864,7 +863,7 @@ class MessageQueue:
                 EventKind.DELIVERY_TEXT,
                 session,
                 {"message": messageId, "text": text},
-            ).addErrback(lambda f: _log.failure("Could not record streamed text", f))
+            ).addErrback(lambda f: logFailure(_log, f, "Could not record streamed text"))
 
         return emit
 
@@ -878,9 +877,7 @@ class MessageQueue:
             # The adapter has the message; at worst it sees it again after
             # a restart, with the same id.
             queue.skipThrough = max(queue.skipThrough, message.id)
-            _log.failure(
-                "Could not record delivery of message {id}", failure, id=message.id
-            )
+            logFailure(_log, failure, "Could not record delivery of message {id}", id=message.id)
 
         def done(_: object) -> None:
             try:
@@ -939,7 +936,7 @@ class MessageQueue:
         )
 
         def recordFailed(f: Failure) -> None:
-            _log.failure("Could not record failure of message {id}", f, id=message.id)
+            logFailure(_log, f, "Could not record failure of message {id}", id=message.id)
 
         def recorded(_: object) -> None:
             try:

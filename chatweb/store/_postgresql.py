@@ -961,6 +961,8 @@ class SharedEvents:
         Events up to C{lastEvent} are committed: read those not yet
         published, if anything here wants them.
         """
+        if lastEvent <= self.lastId:
+            return  # read (or skipped) already
         if self.wanted():
             self.changed()
         else:

@@ -1,6 +1,6 @@
 """
-C{GET /healthz}: liveness and readiness, for load balancers and
-orchestrators.  It needs no key and says nothing but C{{"status": ...}}:
+C{GET /healthz}: readiness, for load balancers and orchestrators (not for
+liveness: during a database outage every instance is unready).  It needs no key and says nothing but C{{"status": ...}}:
 200 C{ok} when the store is open and the queue runs, 503 C{starting},
 C{stopping} or C{database unreachable} (a database server that the last
 attempt could not reach) otherwise.
