@@ -24,6 +24,16 @@ from chatweb.config import ConfigError, defaultDataDir, ensureKeyFile, readSecre
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's reactor runs (while it imports): one
+        # line too, and the shell's status for it.
+        print("chatweb: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from chatweb.cli import addClientCommands
 
     parser = argparse.ArgumentParser(

@@ -4,7 +4,8 @@ share), over L{chatweb.client.ChatWebClient}.  C{chatweb.__main__} puts
 them beside its own commands (import, ensure-key) in one dispatcher.
 
 Errors are one line on stderr (C{chatweb: ...}) and exit status 1; a usage
-error is argparse's, status 2.  The API key never reaches the output.
+error is argparse's, status 2; Ctrl-C is one line and status 130 (0 for
+C{follow}, which runs until it).  The API key never reaches the output.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
-from typing import Any, Awaitable, Callable, Coroutine, TextIO
+from typing import Any, Callable, Coroutine, TextIO
 
 from chatweb.client import ChatWebClient, ChatWebError, StreamEvent
 from chatweb.config import (
@@ -26,8 +28,15 @@ from chatweb.config import (
 
 DEFAULT_URL = "http://127.0.0.1:7777"
 
+#: Most bytes of a message read from stdin (far above any server's body
+#: limit: it stops an endless input, not a real message).
+MAX_STDIN = 64 * 1024 * 1024
+
+#: The exit status of a command that Ctrl-C ended (a shell's, for SIGINT).
+INTERRUPTED = 130
+
 #: A command: the client and the parsed arguments; returns the exit status.
-Command = Callable[[ChatWebClient, argparse.Namespace], Awaitable[int]]
+Command = Callable[[ChatWebClient, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 class UsageError(Exception):
@@ -55,7 +64,8 @@ def addClientCommands(commands: Any) -> None:
     )
     common.add_argument("--json", action="store_true", help="print JSON, for scripts")
     common.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for each answer"
+        "--timeout", type=_seconds, default=30.0,
+        help="seconds to wait for each answer to start (default 30)",
     )
 
     def add(
@@ -100,6 +110,8 @@ def addClientCommands(commands: Any) -> None:
         "follow", _follow, "print a session's events as they happen, until Ctrl-C"
     )
     follow.add_argument("session", nargs="?", default=None, help="(default: every session)")
+    # (Ctrl-C ends it as it should: see _follow.)
+    follow.set_defaults(untilInterrupted=True)
     follow.add_argument(
         "--last-event-id", type=int, default=None, help="start after this event"
     )
@@ -110,6 +122,29 @@ def addClientCommands(commands: Any) -> None:
     share.add_argument(
         "--expires-in", type=int, default=None, help="seconds the link lives (default 3600)"
     )
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {value!r}")
+    return seconds
+
+
+def _checkURL(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # (raises for one that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"not an http:// or https:// URL: {url!r}")
+    return url
 
 
 def _apiKey(args: argparse.Namespace, environ: Any) -> str:
@@ -148,22 +183,50 @@ def runCommand(
         if prepare is not None:
             prepare(args)
         key = _apiKey(args, environ)
+        url = _checkURL(args.url or environ.get("CHATWEB_URL") or DEFAULT_URL)
     except UsageError as e:
         return _fail(stderr, str(e))
-    url = args.url or environ.get("CHATWEB_URL") or DEFAULT_URL
     status: list[int] = [1]
 
     async def main(reactor: Any) -> None:
+        from twisted.internet.defer import Deferred
+
         client = ChatWebClient(url, key, timeout=args.timeout)
         args.reactor = reactor
+        running: Deferred[int] = Deferred.fromCoroutine(command(client, args))
+        interrupted: list[bool] = []
+
+        def interrupt() -> None:
+            # Ctrl-C (or SIGTERM) stops the reactor: end the command
+            # first, and say so.
+            interrupted.append(True)
+            running.cancel()
+
+        if not getattr(args, "untilInterrupted", False):
+            reactor.addSystemEventTrigger("before", "shutdown", interrupt)
         try:
-            status[0] = await command(client, args)
-        except (ChatWebError, UsageError) as e:
-            status[0] = _fail(stderr, str(e))
+            status[0] = await running
+        except Exception as e:
+            # (Cancelled, its request may have failed rather than stopped.)
+            if interrupted:
+                status[0] = _fail(stderr, _interrupted(args), INTERRUPTED)
+            elif isinstance(e, (ChatWebError, UsageError)):
+                status[0] = _fail(stderr, str(e))
+            else:
+                raise
         finally:
             await client.close()
 
     return runWithReactor(main, status)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    if getattr(args, "text", None) is not None and args.idempotency_key is None:
+        return (
+            "interrupted: the message may or may not have been queued (give"
+            " --idempotency-key to make sending it again safe)"
+        )
+    return "interrupted"
 
 
 def runWithReactor(
@@ -184,10 +247,23 @@ def runWithReactor(
     return status[0]
 
 
-def _fail(stderr: TextIO, message: str) -> int:
+def _fail(stderr: TextIO, message: str, status: int = 1) -> int:
     line = " ".join(message.split()) or "failed"
     print(f"chatweb: {line}", file=stderr)
-    return 1
+    return status
+
+
+#: What a terminal would take as a command rather than text: control
+#: characters but newline and tab.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str) -> str:
+    """
+    C{text} to print as text: each control character written as an escape
+    (C{\\x1b}), so that no message can drive the reader's terminal.
+    """
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _print(value: Any) -> None:
@@ -203,7 +279,13 @@ def _printJSON(value: Any) -> None:
 
 def _readText(args: argparse.Namespace) -> None:
     if args.text is None:
-        text = sys.stdin.read()
+        data = sys.stdin.buffer.read(MAX_STDIN + 1)
+        if len(data) > MAX_STDIN:
+            raise UsageError(f"the message on stdin is larger than {MAX_STDIN} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"the message on stdin is not valid UTF-8 (byte {e.start})")
         args.text = text[:-1] if text.endswith("\n") else text
     if not args.text:
         raise UsageError("nothing to send: give TEXT, or pipe it to stdin")
@@ -251,13 +333,13 @@ async def _show(client: ChatWebClient, args: argparse.Namespace) -> int:
     for n, message in enumerate(messages):
         if message.role is None:
             if message.error is not None:
-                _print(f"[error] {message.error}")
+                _print(_shown(f"[error] {message.error}"))
             continue  # chat.nvim's completion marks
         if n:
             _print("")
-        _print(f"[{message.role}]")
+        _print(_shown(f"[{message.role}]"))
         if message.content:
-            _print(message.content)
+            _print(_shown(message.content))
     return 0
 
 
@@ -275,7 +357,7 @@ def _describe(event: StreamEvent) -> str:
         if data.get("error"):
             what += f": {data['error']}"
     line = f"{event.id} {event.session} {event.kind} {what}".rstrip()
-    return " ".join(line.split("\n"))
+    return _shown(" ".join(line.split("\n")))
 
 
 async def _follow(client: ChatWebClient, args: argparse.Namespace) -> int:

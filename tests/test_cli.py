@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -175,11 +175,128 @@ class CommandTests(TestCase):
         self.assertIn("ci message.added [assistant] watched", " ".join(lines))
         self.assertTrue(lines[-1].endswith("delivery.done message 1"), lines)
 
+    async def test_textBeyondASCIIWithinTheLimit(self) -> None:
+        """
+        A message of 400,000 bytes of UTF-8 is sent as such: escaped (each
+        character 6 bytes), it would pass the server's 1 MiB body limit.
+        """
+        text = "\u00e9" * 200_000
+        code, out, err = await self.command("send", "big", stdin=text.encode("utf-8"))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(await self.messages("big"), [("user", text), ("assistant", text)])
+
+    async def test_stdinNotUTF8(self) -> None:
+        self.assertOneLineError(
+            await self.command("send", "ci", stdin=b"caf\xe9\n"), "not valid UTF-8"
+        )
+        self.assertEqual(await self.messages("ci"), [])
+
+    async def test_controlCharactersShownAsEscapes(self) -> None:
+        """
+        C{show} prints a message's control characters as escapes: no
+        sender can drive the reader's terminal.  C{--json} keeps them.
+        """
+        await self.command("send", "--wait", "ci", "\x1b[31mred\x1b[0m\x07 and\ttab")
+        code, out, _ = await self.command("show", "ci")
+        self.assertNotIn("\x1b", out)
+        self.assertIn("\\x1b[31mred\\x1b[0m\\x07 and\ttab", out)
+        code, out, _ = await self.command("show", "ci", "--json")
+        self.assertEqual(json.loads(out)[0]["content"], "\x1b[31mred\x1b[0m\x07 and\ttab")
+
+    async def test_badURLOrTimeout(self) -> None:
+        for url in ["127.0.0.1:7777", "ftp://127.0.0.1/", "http://"]:
+            self.assertOneLineError(
+                await self.command("sessions", "--url", url), "not an http:// or https:// URL"
+            )
+        code, out, err = await self.command("sessions", "--timeout", "-1")
+        self.assertEqual(code, 2)
+        self.assertIn("not a number of seconds above 0", err)
+
     async def test_importAndEnsureKeyStillThere(self) -> None:
         dataDir = os.path.abspath(self.mktemp())
         code, out, err = await self.command("ensure-key", "--data-dir", dataDir)
         self.assertEqual(code, 0, err)
         self.assertEqual(out.strip(), os.path.join(dataDir, "api-key"))
+
+
+class _Silent(Protocol):
+    """
+    Takes a request and never answers.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received.callback(None) if not self.factory.received.called else None
+
+
+class SilentServerTests(TestCase):
+    """
+    Against a server that takes connections and never answers.
+    """
+
+    async def setUp(self) -> None:
+        from twisted.internet.protocol import Factory
+
+        factory = Factory.forProtocol(_Silent)
+        factory.received = Deferred()  # type: ignore[attr-defined]
+        self.received = factory.received  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    async def test_noAnswerWithinTheTimeout(self) -> None:
+        """
+        Every command gives up after C{--timeout} seconds, saying so; an
+        event stream (C{follow}, C{send --wait}) too, for its start.
+        """
+        for args in [("sessions",), ("follow", "ci"), ("send", "--wait", "ci", "x")]:
+            code, out, err = await chatwebCommand(*args, "--timeout", "0.5", url=self.url)
+            self.assertEqual((code, out), (1, ""), args)
+            self.assertEqual(err, f"chatweb: no answer from chatweb at {self.url} within 0.5 s\n")
+
+    async def test_ctrlCWhileSending(self) -> None:
+        """
+        Ctrl-C while a message is being sent: one line saying it may have
+        been queued, and status 130 (a shell's loop stops too).
+        """
+        protocol = _Run(None)
+        command = [sys.executable, "-m", "chatweb", "send", "ci", "x"]
+        process = reactor.spawnProcess(
+            protocol, command[0], command, env=_env(self.url, KEY), path=ROOT
+        )
+        self.addCleanup(lambda: None if protocol.ended.called else process.signalProcess("KILL"))
+        await self.received
+        process.signalProcess("INT")
+        self.assertEqual(await protocol.ended, 130)
+        self.assertEqual(protocol.out, b"")
+        self.assertEqual(
+            protocol.err.decode(),
+            "chatweb: interrupted: the message may or may not have been queued (give"
+            " --idempotency-key to make sending it again safe)\n",
+        )
+
+
+class StdinTests(TestCase):
+    def test_endlessInputRefused(self) -> None:
+        """
+        Input on stdin past C{MAX_STDIN} bytes is refused (an endless
+        input, C{yes | chatweb send}, would fill the memory).
+        """
+        import argparse
+        import io
+        import types
+
+        from chatweb import cli
+
+        self.patch(cli, "MAX_STDIN", 10)
+        for data, text in [(b"0123456789", "0123456789"), (b"012345678\n", "012345678")]:
+            args = argparse.Namespace(text=None)
+            self.patch(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+            cli._readText(args)
+            self.assertEqual(args.text, text)
+        self.patch(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"y\n" * 100)))
+        with self.assertRaises(cli.UsageError) as raised:
+            cli._readText(argparse.Namespace(text=None))
+        self.assertIn("larger than 10 bytes", str(raised.exception))
 
 
 class FailureLineTests(TestCase):

@@ -85,8 +85,8 @@ class ChatWebClient:
         default one of its own, with a connection pool that L{close} closes.
     @param clock: what retries and reconnections wait on (a
         L{twisted.internet.task.Clock} in tests).
-    @param timeout: seconds to wait for each answer (None: no limit); not
-        for event streams, which stay open.
+    @param timeout: seconds to wait for each answer to start (None: no
+        limit); for an event stream, for the server to open it.
     @param newIdempotencyKey: makes the key for each L{send} that is not
         given one.
     """
@@ -141,7 +141,7 @@ class ChatWebClient:
         disk when this returns.
         """
         key = idempotencyKey if idempotencyKey is not None else self._newIdempotencyKey()
-        body = json.dumps({"session": session, "content": content}).encode("utf-8")
+        body = _jsonBody({"session": session, "content": content})
         response = await self._request(
             "POST",
             "/",
@@ -202,7 +202,7 @@ class ChatWebClient:
             "POST",
             "/session/share",
             session=session,
-            data=json.dumps(request).encode("utf-8"),
+            data=_jsonBody(request),
             headers={"Content-Type": "application/json"},
         )
         base = urlsplit(self.url)
@@ -261,12 +261,32 @@ class ChatWebClient:
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         """
-        One request; L{Unreachable} when no answer comes.
+        One request; L{Unreachable} when no answer comes (within
+        L{timeout} seconds, for the answer's start).
         """
+        asked = self._http.request(method, self.url + path, **kwargs)
+        expired: list[bool] = []
+        expiry = None
+        if self.timeout is not None:
+
+            def expire() -> None:
+                expired.append(True)
+                asked.cancel()
+
+            expiry = self._clock.callLater(self.timeout, expire)
         try:
-            return await self._http.request(method, self.url + path, **kwargs)
-        except _UNREACHABLE as e:
-            raise Unreachable(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
+            return await asked
+        except Exception as e:
+            if expired:
+                raise Unreachable(
+                    f"no answer from chatweb at {self.url} within {self.timeout:g} s"
+                ) from None
+            if isinstance(e, _UNREACHABLE):
+                raise Unreachable(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
+            raise
+        finally:
+            if expiry is not None and expiry.active():
+                expiry.cancel()
 
     async def _request(
         self, method: str, path: str, headers: Mapping[str, str] | None = None, **kwargs: Any
@@ -275,8 +295,6 @@ class ChatWebClient:
         A request, retried on 429 and 503 as the server's C{Retry-After}
         says (the same body and headers each time).
         """
-        if self.timeout is not None:
-            kwargs["timeout"] = self.timeout
         attempt = 0
         while True:
             response = await self._send(method, path, headers=self._headers(headers), **kwargs)
@@ -336,6 +354,15 @@ def _errorFor(code: int, message: str, session: str | None, messageId: int | Non
     if code >= 500:
         return Unavailable(code, message)
     return HTTPError(code, message)
+
+
+def _jsonBody(value: Any) -> bytes:
+    """
+    C{value} as a JSON request body: UTF-8, not escaped (each escape takes
+    6 or 12 bytes of the server's body limit).  A lone surrogate goes as
+    such, for the server to refuse.
+    """
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def _segment(session: str) -> str:

@@ -46,7 +46,7 @@ def _notFound(request: IRequest) -> bytes:
 def _throttledMessage(wait: float) -> str:
     return (
         "too many failed authentications from this address; retry in"
-        f" {retryAfter(wait).decode()} seconds"
+        f" {retryAfter(wait).decode()} second{'' if retryAfter(wait) == b'1' else 's'}"
     )
 
 
