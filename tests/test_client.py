@@ -145,6 +145,45 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual((error.code, error.message), (429, "busy; retry later"))
         self.assertEqual(len(resource.keys), 3)
 
+    def test_refusedConnectionRetried(self) -> None:
+        """
+        A server that refuses the connection (not up yet, restarting) is
+        asked again after 0.5 s, then 1 s, 2 s, with the same key; after
+        the last, the client says it cannot reach it.
+        """
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError
+
+        resource = _Flaky(0)
+        stub = StubTreq(resource)
+
+        class Refusing:
+            refusals = 2
+
+            def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                if self.refusals:
+                    self.refusals -= 1
+                    return fail(ConnectionRefusedError())
+                return stub.request(*args, **kwargs)
+
+        clock = Clock()
+        client = ChatWebClient("http://127.0.0.1", "k", http=Refusing(), clock=clock, timeout=None)
+        d = Deferred.fromCoroutine(client.send("ci", "hello"))
+        clock.advance(0.5)
+        self.assertNoResult(d)
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(d).messageId, 42)
+        self.assertEqual(len(resource.keys), 1)
+
+        always = Refusing()
+        always.refusals = 10
+        client = ChatWebClient("http://127.0.0.1", "k", http=always, clock=clock, timeout=None)
+        d = Deferred.fromCoroutine(client.sessions())
+        for wait in (0.5, 1, 2):
+            clock.advance(wait)
+        self.assertIn("cannot reach chatweb", str(self.failureResultOf(d, Unreachable).value))
+        self.assertEqual(always.refusals, 10 - 4)
+
     def test_retryWaitIsCapped(self) -> None:
         resource = _Flaky(1, retryAfter=b"86400")
         client, clock = self.client(resource, maxRetryWait=10)

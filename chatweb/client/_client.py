@@ -57,6 +57,13 @@ _UNREACHABLE = (
 _RETRIED = (429, 503)
 
 
+class _Refused(Unreachable):
+    """
+    The server refused the connection (not up yet, restarting): the
+    request was not sent, so sending it again is safe.
+    """
+
+
 def _retryAfter(response: Any, now: float) -> float | None:
     """
     The seconds of a response's C{Retry-After}, or None.
@@ -76,8 +83,9 @@ class ChatWebClient:
     L{UnknownSession}, L{BadRequest}, ... for an error answer, L{Unreachable}
     when there is no answer.  Answers 429 and 503 are retried (C{retries}
     times, waiting what C{Retry-After} says, at most C{maxRetryWait}
-    seconds) before they are raised; a message keeps its idempotency key
-    across those retries, so it is queued once.
+    seconds) before they are raised, and so is a connection the server
+    refused (not up yet, restarting: 0.5 s, then 1 s, 2 s...); a message
+    keeps its idempotency key across those retries, so it is queued once.
 
     @param url: the server's base URL (with the path chatweb is mounted at,
         if any: C{http://host/chat}).
@@ -282,7 +290,8 @@ class ChatWebClient:
                     f"no answer from chatweb at {self.url} within {self.timeout:g} s"
                 ) from None
             if isinstance(e, _UNREACHABLE):
-                raise Unreachable(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
+                error = _Refused if isinstance(e, netError.ConnectionRefusedError) else Unreachable
+                raise error(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
             raise
         finally:
             if expiry is not None and expiry.active():
@@ -293,11 +302,21 @@ class ChatWebClient:
     ) -> Any:
         """
         A request, retried on 429 and 503 as the server's C{Retry-After}
-        says (the same body and headers each time).
+        says, and when the server refused the connection after 0.5 s, 1 s,
+        2 s... (the same body and headers each time).
         """
         attempt = 0
         while True:
-            response = await self._send(method, path, headers=self._headers(headers), **kwargs)
+            try:
+                response = await self._send(
+                    method, path, headers=self._headers(headers), **kwargs
+                )
+            except _Refused:
+                if attempt >= self.retries:
+                    raise
+                await deferLater(self._clock, min(0.5 * 2**attempt, self.maxRetryWait))
+                attempt += 1
+                continue
             if response.code not in _RETRIED or attempt >= self.retries:
                 return response
             wait = _retryAfter(response, self._clock.seconds())
