@@ -115,6 +115,23 @@ def _tooDeep(text: str) -> bool:
     return False
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A name given twice means what its reader decides (the last, here;
+    # the first, for another): refused rather than guessed.
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return data
+
+
 def parseObject(body: bytes) -> dict[str, Any]:
     """
     Read a JSON object from a request body.
@@ -134,7 +151,9 @@ def parseObject(body: bytes) -> dict[str, Any]:
             f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
         )
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_uniqueKeys)
+    except _DuplicateKey as e:
+        raise BadRequest(f"request body names {str(e.args[0])!r} more than once")
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e.msg} at position {e.pos}")
     except (ValueError, RecursionError):
