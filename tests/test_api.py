@@ -165,6 +165,8 @@ class PostTests(APITestCase):
         body = json.dumps({"session": "ci", "content": "x" * 100}).encode()
         response = self.successResultOf(treq.post("http://127.0.0.1/", data=body, headers=AUTH))
         self.assertError(response, self.successResultOf(response.content()), 413, "100 bytes")
+        # (As the site's own 413 says: RFC 9110's name.)
+        self.assertEqual(response.phrase, b"Content Too Large")
         self.assertEqual(self.journal.rows, {})
 
     def test_sessionOf256CharactersAccepted(self) -> None:

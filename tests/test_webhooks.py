@@ -89,7 +89,8 @@ class TextMessageTests(APITestCase):
         response, body = self.postText("ci", b"x", headers)
         self.assertError(response, body, 400, "charset")
         response, body = self.postText("ci", b"caf\xe9")
-        self.assertError(response, body, 400, "utf-8")
+        # (The same words as POST /'s.)
+        self.assertError(response, body, 400, "request body is not valid UTF-8")
         self.assertEqual(self.adapter.contents("ci"), ["caf\xe9"])
 
     def test_badRequests(self) -> None:

@@ -16,6 +16,7 @@ SERVER_NAME = b"chatweb"
 
 #: Reason phrases Twisted does not know.
 _REASONS = {
+    413: b"Content Too Large",
     421: b"Misdirected Request",
     422: b"Unprocessable Content",
     429: b"Too Many Requests",

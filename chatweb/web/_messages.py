@@ -111,7 +111,7 @@ def _textBody(request: IRequest, body: bytes) -> str:
     try:
         text = body.decode(str(charset))
     except UnicodeDecodeError:
-        raise BadRequest(f"the request body is not valid {charset}") from None
+        raise BadRequest(f"request body is not valid {str(charset).upper()}") from None
     if text.startswith("\ufeff"):
         text = text[1:]
     return text
