@@ -125,25 +125,27 @@ def addClientCommands(commands: Any) -> None:
 
 
 def _seconds(value: str) -> float:
+    refused = argparse.ArgumentTypeError(f"not a number of seconds above 0: {value!r}")
     try:
         seconds = float(value)
     except ValueError:
-        seconds = -1.0
+        raise refused from None
     if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {value!r}")
+        raise refused
     return seconds
 
 
 def _checkURL(url: str) -> str:
     from urllib.parse import urlsplit
 
+    refused = UsageError(f"not an http:// or https:// URL: {url!r}")
     try:
         parts = urlsplit(url)
         parts.port  # (raises for one that is not a number)
     except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"not an http:// or https:// URL: {url!r}")
+        raise refused from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise refused
     return url
 
 

@@ -273,29 +273,18 @@ class ChatWebClient:
         L{timeout} seconds, for the answer's start).
         """
         asked = self._http.request(method, self.url + path, **kwargs)
-        expired: list[bool] = []
-        expiry = None
         if self.timeout is not None:
 
-            def expire() -> None:
-                expired.append(True)
-                asked.cancel()
+            def noAnswer(result: object, timeout: float) -> None:
+                # (Cancelled, the agent may fail otherwise than CancelledError.)
+                raise Unreachable(f"no answer from chatweb at {self.url} within {timeout:g} s")
 
-            expiry = self._clock.callLater(self.timeout, expire)
+            asked.addTimeout(self.timeout, self._clock, onTimeoutCancel=noAnswer)
         try:
             return await asked
-        except Exception as e:
-            if expired:
-                raise Unreachable(
-                    f"no answer from chatweb at {self.url} within {self.timeout:g} s"
-                ) from None
-            if isinstance(e, _UNREACHABLE):
-                error = _Refused if isinstance(e, netError.ConnectionRefusedError) else Unreachable
-                raise error(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
-            raise
-        finally:
-            if expiry is not None and expiry.active():
-                expiry.cancel()
+        except _UNREACHABLE as e:
+            error = _Refused if isinstance(e, netError.ConnectionRefusedError) else Unreachable
+            raise error(f"cannot reach chatweb at {self.url}: {_reason(e)}") from None
 
     async def _request(
         self, method: str, path: str, headers: Mapping[str, str] | None = None, **kwargs: Any
@@ -314,15 +303,13 @@ class ChatWebClient:
             except _Refused:
                 if attempt >= self.retries:
                     raise
-                await deferLater(self._clock, min(0.5 * 2**attempt, self.maxRetryWait))
-                attempt += 1
-                continue
-            if response.code not in _RETRIED or attempt >= self.retries:
-                return response
-            wait = _retryAfter(response, self._clock.seconds())
-            if wait is None:
-                wait = float(2**attempt)
-            await response.content()
+                wait = 0.5 * 2**attempt
+            else:
+                if response.code not in _RETRIED or attempt >= self.retries:
+                    return response
+                said = _retryAfter(response, self._clock.seconds())
+                wait = float(2**attempt) if said is None else said
+                await response.content()
             attempt += 1
             await deferLater(self._clock, min(wait, self.maxRetryWait))
 

@@ -966,12 +966,9 @@ class SharedEvents:
         if self.wanted():
             self.changed()
         else:
-            self._skipTo(lastEvent)
-
-    def _skipTo(self, lastEvent: int) -> None:
-        # Events are committed in id order: every event up to lastEvent is
-        # in the log, where a stream opened from now on replays it.
-        self.lastId = max(self.lastId, lastEvent)
+            # Events are committed in id order: every event up to it is in
+            # the log, where a stream opened from now on replays it.
+            self.lastId = lastEvent
 
     def _committedHere(self, lastEvent: int) -> None:
         """
@@ -1005,7 +1002,7 @@ class SharedEvents:
             if event.id <= self.lastId:
                 return  # read and published already
             if not self.wanted():
-                self._skipTo(event.id)
+                self.lastId = event.id  # (as in _newUpTo)
                 self._publish(event)  # (to no one, but it is the newest)
                 return
             if event.id == self.lastId + 1 and not (self._reading or self._scheduled):

@@ -45,9 +45,10 @@ def _notFound(request: IRequest) -> bytes:
 
 
 def _throttledMessage(wait: float) -> str:
+    seconds = retryAfter(wait).decode()
     return (
         "too many failed authentications from this address; retry in"
-        f" {retryAfter(wait).decode()} second{'' if retryAfter(wait) == b'1' else 's'}"
+        f" {seconds} second{'' if seconds == '1' else 's'}"
     )
 
 

@@ -33,7 +33,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from chatweb.web._errors import SERVER_NAME, rawErrorResponse
+from chatweb.web._errors import _REASONS, SERVER_NAME, rawErrorResponse
 from chatweb.web._guard import UNAUTHORIZED
 from chatweb.web._fastpost import FastPost
 from chatweb.web._twisted_compat import HTTPChannelHooks, betweenRequests
@@ -179,7 +179,7 @@ class LimitedRequest(Request):
     def _refuseTooLarge(self) -> None:
         limit = self.channel.site.limits.maxBodySize
         self._refuse(
-            413, b"Content Too Large", f"request body is larger than the limit of {limit} bytes"
+            413, _REASONS[413], f"request body is larger than the limit of {limit} bytes"
         )
 
     def _refuse(

@@ -115,10 +115,6 @@ def _tooDeep(text: str) -> bool:
     return False
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
 def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # A name given twice means what its reader decides (the last, here;
     # the first, for another): refused rather than guessed.
@@ -127,7 +123,7 @@ def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                raise _DuplicateKey(name)
+                raise BadRequest(f"request body names {name!r} more than once")
             seen.add(name)
     return data
 
@@ -152,8 +148,6 @@ def parseObject(body: bytes) -> dict[str, Any]:
         )
     try:
         data = json.loads(text, object_pairs_hook=_uniqueKeys)
-    except _DuplicateKey as e:
-        raise BadRequest(f"request body names {str(e.args[0])!r} more than once")
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e.msg} at position {e.pos}")
     except (ValueError, RecursionError):
