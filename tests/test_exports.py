@@ -45,6 +45,7 @@ EXPORTS = {
         "Usage",
     ],
     chatweb.model: [
+        "CancelReason",
         "DELIVERED",
         "DELIVERING",
         "DISCARDED",

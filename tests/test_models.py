@@ -667,10 +667,29 @@ class ServiceTests(TestCase):
         messages = await self.waitFor("s", lambda ms: any(m.get("error") for m in ms))
         self.assertEqual(messages[1]["content"], "Héllo")
         self.assertEqual(messages[1]["reasoning_content"], "Thinking hard")
-        self.assertIn("cancelled", messages[2]["error"])
+        # chat.nvim's record of a request its HTTP API stopped.
+        self.assertEqual(messages[2]["error"], "Request cancelled by user. Press r to retry.")
         await _sleep(0.3)
         self.assertEqual(len(self.server.requests), 1)
         self.assertEqual(len(await self.messages("s")), 3)
+
+    async def test_timeoutKeepsThePartAndAsksAgain(self) -> None:
+        """
+        An answer cut by the delivery timeout keeps what arrived, marked as
+        chat.nvim marks curl's timeout (not as a stop by the user), and the
+        model is asked again.
+        """
+        chatweb = await self.start(deliveryTimeout=0.5)
+        self.server.then(Script(pieces(openaiStream()[:5], 50), hold=True),
+                         Script(pieces(openaiStream(), 7)))
+        await chatweb.post("s", "hi")
+        messages = await self.waitFor("s", lambda ms: any(m.get("on_complete") for m in ms))
+        self.assertEqual(
+            [(m.get("role"), m.get("content"), m.get("error")) for m in messages[:4]],
+            [("user", "hi", None), ("assistant", "Héllo", None),
+             (None, None, "Operation timeout. The server took too long to respond."),
+             ("assistant", "Héllo, wörld ✓", None)])
+        self.assertEqual(len(self.server.requests), 2)
 
 
 class BackendTests(TestCase):
@@ -701,7 +720,9 @@ class BackendTests(TestCase):
         provider = Provider(name="p", protocol="openai", baseUrl=server.url, model="m")
         backend = LocalBackend(db, reactor, ModelResponder([provider], reactor))
         emitted: list[str] = []
-        delivery = Delivery(3, "s", "hi", 1.0, emit=emitted.append)
+        # Cut by chatweb stopping, as the queue says.
+        delivery = Delivery(3, "s", "hi", 1.0, emit=emitted.append,
+                            cancelReason=lambda: "shutdown")
         d = backend.deliver(delivery)
         while not emitted:
             await _sleep(0.01)
@@ -717,6 +738,9 @@ class BackendTests(TestCase):
             [("user", "hi", False), ("assistant", "Héllo", False), (None, None, True),
              ("assistant", "Héllo, wörld ✓", False), (None, None, False)],
         )
+        self.assertEqual(session.messages[2].error,
+                         "Request cancelled: chatweb stopped. It is asked again when"
+                         " chatweb starts.")
         self.assertEqual(len(server.requests), 2)
 
 

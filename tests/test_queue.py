@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from chatweb.errors import IdempotencyConflict, QueueFull, UnknownMessage, WrongState
-from chatweb.model import FAILED
+from chatweb.model import FAILED, Delivery
 from chatweb.queue import MessageQueue, RetryPolicy
 from chatweb.testing import MemoryAdapter, MemoryJournal
 
@@ -324,6 +324,43 @@ class QueueTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.journal.rows[1].attempts, 0)
         self.assertEqual(len(self.successResultOf(self.journal.pending())), 1)
+
+    def test_adapterToldWhyItWasCancelled(self) -> None:
+        """
+        A cancelled delivery says why: stopped (POST /session/{id}/stop),
+        timed out, or cut by the queue stopping, so that an adapter keeping
+        a partial answer marks it truly.
+        """
+        reasons: list[str] = []
+        adapter = self.adapter
+
+        def deliver(delivery: Delivery) -> Deferred[None]:
+            inner = MemoryAdapter.deliver(adapter, delivery)
+
+            def cancel(outer: Deferred[None]) -> None:
+                assert delivery.cancelReason is not None
+                reasons.append(delivery.cancelReason())
+                inner.cancel()
+
+            outer: Deferred[None] = Deferred(cancel)
+            inner.chainDeferred(outer)
+            return outer
+
+        adapter.deliver = deliver  # type: ignore[method-assign]
+        adapter.autoComplete = False
+        self.queue = self.makeQueue(
+            deliveryTimeout=30, retry=RetryPolicy(initialDelay=1, jitter=0)
+        )
+        self.start()
+        self.post("ci", "a")
+        self.assertTrue(self.successResultOf(self.queue.stopSession("ci")))
+        self.post("ci", "b")
+        self.clock.advance(30)
+        self.clock.advance(1)  # tried again
+        stopped = self.queue.stop(timeout=10)
+        self.clock.advance(10)
+        self.successResultOf(stopped)
+        self.assertEqual(reasons, ["stop", "timeout", "shutdown"])
 
     def test_longSynchronousQueueDoesNotRecurse(self) -> None:
         """

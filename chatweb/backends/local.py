@@ -35,6 +35,7 @@ from chatweb.store._journal import (
     publishCommitted,
 )
 from chatweb.model._values import (
+    CancelReason,
     Delivery,
     Event,
     EventKind,
@@ -370,8 +371,15 @@ def _lastUserMessage(cursor: sqlite3.Cursor, sessionId: str) -> str | None:
     return content
 
 
-#: The error record stored after a stopped answer (chat.nvim's words).
-STOPPED = "Request cancelled. The partial answer above is kept."
+#: The error record stored after a cancelled answer, by why it was
+#: cancelled.  A stop and a timeout are in chat.nvim's words (a stopped
+#: request; curl's timeout); a delivery cut by chatweb stopping is
+#: delivered again at the next start.
+CANCELLED: dict[CancelReason, str] = {
+    "stop": "Request cancelled by user. Press r to retry.",
+    "timeout": "Operation timeout. The server took too long to respond.",
+    "shutdown": "Request cancelled: chatweb stopped. It is asked again when chatweb starts.",
+}
 
 
 def sessionIdFor(when: float) -> str:
@@ -619,11 +627,14 @@ class LocalBackend:
             else:
                 replies = await self.responder.respond(session, session.messages[-1])
         except Stopped as stopped:
-            # Kept, marked stopped as chat.nvim marks a cancelled request,
-            # but not as this delivery's answer: a delivery cancelled by its
-            # timeout is tried again.
+            # Kept, marked as chat.nvim marks a cancelled request, but not as
+            # this delivery's answer: a delivery cancelled by its timeout is
+            # tried again.
+            why = delivery.cancelReason() if delivery.cancelReason else "stop"
             await self._store(
-                delivery, stopped.partial + [self._errorRecord(STOPPED)], replyTo=False
+                delivery,
+                stopped.partial + [self._errorRecord(CANCELLED[why])],
+                replyTo=False,
             )
             raise CancelledError()
         except ModelError as e:

@@ -10,11 +10,15 @@ without loss: keys this version does not know are kept in C{extra}.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import attrs
 
 ROLES = ("user", "assistant", "tool")
+
+#: Why the queue cancelled a delivery: POST /session/{id}/stop, the
+#: delivery timeout, or chatweb stopping.
+CancelReason = Literal["stop", "timeout", "shutdown"]
 
 #: Each key chatweb reads, and the JSON type(s) it reads it as.  A known key
 #: holding another type (or null) is kept in C{extra} as it was, so that
@@ -311,6 +315,11 @@ class Delivery:
     model's tokens): each call records and publishes a C{delivery.text}
     event of this delivery.  Backends call it if they stream; it is not
     part of equality.
+
+    C{cancelReason}, when set, says why the queue cancelled the delivery's
+    Deferred, once it has: an adapter that keeps a cancelled answer can say
+    whether it was stopped on purpose, timed out (and is tried again) or
+    cut by chatweb stopping (and is delivered again at the next start).
     """
 
     id: int
@@ -318,6 +327,9 @@ class Delivery:
     content: str
     received: float
     emit: Callable[[str], Any] | None = attrs.field(default=None, eq=False, repr=False)
+    cancelReason: Callable[[], CancelReason] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
 
 
 class _StrEnum(str, enum.Enum):

@@ -34,7 +34,13 @@ from chatweb.interfaces import IJournal, ISessionAdapter
 from chatweb.store._journal import EVENT_RETENTION, Recorder
 from chatweb.store._sqlite import DatabaseClosed
 from chatweb.store._unreachable import logFailure
-from chatweb.model._values import DELIVERED, PENDING, EventKind, QueuedMessage
+from chatweb.model._values import (
+    DELIVERED,
+    PENDING,
+    CancelReason,
+    EventKind,
+    QueuedMessage,
+)
 
 _log = Logger()
 
@@ -835,7 +841,9 @@ class MessageQueue:
                 lambda f: logFailure(_log, f, "Could not record a delivery start")
             )
         delivery = attrs.evolve(
-            message.delivery(), emit=self._emitter(session, message.id)
+            message.delivery(),
+            emit=self._emitter(session, message.id),
+            cancelReason=lambda: self._cancelReason(queue),
         )
         d = maybeDeferred(self._adapter.deliver, delivery)
         if self._deliveryTimeout is not None:
@@ -851,6 +859,13 @@ class MessageQueue:
         d.addErrback(
             lambda f: logFailure(_log, f, "Delivery bookkeeping failed")
         )
+
+    def _cancelReason(self, queue: _SessionQueue) -> CancelReason:
+        if queue.stopping:
+            return "stop"
+        if not self._running:
+            return "shutdown"
+        return "timeout"
 
     def _emitter(self, session: str, messageId: int) -> Any:
         logEvent = getattr(self._journal, "logEvent", None)
