@@ -987,6 +987,49 @@ class PasswordTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(psycopg.OperationalError)), 1)
 
 
+class TCPSettingsTests(TestCase):
+    """
+    Every connection over TCP (the pool's, the writer's, a listener's)
+    carries chatweb's keepalives and user timeout (L{TCP_SETTINGS}), unless
+    the DSN gives its own.
+    """
+
+    def setUp(self) -> None:
+        self.server = cluster()
+        self.name = self.server.createDatabase()
+        self.addCleanup(self.server.dropDatabase, self.name)
+
+    async def settings(self, dsn: str) -> list[dict[str, str]]:
+        from chatweb.store._postgresql import TCP_SETTINGS
+
+        db = PostgreSQLDatabase(dsn, reactor, PASSWORD)
+        self.addCleanup(db.close)
+        await db.open(SCHEMA)
+
+        def ofConnection(connection: Any) -> dict[str, str]:
+            given = {o.keyword.decode(): (o.val or b"").decode()
+                     for o in connection.pgconn.info}
+            return {name: given[name] for name in TCP_SETTINGS}
+
+        listener = await deferToThread(db.connect)
+        self.addCleanup(listener.close)
+        # (The operations get chatweb's cursor over psycopg's.)
+        return [await db.read(lambda cursor: ofConnection(cursor._cursor.connection)),
+                await db.write(lambda cursor: ofConnection(cursor._cursor.connection)),
+                ofConnection(listener)]
+
+    async def test_chatwebsByDefault(self) -> None:
+        expected = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "3",
+                    "keepalives_count": "3", "tcp_user_timeout": "20000"}
+        self.assertEqual(await self.settings(self.server.tcpDSN(self.name)), [expected] * 3)
+
+    async def test_theDSNsOwnKept(self) -> None:
+        dsn = self.server.tcpDSN(self.name) + "?keepalives_idle=42&tcp_user_timeout=5000"
+        expected = {"keepalives": "1", "keepalives_idle": "42", "keepalives_interval": "3",
+                    "keepalives_count": "3", "tcp_user_timeout": "5000"}
+        self.assertEqual(await self.settings(dsn), [expected] * 3)
+
+
 class RoundTripTests(TestCase):
     async def test_echoAnswersStored(self) -> None:
         """

@@ -131,6 +131,21 @@ RETRY_LONGEST = 10.0
 #: long after such a wait, reads fail at once instead of waiting again.
 READ_WAIT = 5.0
 
+#: libpq's TCP settings for every connection, unless the DSN gives its
+#: own: TCP alone notices a partition or a server gone without a word only
+#: after 15 minutes (a request under way) or 2 hours (an idle connection,
+#: such as the listener's).  With these, a request whose data the server
+#: does not acknowledge fails after 20 s (a 503), and an idle connection to
+#: a server gone is found dead within about 20 s.  libpq ignores them on a
+#: unix socket.
+TCP_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,  # ms; libpq 12 and later
+}
+
 #: Tables whose integer key an INSERT returns as C{lastrowid}.
 _KEYS = {"queue": "id", "events": "id", "messages": "seq"}
 
@@ -386,6 +401,7 @@ class PostgreSQLDatabase(SQLiteDatabase):
         What psycopg.connect needs besides the DSN (the password, if given
         apart from it).
         """
+        from psycopg import pq
         from psycopg.conninfo import conninfo_to_dict
 
         kwargs: dict[str, Any] = {"autocommit": True}
@@ -400,6 +416,9 @@ class PostgreSQLDatabase(SQLiteDatabase):
             # Not libpq's default (none; psycopg's 130 s): a writer that
             # reconnects to an unreachable server holds every write.
             kwargs["connect_timeout"] = max(1, int(self._connectTimeout))
+        for name, value in TCP_SETTINGS.items():
+            if name not in given and (name != "tcp_user_timeout" or pq.version() >= 120000):
+                kwargs[name] = value
         return kwargs
 
     def connect(self) -> Any:
@@ -729,6 +748,13 @@ def _withIds(value: Any, ids: dict[int, int]) -> Any:
     return value
 
 
+#: Seconds within which a connection found closed at a transaction's start
+#: was closed already (its server restarted since it was last used): the
+#: work goes on a new one.  One that took longer to fail timed out (a
+#: partition, see L{TCP_SETTINGS}): a new one would wait as long.
+_FOUND_CLOSED_WITHIN = 1.0
+
+
 def _began(connection: Any, begin: str) -> bool:
     """
     Run C{begin} (a transaction's start) on C{connection}; False if the
@@ -737,11 +763,14 @@ def _began(connection: Any, begin: str) -> bool:
     """
     import psycopg
 
+    started = monotonic()
     try:
         connection.execute(begin)
     except psycopg.OperationalError:
         if connection.closed:
-            return False
+            if monotonic() - started < _FOUND_CLOSED_WITHIN:
+                return False
+            raise
         connection.rollback()
         raise
     return True
