@@ -361,6 +361,68 @@ class QueueTests(SynchronousTestCase):
         self.clock.advance(10)
         self.successResultOf(stopped)
         self.assertEqual(reasons, ["stop", "timeout", "shutdown"])
+        # Each delivery keeps its own reason, then and later; one not
+        # cancelled has none.
+        self.assertEqual([d.cancelReason() for d in adapter.delivered if d.cancelReason],
+                         ["stop", "timeout", "shutdown"])
+        self.queue = self.makeQueue()
+        adapter.autoComplete = True
+        self.start()
+        self.post("ci", "c")
+        last = adapter.delivered[-1]
+        assert last.cancelReason is not None
+        self.assertEqual((last.content, last.cancelReason()), ("c", None))
+
+    def cancelledWith(self, error: Exception) -> None:
+        """
+        Make the adapter's deliveries fail with C{error} when cancelled.
+        """
+        adapter = self.adapter
+
+        def deliver(delivery: Delivery) -> Deferred[None]:
+            inner = MemoryAdapter.deliver(adapter, delivery)
+
+            def cancel(outer: Deferred[None]) -> None:
+                inner.addErrback(lambda _: None)
+                inner.cancel()
+                outer.errback(error)
+
+            outer: Deferred[None] = Deferred(cancel)
+            inner.addCallback(outer.callback)
+            return outer
+
+        adapter.deliver = deliver  # type: ignore[method-assign]
+
+    def test_stoppedWhateverTheAdapterRaises(self) -> None:
+        """
+        A stopped delivery counts as delivered and is not retried, even if
+        the adapter's cancellation fails with an error of its own rather
+        than CancelledError.
+        """
+        adapter = self.adapter
+        self.cancelledWith(RuntimeError("stopped by request"))
+        adapter.autoComplete = False
+        self.start()
+        self.post("ci", "a")
+        self.post("ci", "b")
+        self.assertTrue(self.successResultOf(self.queue.stopSession("ci")))
+        row = self.journal.rows[1]
+        self.assertEqual((row.state, row.attempts), ("delivered", 0))
+        self.assertEqual([x.content for x, _ in adapter.waiting], ["b"])
+
+    def test_timeoutSaysHowLong(self) -> None:
+        """
+        A delivery cut by the timeout fails saying so, whatever the
+        adapter's cancellation raised.
+        """
+        self.cancelledWith(RuntimeError("cancelled"))
+        self.adapter.autoComplete = False
+        self.queue = self.makeQueue(deliveryTimeout=30)
+        self.start()
+        self.post("ci", "slow")
+        self.clock.advance(30)
+        self.assertEqual(self.journal.rows[1].lastError,
+                         "TimeoutError: the delivery took longer than 30 s")
 
     def test_longSynchronousQueueDoesNotRecurse(self) -> None:
         """

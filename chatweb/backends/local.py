@@ -630,7 +630,7 @@ class LocalBackend:
             # Kept, marked as chat.nvim marks a cancelled request, but not as
             # this delivery's answer: a delivery cancelled by its timeout is
             # tried again.
-            why = delivery.cancelReason() if delivery.cancelReason else "stop"
+            why = (delivery.cancelReason and delivery.cancelReason()) or "stop"
             await self._store(
                 delivery,
                 stopped.partial + [self._errorRecord(CANCELLED[why])],

@@ -316,10 +316,11 @@ class Delivery:
     event of this delivery.  Backends call it if they stream; it is not
     part of equality.
 
-    C{cancelReason}, when set, says why the queue cancelled the delivery's
-    Deferred, once it has: an adapter that keeps a cancelled answer can say
-    whether it was stopped on purpose, timed out (and is tried again) or
-    cut by chatweb stopping (and is delivered again at the next start).
+    C{cancelReason}, when set (the queue sets it), says why the queue
+    cancelled the delivery's Deferred: None until it does, then for good
+    whether it was stopped on purpose, timed out (it is tried again) or cut
+    by chatweb stopping (it is delivered again at the next start), so that
+    an adapter keeping a cancelled answer can mark it truly.
     """
 
     id: int
@@ -327,7 +328,7 @@ class Delivery:
     content: str
     received: float
     emit: Callable[[str], Any] | None = attrs.field(default=None, eq=False, repr=False)
-    cancelReason: Callable[[], CancelReason] | None = attrs.field(
+    cancelReason: Callable[[], CancelReason | None] | None = attrs.field(
         default=None, eq=False, repr=False
     )
 

@@ -102,9 +102,9 @@ class _SessionQueue:
     retryCall: IDelayedCall | None = None
     #: When the delivery in flight started (the clock's seconds).
     startedAt: float = 0.0
-    #: The delivery in flight is being stopped (POST /session/{id}/stop):
-    #: its cancellation is not a failure.
-    stopping: bool = False
+    #: Why the delivery in flight is cancelled, once it is: a stop (POST
+    #: /session/{id}/stop) is not a failure, nor is chatweb stopping.
+    cancelling: _Cancelling = attrs.field(factory=lambda: _Cancelling())
     #: Fired when the stopped delivery is settled.
     stopWaiters: list[Deferred[None]] = attrs.field(factory=list)
     #: With leases (several instances): this instance holds the session's
@@ -120,6 +120,16 @@ class _SessionQueue:
         if self.retryCall is not None and self.retryCall.active():
             self.retryCall.cancel()
         self.retryCall = None
+
+
+@attrs.define
+class _Cancelling:
+    """
+    Why the queue cancelled one delivery, set just before it does: what that
+    delivery's C{cancelReason()} answers, then and later.
+    """
+
+    reason: CancelReason | None = None
 
 
 def describeFailure(failure: Failure) -> str:
@@ -292,8 +302,7 @@ class MessageQueue:
 
     def _cancelInFlight(self) -> None:
         for queue in self._queues.values():
-            if queue.inFlight is not None:
-                queue.inFlight.cancel()
+            self._cancel(queue, "shutdown")
 
     def _maybeDrained(self) -> None:
         if not self._running and not self._delivering():
@@ -840,16 +849,17 @@ class MessageQueue:
             ).addErrback(
                 lambda f: logFailure(_log, f, "Could not record a delivery start")
             )
+        cancelling = queue.cancelling = _Cancelling()
         delivery = attrs.evolve(
             message.delivery(),
             emit=self._emitter(session, message.id),
-            cancelReason=lambda: self._cancelReason(queue),
+            cancelReason=lambda: cancelling.reason,
         )
         d = maybeDeferred(self._adapter.deliver, delivery)
-        if self._deliveryTimeout is not None:
-            d.addTimeout(self._deliveryTimeout, self._clock)
         # Set before the callbacks are added: they clear it, even at once.
         queue.inFlight = d
+        if self._deliveryTimeout is not None:
+            self._timeOut(queue, d, self._deliveryTimeout)
         d.addCallbacks(
             self._delivered,
             self._failed,
@@ -860,12 +870,31 @@ class MessageQueue:
             lambda f: logFailure(_log, f, "Delivery bookkeeping failed")
         )
 
-    def _cancelReason(self, queue: _SessionQueue) -> CancelReason:
-        if queue.stopping:
-            return "stop"
-        if not self._running:
-            return "shutdown"
-        return "timeout"
+    def _timeOut(self, queue: _SessionQueue, d: Deferred[Any], seconds: float) -> None:
+        """
+        Cancel the delivery C{d} if it takes longer than C{seconds}: it then
+        fails with a L{TimeoutError}, whatever the adapter's cancellation
+        raised.
+        """
+        cancelling = queue.cancelling
+        timer = self._clock.callLater(seconds, self._cancel, queue, "timeout")
+
+        def settled(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if cancelling.reason == "timeout" and isinstance(result, Failure):
+                raise TimeoutError(f"the delivery took longer than {seconds:g} s")
+            return result
+
+        d.addBoth(settled)
+
+    def _cancel(self, queue: _SessionQueue, reason: CancelReason) -> None:
+        """
+        Cancel the delivery in flight, if any, saying why first.
+        """
+        if queue.inFlight is not None:
+            queue.cancelling.reason = reason
+            queue.inFlight.cancel()
 
     def _emitter(self, session: str, messageId: int) -> Any:
         logEvent = getattr(self._journal, "logEvent", None)
@@ -915,7 +944,8 @@ class MessageQueue:
         message: QueuedMessage,
     ) -> Deferred[None] | None:
         queue.inFlight = None
-        if queue.stopping and failure.check(CancelledError):
+        reason = queue.cancelling.reason
+        if reason == "stop":
             # Stopped on purpose: the adapter has the message; it is not
             # retried, and counts as delivered.
             _log.info(
@@ -926,7 +956,7 @@ class MessageQueue:
                 duration=self._clock.seconds() - queue.startedAt,
             )
             return self._delivered(None, session, queue, message)
-        if not self._running and failure.check(CancelledError):
+        if reason == "shutdown" or (not self._running and failure.check(CancelledError)):
             # Cancelled because chatweb is stopping: not the message's
             # fault; it stays pending for the next start.
             self._settled(session, queue)
@@ -983,7 +1013,6 @@ class MessageQueue:
         queue.delivering = None
         # Other instances may deliver the session's next message.
         self._release(session, queue)
-        queue.stopping = False
         waiters, queue.stopWaiters = queue.stopWaiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -1007,8 +1036,7 @@ class MessageQueue:
             return succeed(False)
         settled: Deferred[None] = Deferred()
         queue.stopWaiters.append(settled)
-        queue.stopping = True
-        queue.inFlight.cancel()
+        self._cancel(queue, "stop")
         return settled.addCallback(lambda _: True)
 
     def _retryNow(self, session: str) -> None:

@@ -23,7 +23,7 @@ class MemoryAdapter:
         user message.
     @ivar autoComplete: when true (the default), a delivery completes at
         once; when false, it waits in L{waiting} until L{complete} or
-        L{failNext} is called.
+        L{failWaiting} is called.
     @ivar failures: how many of the next deliveries fail at once.
     """
 
