@@ -39,6 +39,7 @@ async def runMigrate(
     """
     from twisted.internet.threads import deferToThread
 
+    from chatweb._datalock import DataDirInUse, DataDirLock
     from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
     from chatweb.store._journal import SCHEMA as JOURNAL_SCHEMA
     from chatweb.store._postgresql import LEASE_SCHEMA, PostgreSQLDatabase
@@ -47,19 +48,29 @@ async def runMigrate(
     path = os.path.join(dataDir, DATABASE_NAME)
     if not os.path.isfile(path):
         raise ConfigError(f"no chatweb database in {dataDir} ({DATABASE_NAME})")
-    # Both schemas brought up to date (an old SQLite store is upgraded
-    # in place, as chatweb itself would at start).
-    source = SQLiteDatabase(path, reactor)
+    # Not while chatweb runs on it: what it stores meanwhile would be left
+    # behind.
+    lock = DataDirLock(dataDir)
     try:
-        await source.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
-    finally:
-        await source.close()
-    target = PostgreSQLDatabase(dsn, reactor, password)
+        lock.acquire()
+    except DataDirInUse as e:
+        raise ConfigError(f"{e}: stop it first") from None
     try:
-        await target.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA + LEASE_SCHEMA)
+        # Both schemas brought up to date (an old SQLite store is upgraded
+        # in place, as chatweb itself would at start).
+        source = SQLiteDatabase(path, reactor)
+        try:
+            await source.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA)
+        finally:
+            await source.close()
+        target = PostgreSQLDatabase(dsn, reactor, password)
+        try:
+            await target.open(JOURNAL_SCHEMA + SESSIONS_SCHEMA + LEASE_SCHEMA)
+        finally:
+            await target.close()
+        result: dict[str, int] = await deferToThread(_copy, path, target)
     finally:
-        await target.close()
-    result: dict[str, int] = await deferToThread(_copy, path, target)
+        lock.release()
     return result
 
 

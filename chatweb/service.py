@@ -26,6 +26,7 @@ from chatweb.backends.local import SCHEMA as SESSIONS_SCHEMA
 from chatweb.backends.local import LocalBackend
 from chatweb.backends.responders import makeResponder
 from chatweb.config import DATABASE_NAME, dataDirWarning, ensureShareSecret, withBacklog
+from chatweb._datalock import DataDirInUse, DataDirLock
 from chatweb.store._postgresql import (
     LEASE_SCHEMA,
     Leases,
@@ -133,6 +134,8 @@ class ChatWebService(MultiService):
         else:
             self.database = SQLiteDatabase(os.path.join(dataDir, DATABASE_NAME), reactor)
             self._where = f"the database in {dataDir}"
+        #: With SQLite, held while the service runs (see L{DataDirLock}).
+        self._dataLock = None if database is not None else DataDirLock(dataDir)
         #: Every change, published once committed (see L{EventHub}).
         self.events = EventHub()
         #: The changes this instance made (what its metrics count): all of
@@ -335,7 +338,12 @@ class ChatWebService(MultiService):
         after stopService, startService raises RuntimeError.
         """
         self._refuseRestart()
-        self._readShareSecret()
+        try:
+            self._readShareSecret()
+        except Exception:
+            # Whoever waits for ready hears of it too.
+            self._settleReady(Failure())
+            raise
         warning = dataDirWarning(self.dataDir)
         if warning is not None:
             # Not a field named "warning": trial takes such an event for a
@@ -360,7 +368,18 @@ class ChatWebService(MultiService):
                 )
             self._settleReady(failure)
 
-        opened = self.database.open(self._schema)
+        try:
+            if self._dataLock is not None:
+                self._dataLock.acquire()
+        except DataDirInUse as e:
+            opened: Deferred[Any] = fail(DataDirInUse(
+                f"{e}: one data directory serves one chatweb at a time"
+                " (several instances share a PostgreSQL database: --database)"
+            ))
+        except OSError:
+            opened = fail(Failure())
+        else:
+            opened = self.database.open(self._schema)
         shared = self.sharedEvents
         if shared is not None:
             opened.addCallback(lambda _: shared.start())
@@ -387,7 +406,9 @@ class ChatWebService(MultiService):
         # The exit status is set at the very end, after twistd has shut
         # down and removed its pidfile.
         atexit.register(_exitNonZero)
-        self._reactor.stop()
+        # (At once if it runs; under twistd a failure found in startService
+        # comes before the reactor runs.)
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     def _announce(self, port: Any) -> Any:
         _log.info("chatweb listening on {where}", where=describeAddress(port.getHost()))
@@ -451,4 +472,12 @@ class ChatWebService(MultiService):
         if workers is not None:
             stopped.addCallback(lambda _: workers.stop())
         stopped.addCallback(lambda _: self.database.close())
+        lock = self._dataLock
+        if lock is not None:
+
+            def release(result: object) -> object:
+                lock.release()
+                return result
+
+            stopped.addBoth(release)
         return stopped

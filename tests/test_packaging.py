@@ -50,6 +50,8 @@ class WheelTests(SynchronousTestCase):
         names = zipfile.ZipFile(self.wheel).namelist()
         self.assertIn("twisted/plugins/chatweb_plugin.py", names)
         self.assertIn("chatweb/render/templates/session.html", names)
+        # Typed: a user's mypy reads chatweb's hints (PEP 561).
+        self.assertIn("chatweb/py.typed", names)
         for package in (
             "web", "render", "model", "store", "queue", "testing", "backends", "client"
         ):

@@ -1604,6 +1604,29 @@ class MigrateTests(TestCase):
     def dsnFor(self) -> str:
         return freshDatabase(self)
 
+    async def test_notWhileChatwebRuns(self) -> None:
+        """
+        While a chatweb runs on the data directory, migrate refuses in one
+        line and copies nothing (what chatweb stored meanwhile would be
+        left behind).
+        """
+        from chatweb.service import ChatWebService
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        service = ChatWebService(["k" * 32], dataDir, endpoint=None)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        dsn = self.dsnFor()
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual((code, output.strip()), (1, (
+            f"chatweb: {dataDir} is in use by another chatweb (process {os.getpid()}):"
+            " stop it first")))
+        await service.stopService()
+        code, output = await self.runMigrate("--data-dir", dataDir, "--to", dsn)
+        self.assertEqual(code, 0, output)
+
     async def test_wrongPasswordNotShown(self) -> None:
         dataDir = os.path.abspath(self.mktemp())
         os.makedirs(dataDir)

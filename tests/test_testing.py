@@ -51,6 +51,19 @@ class Failing(TestCase):
 
 
 class ChatWebProcessTests(TestCase):
+    async def test_itsOwnKeyWhateverTheShellHas(self) -> None:
+        """
+        The process takes the key it was given, even with the user's own
+        CHATWEB_API_KEY in the environment (a real one, say).
+        """
+        self.patch(os, "environ", dict(os.environ, CHATWEB_API_KEY="the-users-own-key-123"))
+        process = ChatWebProcess(os.path.abspath(self.mktemp()), apiKey="the-tests-key-456",
+                                 testCase=self)
+        url = await process.start()
+        response = await treq.post(url + "/", json={"session": "ci", "content": "hi"},
+                                   headers={"X-API-Key": process.apiKey}, persistent=False)
+        self.assertEqual(response.code, 204)
+
     async def test_failingTestLeavesNoTwistd(self) -> None:
         """
         A test that fails before stop() leaves no twistd running once trial
@@ -126,3 +139,24 @@ class InMemoryTests(SynchronousTestCase):
             chatweb.run(chatweb.client.send("ci", "x"))
         self.assertIn("advance the clock", str(caught.exception))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_pendingLimitsApply(self) -> None:
+        """
+        limits= holds in memory as in a real service: the pending limits
+        too (the queue enforces them), so a test of a client's 429s tests
+        something.
+        """
+        from chatweb.limits import Limits
+        from chatweb.testing import MemoryAdapter, chatWebInMemory
+
+        adapter = MemoryAdapter(autoComplete=False)
+        chatweb = chatWebInMemory(self, adapter=adapter, limits=Limits(maxPendingPerSession=1))
+
+        async def post(content: str) -> int:
+            response = await chatweb.stub.post(
+                "http://127.0.0.1/", json={"session": "ci", "content": content},
+                headers={"X-API-Key": chatweb.apiKey})
+            return int(response.code)
+
+        codes = [chatweb.run(post(str(n))) for n in range(3)]
+        self.assertEqual(codes, [204, 429, 429])  # (the one in flight counts)

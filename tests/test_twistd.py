@@ -223,6 +223,29 @@ class StartupFailureTests(TestCase):
         self.assertEqual(len(errors), 1, process.output)
         self.assertIn("database", errors[0])
 
+    async def test_dataDirectoryInUseIsOneLine(self) -> None:
+        """
+        A second twistd chatweb on a data directory in use exits non-zero,
+        saying so in one line; the first goes on.
+        """
+        dataDir = os.path.abspath(self.mktemp())
+        first = ChatWebProcess(dataDir, KEY, testCase=self)
+        url = await first.start(timeout=30)
+        second = ChatWebProcess(dataDir, KEY)
+        try:
+            await second.start(timeout=30)
+        except RuntimeError:
+            pass  # it may end before or after it begins to listen
+        self.assertEqual(await second.exited(), 1)
+        errors = [line for line in second.output.splitlines() if "chatweb: cannot" in line]
+        self.assertEqual(len(errors), 1, second.output)
+        self.assertIn(f"{dataDir} is in use by another chatweb (process ", errors[0])
+        self.assertNotIn("Traceback", second.output)
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        response = await client.post(url + "/", json={"session": "s", "content": "x"},
+                                     headers={"X-API-Key": KEY})
+        self.assertEqual(response.code, 204)
+
     async def test_portInUseIsOneLine(self) -> None:
         from twisted.internet.protocol import Factory
 

@@ -93,6 +93,20 @@ class TextMessageTests(APITestCase):
         self.assertError(response, body, 400, "request body is not valid UTF-8")
         self.assertEqual(self.adapter.contents("ci"), ["caf\xe9"])
 
+    def test_charsetsThatAreNotText(self) -> None:
+        """
+        Python's codecs that are not text encodings (transforms) and those
+        whose decoding fails otherwise are a 400, not a 500.
+        """
+        for charset, error in [("rot13", "not a text encoding"), ("base64", "not a text encoding"),
+                               ("zlib", "not a text encoding"), ("uu", "not a text encoding"),
+                               ("undefined", "not valid UNDEFINED"),
+                               ("punycode", "not valid PUNYCODE")]:
+            headers = dict(BEARER, **{"Content-Type": f"text/plain; charset={charset}"})
+            response, body = self.postText("ci", b"x\xff-", headers)
+            self.assertError(response, body, 400, error)
+        self.assertEqual(self.adapter.delivered, [])
+
     def test_badRequests(self) -> None:
         response, body = self.postText("ci", b"")
         self.assertError(response, body, 400, "empty")

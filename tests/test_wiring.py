@@ -56,3 +56,57 @@ class WiringTests(TestCase):
         self.assertIn("queue", tables)
         self.assertNotIn("sessions", tables)
         self.assertNotIn("messages", tables)
+
+
+class OneServicePerDataDirTests(TestCase):
+    """
+    Two services on one data directory's SQLite store would each deliver
+    every message: the second is refused while the first runs.
+    """
+
+    timeout = 20
+
+    def dataDir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    async def test_secondServiceRefused(self) -> None:
+        from chatweb._datalock import DataDirInUse
+
+        dataDir = self.dataDir()
+        first = ChatWebService(apiKeys=[KEY], dataDir=dataDir, endpoint=None)
+        first.startService()
+        self.addCleanup(lambda: first.running and first.stopService())
+        await first.ready
+        second = ChatWebService(apiKeys=[KEY], dataDir=dataDir, endpoint=None)
+        second.startService()
+        self.addCleanup(lambda: second.running and second.stopService())
+        failure = await self.assertFailure(second.ready, DataDirInUse)
+        self.assertIn(f"{dataDir} is in use by another chatweb (process {os.getpid()})",
+                      str(failure))
+        await second.stopService()
+        self.flushLoggedErrors(DataDirInUse)
+        # The first still runs and delivers; once it stops, a new one starts.
+        await first.queue.post("s", "hello")
+        await first.stopService()
+        third = ChatWebService(apiKeys=[KEY], dataDir=dataDir, endpoint=None)
+        third.startService()
+        self.addCleanup(third.stopService)
+        await third.ready
+        self.assertEqual([m.content for m in (await third.adapter.getSession("s")).messages],
+                         ["hello"])
+
+    async def test_readyFailsWhenTheDataDirectoryCannotBeUsed(self) -> None:
+        """
+        A data directory that cannot be used fails C{ready} (whoever waits
+        for it is told), as well as C{startService}.
+        """
+        path = os.path.join(self.dataDir(), "a-file")
+        with open(path, "w"):
+            pass
+        service = ChatWebService(apiKeys=[KEY], dataDir=os.path.join(path, "data"),
+                                 endpoint=None)
+        ready = service.ready
+        self.assertRaises(Exception, service.startService)
+        await self.assertFailure(ready, Exception)

@@ -90,7 +90,13 @@ def chatWebInMemory(
     clock = Clock() if clock is None else clock
     adapter = MemoryAdapter() if adapter is None else adapter
     journal = MemoryJournal(now=clock.seconds)
-    queue = MessageQueue(journal, adapter, clock, interval=interval)
+    # The queue enforces the pending limits, as the service's does.
+    limits = kwargs.get("limits")
+    pending = {} if limits is None else {
+        "maxPendingPerSession": limits.maxPendingPerSession,
+        "maxPendingTotal": limits.maxPendingTotal,
+    }
+    queue = MessageQueue(journal, adapter, clock, interval=interval, **pending)
     queue.start()
     testCase.addCleanup(queue.stop)
     api = ChatWebAPI(queue, adapter, [apiKey], clock=clock, **kwargs)

@@ -127,7 +127,8 @@ class ChatWebProcess:
         from twisted.internet import reactor
 
         env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("CHATWEB_API_KEY", self.apiKey)
+        # Its own key, even where the user's shell has one set.
+        env["CHATWEB_API_KEY"] = self.apiKey
         command = twistdCommand() + [
             "--nodaemon",
             "--pidfile=",

@@ -105,13 +105,17 @@ def _textBody(request: IRequest, body: bytes) -> str:
         message["content-type"] = contentType.decode("latin-1")
         charset = message.get_param("charset", "utf-8") or "utf-8"  # type: ignore[assignment]
     try:
-        codecs.lookup(str(charset))
+        codec = codecs.lookup(str(charset))
     except LookupError:
         raise BadRequest(f"unknown charset {str(charset)[:40]!r} in Content-Type") from None
+    # Python's codecs include transforms (rot13, base64, zlib), which bytes
+    # may not be decoded with: not text encodings.
+    if not getattr(codec, "_is_text_encoding", True):
+        raise BadRequest(f"charset {str(charset)[:40]!r} in Content-Type is not a text encoding")
     try:
-        text = body.decode(str(charset))
-    except UnicodeDecodeError:
-        raise BadRequest(f"request body is not valid {str(charset).upper()}") from None
+        text = body.decode(codec.name)
+    except (ValueError, LookupError):  # UnicodeError included (punycode, undefined)
+        raise BadRequest(f"request body is not valid {str(charset).upper()[:40]}") from None
     if text.startswith("\ufeff"):
         text = text[1:]
     return text
