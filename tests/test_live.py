@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -308,6 +308,52 @@ class KeepAliveTests(SynchronousTestCase):
         )
         self.assertNotIn("overflow", written)
         self.assertEqual(len(reads), 2)
+
+    def test_replayOfLongEventsHoldsLittle(self) -> None:
+        """
+        A replay of long events to a reader slower than the store holds
+        about one event in the connection's buffer, not a read's worth
+        (500 of them were read and written at once): it stops writing when
+        the connection pauses it and reads on from there once resumed, and
+        reads long events a few at a time.  Each event arrives once, in
+        order.
+        """
+        text = "\u00e9" * 50_000  # 300 KB once escaped as JSON
+        log = [Event(n, EventKind.MESSAGE_QUEUED, "s", 0.0, {"text": text})
+               for n in range(1, 201)]
+        asked: list[int] = []
+
+        class Journal:
+            def eventsSince(self, after: int, session: Any, limit: int) -> Deferred[list[Event]]:
+                asked.append(limit)
+                return succeed([e for e in log if e.id > after][:limit])
+
+        streams = EventStreams(EventHub(), Journal(), Clock())  # type: ignore[arg-type]
+        request = _Request([b"events"])
+        request.requestHeaders.setRawHeaders(b"last-event-id", [b"0"])
+        # A transport that pauses its producer above 64 KB not yet sent.
+        unsent: list[bytes] = []
+
+        def write(data: bytes) -> None:
+            unsent.append(data)
+            if sum(map(len, unsent)) > 64 * 1024:
+                request.producer.pauseProducing()
+
+        request.write = write  # type: ignore[method-assign]
+        streams.stream(request, None)
+        received: list[bytes] = []
+        most = 0
+        while unsent:
+            most = max(most, sum(map(len, unsent)))
+            received += unsent
+            unsent.clear()
+            request.producer.resumeProducing()
+        ids = [int(line[4:]) for line in b"".join(received).decode().splitlines()
+               if line.startswith("id: ")]
+        self.assertEqual(ids, list(range(1, 201)))
+        self.assertLess(most, 400 * 1024)
+        self.assertEqual(asked[0], 10)
+        self.assertLessEqual(max(asked[1:]), 4)
 
     def replaying(self, maxBuffered: int) -> tuple[Any, list[Any], EventHub, Clock]:
         """

@@ -19,8 +19,11 @@ A reader too slow for the live events (its connection's buffer is full and
 C{maxBuffered} more events wait) gets a final C{overflow} event and its stream
 is closed; it reconnects with C{Last-Event-ID}.  While a stream replays, what
 would overflow its buffer is dropped instead, and read from the store, unless
-its reader has taken nothing for L{REPLAY_STALL} seconds.  At most C{maxStreams} are
-open at once (more get a 503 with Retry-After).
+its reader has taken nothing for L{REPLAY_STALL} seconds.  A replay writes only
+while the connection takes more (the rest is read again), and reads long
+events a few at a time, so a reader that takes nothing holds about one event
+in memory.  At most C{maxStreams} are open at once (more get a 503 with
+Retry-After).
 """
 
 from __future__ import annotations
@@ -55,8 +58,12 @@ KEEP_ALIVE = 15.0
 #: Seconds a dropped stream's connection may take to send what it has
 #: buffered before it is cut (a reader that reads nothing never would).
 ABORT_AFTER = 10.0
-#: Events read from the store at a time while replaying.
+#: Events read from the store at a time while replaying: at first, and at
+#: most.  In between, as many as make about L{REPLAY_BYTES} at the size of
+#: the last read's: events of long messages are read a few at a time.
+REPLAY_FIRST = 10
 REPLAY_BATCH = 500
+REPLAY_BYTES = 1024 * 1024
 #: Seconds a replaying stream's reader may take nothing while more live
 #: events come than it buffers, before it is dropped as too slow.
 REPLAY_STALL = 10.0
@@ -145,6 +152,8 @@ class _Stream:
         #: were dropped while it ran (it reads again: they are in the log).
         self._reading = False
         self._dropped = False
+        #: How many events the replay's next read asks for.
+        self._batch = REPLAY_FIRST
         self._paused = False
         self._pausedSince = 0.0
         self.closed = False
@@ -171,16 +180,26 @@ class _Stream:
         # What is dropped from now on, this read may not have.
         self._dropped = False
         self._reading = True
-        d = self._streams.journal.eventsSince(afterId, self.session, REPLAY_BATCH)
-        d.addCallbacks(self._replayed, self._replayFailed)
+        d = self._streams.journal.eventsSince(afterId, self.session, self._batch)
+        d.addCallbacks(self._replayed, self._replayFailed, callbackArgs=(self._batch,))
 
-    def _replayed(self, events: list[Event]) -> None:
+    def _replayed(self, events: list[Event], asked: int) -> None:
         self._reading = False
         if self.closed:
             return
+        more = len(events) >= asked or self._dropped
+        written = size = 0
         for event in events:
-            self._write(event)
-        if len(events) >= REPLAY_BATCH or self._dropped:
+            if self._paused:
+                # The connection's buffer is full: the rest is read again
+                # once the reader has taken it (not all held in memory).
+                more = True
+                break
+            size += self._write(event)
+            written += 1
+        if written:
+            self._batch = max(1, min(REPLAY_BATCH, REPLAY_BYTES * written // max(size, 1)))
+        if more:
             if self._paused:
                 # Read on when the reader has taken what was sent.
                 return
@@ -234,11 +253,16 @@ class _Stream:
             if event.id > self.lastSent:
                 self._write(event)
 
-    def _write(self, event: Event) -> None:
+    def _write(self, event: Event) -> int:
+        """
+        Send C{event} unless sent already; the bytes written.
+        """
         if event.id <= self.lastSent:
-            return
+            return 0
         self.lastSent = event.id
-        self._request.write(formatEvent(event))
+        data = formatEvent(event)
+        self._request.write(data)
+        return len(data)
 
     def _overflow(self) -> None:
         self._waiting = []
