@@ -584,6 +584,27 @@ class RoutingTests(APITestCase):
             error = self.assertError(response, body, 404)
             self.assertNotIn("evil", error["error"])
 
+    def test_routeNameOnlyAsTheFirstSegment(self) -> None:
+        """
+        A route is reached only by its plain path: C{//sessions} (an empty
+        first segment) and C{/%2Fsessions} or C{/session%2Fraw} (an escaped
+        slash) are 404s, not C{/sessions} and C{/session/raw} served where
+        a proxy's rule for those paths would not see them.  A session id
+        with a slash is still one.
+        """
+        response, body = self.post({"session": "a/b", "content": "x"})
+        self.assertEqual(response.code, 204, body)
+        for method, path in [("GET", "//sessions"), ("GET", "///sessions"),
+                             ("GET", "/%2Fsessions"), ("GET", "/%2fsessions"),
+                             ("GET", "//healthz"), ("GET", "/session%2Fraw?id=a%2Fb"),
+                             ("GET", "//session?id=a%2Fb"), ("POST", "//")]:
+            response, body = self.request(method, path)
+            self.assertError(response, body, 404)
+        response, body = self.request("GET", "/sessions/a%2Fb")
+        self.assertEqual(response.code, 200, body)
+        response, body = self.request("GET", "/sessions")
+        self.assertEqual(json.loads(body), ["a/b"])
+
     def test_misdirectedRequestPhrase(self) -> None:
         response, _ = self.request("GET", "/session?id=ci", headers=dict(AUTH, Host="evil.example"))
         self.assertEqual((response.code, response.phrase), (421, b"Misdirected Request"))

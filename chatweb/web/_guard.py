@@ -102,6 +102,19 @@ def _isShareRequest(request: IRequest) -> bool:
     )
 
 
+def _routeNameHidden(request: IRequest) -> bool:
+    """
+    Whether the route's name is not plainly the path's first segment:
+    C{//sessions} (an empty segment first) or C{/%2Fsessions} and
+    C{/session%2Fraw} (a slash escaped in it), which Klein would serve as
+    C{/sessions} and C{/session/raw}, unseen by a proxy's rule for those.
+    """
+    postpath = request.postpath or []
+    if postpath == [b""]:
+        return False  # POST / itself
+    return not postpath or postpath[0] == b"" or b"/" in postpath[0]
+
+
 class _Guard(Resource):
     """
     Answers, in JSON, the requests that cannot reach a route: a key that is
@@ -173,6 +186,8 @@ class _Guard(Resource):
             (request.getHeader(b"host") or b"").decode("utf-8")
         except UnicodeError:
             return _error(request, 400, "the request's path or Host is not valid UTF-8")
+        if _routeNameHidden(request):
+            return _notFound(request)
         try:
             return self._routes.render(request)
         except RequestRedirect:
