@@ -10,7 +10,9 @@ import json
 import socket
 import time
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -151,6 +153,31 @@ class HostileHTTPTests(TestCase):
         await self.chatweb.service.queue.whenDelivered()
         session = await self.chatweb.service.adapter.getSession("ci")
         self.assertEqual([m.content for m in session.messages], ["chunked", "one", "two"])
+
+    async def test_nothingRunForAClientGone(self) -> None:
+        """
+        A request pipelined behind an event stream waits for the stream's
+        end; if that end is the client hanging up, it is not run (a POST
+        was stored, its 204 sent nowhere).
+        """
+        port = await self.startServer()
+        stream = (b"GET /sessions/ci/events HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY
+                  + b"\r\n\r\n")
+        behind = post(json.dumps({"session": "ci", "content": "behind"}).encode())
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(stream + behind)
+        for _ in range(100):
+            if self.chatweb.service.api.live.openCount():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        s.close()
+        for _ in range(100):
+            if not self.chatweb.service.api.live.openCount():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertIsNone(await self.chatweb.service.adapter.getSession("ci"))
+        await self.stillAnswers()
 
     async def test_headAndOptionsAre404(self) -> None:
         port = await self.startServer()

@@ -352,6 +352,12 @@ class ChatWebChannel(HTTPChannelHooks):
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
+        if self._lost or getattr(self.transport, "disconnected", False):
+            # The client is gone (an event stream ends as its connection
+            # does, before this channel hears of it): what it sent after
+            # this request is not run, as its answer could never reach it.
+            self._dataBuffer = []
+            self._backlog = b""
         if self.persistent:
             self._processing = False
         super().requestDone(request)
