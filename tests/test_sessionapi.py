@@ -459,6 +459,40 @@ class LocalBackendTests(TestCase):
     requests are chat.nvim's documented curl examples.
     """
 
+    async def test_longMessagesEncodedOffTheReactor(self) -> None:
+        """
+        GET /messages of long messages (more than a page's worth of
+        characters) encodes them on a thread, not the reactor's, into the
+        same JSON; C{since} still counts from the first.
+        """
+        import threading
+
+        import chatweb.web._sessionapi as sessionapi
+        from chatweb.testing import startChatWeb
+
+        onReactor: list[bool] = []
+        encode = sessionapi._messagesJSON
+
+        def recorded(messages: Any) -> bytes:
+            onReactor.append(threading.current_thread() is threading.main_thread())
+            return encode(messages)
+
+        self.patch(sessionapi, "_messagesJSON", recorded)
+        chatweb = await startChatWeb(self)
+        contents = ["\u00e9\"\n" * 40_000 + str(n) for n in range(3)]
+        for content in contents:
+            await (await chatweb.post("long", content)).content()
+        await chatweb.service.queue.whenDelivered()
+        response = await chatweb.get("/messages?session=long")
+        body = await response.content()
+        messages = json.loads(body)
+        self.assertEqual([m["content"] for m in messages], contents)
+        self.assertEqual(body, json.dumps(messages, ensure_ascii=False).encode("utf-8"))
+        response = await chatweb.get("/messages?session=long&since=2")
+        self.assertEqual([m["content"] for m in json.loads(await response.content())],
+                         contents[1:])
+        self.assertEqual(onReactor, [False, False])
+
     async def test_chatNvimExamples(self) -> None:
         from twisted.internet import reactor
         from twisted.web.client import HTTPConnectionPool

@@ -5,12 +5,12 @@ JSON answers, and a session exported as a chat.nvim session file.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
-from chatweb.model._values import Session
+from chatweb.model._values import Message, Session
 from chatweb.render._preview import pause
 
 
@@ -46,3 +46,15 @@ def _exportJSON(session: Session) -> bytes:
             text = json.dumps(value, ensure_ascii=False)
         fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
     return ("{" + ", ".join(fields) + "}").encode("utf-8")
+
+
+def _messagesJSON(messages: Sequence[Message]) -> bytes:
+    """
+    C{messages} as a JSON list (safe on a thread, as L{_exportJSON}): the
+    same bytes as one C{json.dumps}, a message at a time.
+    """
+    parts = []
+    for message in messages:
+        pause()
+        parts.append(json.dumps(message.asDict(), ensure_ascii=False))
+    return ("[" + ", ".join(parts) + "]").encode("utf-8")

@@ -30,7 +30,7 @@ from chatweb.interfaces import ISessionManager
 from chatweb.render._preview import messageSize
 from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
-from chatweb.web._json import _encodedJSON, _exportJSON, _json
+from chatweb.web._json import _encodedJSON, _exportJSON, _json, _messagesJSON
 from chatweb.web._messages import MAX_MESSAGE_ID, _readBody, _Refused
 from chatweb.web._pages import (
     EXPORT_INLINE_CHARACTERS,
@@ -345,8 +345,16 @@ class SessionAPI:
             body = await self._fromWorker(request, "messages", sessionId, since)
             return _encodedJSON(request, body)
         view = await self._view(request, sessionId)
-        start = max(since - 1, 0)
-        return _json(request, [m.asDict() for m in view.session.messages[start:]])
+        chosen = view.session.messages[max(since - 1, 0) :]
+        if len(chosen) <= EXPORT_INLINE_LIMIT and (
+            sum(messageSize(m) for m in chosen) <= EXPORT_INLINE_CHARACTERS
+        ):
+            return _json(request, [m.asDict() for m in chosen])
+        # Long: encoded on a thread that lets the reactor's run (on its own
+        # thread, 120 MB of messages held it for 100 to 700 ms).
+        return _encodedJSON(
+            request, await self._api._pages.inThread(request, _messagesJSON, chosen)
+        )
 
     def listProviders(self, request: IRequest) -> Any:
         """
