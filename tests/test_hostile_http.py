@@ -179,6 +179,34 @@ class HostileHTTPTests(TestCase):
         self.assertIsNone(await self.chatweb.service.adapter.getSession("ci"))
         await self.stillAnswers()
 
+    async def test_tooManyChunksRefused(self) -> None:
+        """
+        A body in more chunks than MAX_BODY_CHUNKS is a 400 once past it
+        (Twisted parses each chunk in Python); one in a few hundred is
+        stored.
+        """
+        from chatweb.web._site import MAX_BODY_CHUNKS
+
+        port = await self.startServer()
+        head = (b"POST / HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def chunked(body: bytes, size: int) -> bytes:
+            pieces = [body[i:i + size] for i in range(0, len(body), size)]
+            return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+        few = json.dumps({"session": "ci", "content": "x" * 3000}).encode()
+        answer, _ = await deferToThread(exchange, port, chunked(few, 10)
+                                        + b"GET /sessions HTTP/1.1\r\nX-API-Key: " + KEY
+                                        + b"\r\nConnection: close\r\n\r\n")
+        self.assertEqual(status(answer), 204, answer[:300])
+        many = json.dumps({"session": "cj", "content": "x" * MAX_BODY_CHUNKS}).encode()
+        answer, _ = await deferToThread(exchange, port, chunked(many, 1))
+        self.assertEqual(status(answer), 400, answer[:300])
+        self.assertIn(f"more than {MAX_BODY_CHUNKS} chunks", jsonError(answer))
+        await self.stillAnswers()
+        self.assertIsNone(await self.chatweb.service.adapter.getSession("cj"))
+
     async def test_headAndOptionsAre404(self) -> None:
         port = await self.startServer()
         for request in (
