@@ -150,7 +150,8 @@ class PostTests(APITestCase):
         look the same: refused, as the importer refuses them.
         """
         for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c" \
-                 "\u200b\u200c\u200d\u2060\ufeff":
+                 "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u2028\u2029\ufff9\ufffe" \
+                 "\U000e0001\U000e0067\U000e007f":
             response, body = self.post({"session": f"ci{c}", "content": "x"})
             self.assertError(response, body, 400, f"(U+{ord(c):04X})")
         self.assertEqual(self.journal.rows, {})

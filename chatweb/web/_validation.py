@@ -50,6 +50,10 @@ INVISIBLE_CHARACTERS = frozenset(
     "\u2066\u2067\u2068\u2069"  # isolates
     "\u200e\u200f\u061c"  # direction marks
     "\u200b\u200c\u200d\u2060\ufeff"  # zero-width characters
+    "\u00ad\u180e"  # soft hyphen, Mongolian vowel separator
+    "\u2028\u2029"  # line and paragraph separators
+    "\ufff9\ufffa\ufffb\ufffe\uffff"  # annotation marks, noncharacters
+    + "".join(chr(c) for c in range(0xE0000, 0xE0080))  # tags
 )
 
 
