@@ -160,3 +160,23 @@ class InMemoryTests(SynchronousTestCase):
 
         codes = [chatweb.run(post(str(n))) for n in range(3)]
         self.assertEqual(codes, [204, 429, 429])  # (the one in flight counts)
+
+    def test_eventStreamsSayWhereTheyAre(self) -> None:
+        """
+        In memory there are no event streams: asking for one says so, rather
+        than blaming the session or a mount.
+        """
+        from chatweb.testing import chatWebInMemory
+
+        chatweb = chatWebInMemory(self)
+
+        async def get(path: str) -> tuple[int, str]:
+            response = await chatweb.stub.get(
+                "http://127.0.0.1" + path, headers={"X-API-Key": chatweb.apiKey})
+            return int(response.code), (await response.json())["error"]
+
+        for path in ("/events", "/sessions/ci/events"):
+            code, error = chatweb.run(get(path))
+            self.assertEqual(code, 404)
+            self.assertIn("this API serves no event streams", error)
+            self.assertIn("startChatWeb", error)

@@ -382,7 +382,8 @@ class ChatWebAPI:
 
     @app.route("/events", methods=["GET"])
     def allEvents(self, request: IRequest) -> Any:
-        return self._optional(request, self.live, lambda h: h.stream(request, None))
+        return self._optional(request, self.live, lambda h: h.stream(request, None),
+                              "event streams")
 
     @app.route("/sessions/<path:sessionPath>/events", methods=["GET"])
     def sessionEvents(self, request: IRequest, sessionPath: str) -> Any:
@@ -390,15 +391,26 @@ class ChatWebAPI:
         # session "x/events" (the session API's), not a stream.
         if not request.uri.split(b"?", 1)[0].endswith(b"/events"):
             return self._sessionAPI.getSessionResource(request)
-        return self._optional(request, self.live, lambda h: h.sessionStream(request))
+        return self._optional(request, self.live, lambda h: h.sessionStream(request),
+                              "event streams")
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> Any:
-        return self._optional(request, self.health, lambda h: h.render(request))
+        return self._optional(request, self.health, lambda h: h.render(request),
+                              "a health check")
 
     @app.route("/metrics", methods=["GET"])
     def metricsPage(self, request: IRequest) -> Any:
-        return self._optional(request, self.metrics, lambda h: h.render(request))
+        return self._optional(request, self.metrics, lambda h: h.render(request),
+                              "metrics")
 
-    def _optional(self, request: IRequest, handler: Any, call: Any) -> Any:
-        return _notFound(request) if handler is None else call(handler)
+    def _optional(self, request: IRequest, handler: Any, call: Any, what: str) -> Any:
+        if handler is None:
+            # A ChatWebAPI of its own (chatWebInMemory's, an embedder's).
+            return _error(
+                request,
+                404,
+                f"not found (this API serves no {what}: a ChatWebService does;"
+                " in tests, chatweb.testing.startChatWeb)",
+            )
+        return call(handler)
