@@ -7,8 +7,12 @@ instances share PostgreSQL instead (docs/deploy.md), which has leases.
 
 from __future__ import annotations
 
-import fcntl
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and nothing is locked
+    fcntl = None  # type: ignore[assignment]
 
 #: The lock file in the data directory; it holds the pid of its holder.
 LOCK_NAME = "chatweb.lock"
@@ -36,7 +40,7 @@ class DataDirLock:
             holds it.
         @raise OSError: the lock file cannot be made.
         """
-        if self._fd is not None:
+        if self._fd is not None or fcntl is None:
             return
         path = os.path.join(self.dataDir, LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
