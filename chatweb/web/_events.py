@@ -62,7 +62,7 @@ ABORT_AFTER = 10.0
 #: most.  In between, as many as make about L{REPLAY_BYTES} at the size of
 #: the last read's: events of long messages are read a few at a time.
 REPLAY_FIRST = 10
-REPLAY_BATCH = 500
+REPLAY_BATCH = 100
 REPLAY_BYTES = 1024 * 1024
 #: Seconds a replaying stream's reader may take nothing while more live
 #: events come than it buffers, before it is dropped as too slow.
