@@ -207,6 +207,79 @@ class HostileHTTPTests(TestCase):
         await self.stillAnswers()
         self.assertIsNone(await self.chatweb.service.adapter.getSession("cj"))
 
+    async def test_largeAnswersWrittenInPieces(self) -> None:
+        """
+        An answer over LARGE_ANSWER goes to the connection a piece at a
+        time as it takes them (Twisted's transport would join it into one
+        string on the reactor's thread), whole and in order, on a
+        keep-alive connection that answers the next request after it.
+        """
+        from chatweb.web import _site
+
+        pieces: list[int] = []
+        writePiece = _site.LimitedRequest._writePiece
+
+        def recorded(request: _site.LimitedRequest, data: bytes) -> None:
+            pieces.append(len(data))
+            writePiece(request, data)
+
+        self.patch(_site.LimitedRequest, "_writePiece", recorded)
+        port = await self.startServer()
+        contents = ["\u00e9" * 100_000 + str(n) for n in range(8)]  # 1.6 MB of answer
+        for content in contents:
+            response = await self.chatweb.post("big", content)
+            self.assertEqual(response.code, 204)
+            await response.content()
+        await self.chatweb.service.queue.whenDelivered()
+        get = b"GET /messages?session=big HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n\r\n"
+        last = (b"GET /sessions HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY
+                + b"\r\nConnection: close\r\n\r\n")
+        answer, _ = await deferToThread(exchange, port, get + last)
+        first, _, rest = answer.partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", first)
+        body = b""
+        while True:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            body, rest = body + rest[:n], rest[n + 2:]
+        self.assertEqual([m["content"] for m in json.loads(body)], contents)
+        self.assertIn(b'["big"]', rest)
+        self.assertGreater(len(pieces), 1)
+        self.assertLessEqual(max(pieces), _site.ANSWER_PIECE)
+        self.assertEqual(sum(pieces), len(body))
+
+    def test_piecesKeepTheOrderOfWritesAfterThem(self) -> None:
+        """
+        What is written while a large answer goes out in pieces follows
+        it, in order, and the request finishes only after the last piece.
+        """
+        from chatweb.web._site import ANSWER_PIECE, _InPieces
+
+        class Request:
+            written: list[bytes] = []
+            finished: list[bool] = []
+
+            def _writePiece(self, data: bytes) -> None:
+                self.written.append(data)
+                if len(self.written) % 3 == 0:
+                    producer.pauseProducing()  # as a full transport does
+
+            def _piecesWritten(self, finish: bool) -> None:
+                self.finished.append(finish)
+
+        request = Request()
+        first = bytes(range(256)) * (ANSWER_PIECE // 64)
+        producer = _InPieces(request, first)  # type: ignore[arg-type]
+        producer.add(b"after")
+        producer.add(b"-and-after")
+        producer.finishWhenWritten = True
+        while not request.finished:
+            producer.resumeProducing()
+        self.assertEqual(b"".join(request.written), first + b"after-and-after")
+        self.assertEqual(request.finished, [True])
+
     async def test_headAndOptionsAre404(self) -> None:
         port = await self.startServer()
         for request in (

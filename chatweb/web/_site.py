@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections import deque
 
 from typing import Any, Callable, Sequence, Union
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +33,7 @@ from twisted.web import http
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from chatweb.web._errors import _REASONS, SERVER_NAME, rawErrorResponse
 from chatweb.web._guard import UNAUTHORIZED
@@ -110,6 +112,56 @@ def describeAddress(address: IAddress) -> str:
 MAX_BODY_CHUNKS = 10_000
 
 
+#: Bytes of an answer above which it is written a piece of L{ANSWER_PIECE}
+#: bytes at a time, as the connection takes them: Twisted's transport joins
+#: what it holds into one string on the reactor's thread (for 120 MB, about
+#: 40 ms), and a slow reader would make it hold the whole answer twice.
+LARGE_ANSWER = 1024 * 1024
+ANSWER_PIECE = 64 * 1024
+
+
+@implementer(IPushProducer)
+class _InPieces:
+    """
+    Writes a large answer (and what is written after it) a piece at a
+    time while the connection takes more; finishes the request after, if
+    it was asked to meanwhile.
+    """
+
+    def __init__(self, request: LimitedRequest, data: bytes) -> None:
+        self._request = request
+        self._pending: deque[bytes] = deque([data])
+        self._offset = 0
+        self._paused = False
+        self._stopped = False
+        self.finishWhenWritten = False
+
+    def add(self, data: bytes) -> None:
+        self._pending.append(data)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._pending and not self._paused and not self._stopped:
+            data = self._pending[0]
+            piece = data[self._offset : self._offset + ANSWER_PIECE]
+            self._offset += ANSWER_PIECE
+            if self._offset >= len(data):
+                self._pending.popleft()
+                self._offset = 0
+            self._request._writePiece(piece)
+        if not self._pending and not self._stopped:
+            self._stopped = True
+            self._request._piecesWritten(self.finishWhenWritten)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        # The connection is gone.
+        self._stopped = True
+        self._pending.clear()
+
+
 class LimitedRequest(Request):
     """
     A request whose body may not exceed C{site.maxBodySize} bytes: a larger
@@ -123,6 +175,8 @@ class LimitedRequest(Request):
     _received = 0
     #: Chunks of a chunked body so far (None: the body has a length).
     _chunks: int | None = None
+    #: A large answer being written a piece at a time.
+    _inPieces: _InPieces | None = None
     # Narrower than Request's own declarations: ChatWebSite builds these.
     channel: ChatWebChannel
     content: io.BytesIO  # type: ignore[assignment]  # Request declares None
@@ -195,7 +249,29 @@ class LimitedRequest(Request):
             site = getattr(self, "site", None)
             name = getattr(site, "serverName", SERVER_NAME)
             self.responseHeaders.setRawHeaders(b"server", [name])
+        if self._inPieces is not None:
+            self._inPieces.add(data)
+        elif len(data) > LARGE_ANSWER and self.producer is None and not self._disconnected:
+            self._inPieces = _InPieces(self, data)
+            self.registerProducer(self._inPieces, True)
+            self._inPieces.resumeProducing()
+        else:
+            super().write(data)
+
+    def _writePiece(self, data: bytes) -> None:
         super().write(data)
+
+    def finish(self) -> None:
+        if self._inPieces is not None:
+            self._inPieces.finishWhenWritten = True
+            return
+        super().finish()
+
+    def _piecesWritten(self, finish: bool) -> None:
+        self._inPieces = None
+        self.unregisterProducer()
+        if finish and not self._disconnected and not self.finished:
+            super().finish()
 
     def _refuseTooLarge(self) -> None:
         limit = self.channel.site.limits.maxBodySize
