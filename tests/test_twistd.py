@@ -208,17 +208,23 @@ class StartupFailureTests(TestCase):
 
     timeout = 120
 
+    async def exitStatus(self, process: ChatWebProcess) -> int:
+        """
+        Start C{process}, which should not get far; its exit status.
+        """
+        try:
+            await process.start(timeout=30)
+        except RuntimeError:
+            pass  # it may end before or after it begins to listen
+        return await process.exited()
+
     async def test_corruptDatabaseExitsNonZero(self) -> None:
         dataDir = os.path.abspath(self.mktemp())
         os.makedirs(dataDir)
         with open(os.path.join(dataDir, DATABASE_NAME), "wb") as f:
             f.write(b"this is not a database" * 100)
         process = ChatWebProcess(dataDir, KEY)
-        try:
-            await process.start(timeout=30)
-        except RuntimeError:
-            pass  # it may end before or after it begins to listen
-        self.assertNotEqual(await process.exited(), 0)
+        self.assertNotEqual(await self.exitStatus(process), 0)
         errors = [line for line in process.output.splitlines() if line.startswith("chatweb: ")]
         self.assertEqual(len(errors), 1, process.output)
         self.assertIn("database", errors[0])
@@ -232,11 +238,7 @@ class StartupFailureTests(TestCase):
         first = ChatWebProcess(dataDir, KEY, testCase=self)
         url = await first.start(timeout=30)
         second = ChatWebProcess(dataDir, KEY)
-        try:
-            await second.start(timeout=30)
-        except RuntimeError:
-            pass  # it may end before or after it begins to listen
-        self.assertEqual(await second.exited(), 1)
+        self.assertEqual(await self.exitStatus(second), 1)
         errors = [line for line in second.output.splitlines() if "chatweb: cannot" in line]
         self.assertEqual(len(errors), 1, second.output)
         self.assertIn(f"{dataDir} is in use by another chatweb (process ", errors[0])

@@ -5,7 +5,7 @@ JSON answers, and a session exported as a chat.nvim session file.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from twisted.web.iweb import IRequest
 
@@ -37,11 +37,7 @@ def _exportJSON(session: Session) -> bytes:
     fields = []
     for key, value in exportSession(session).items():
         if key == "messages" and isinstance(value, list):
-            parts = []
-            for message in value:
-                pause()
-                parts.append(json.dumps(message, ensure_ascii=False))
-            text = "[" + ", ".join(parts) + "]"
+            text = _listInPieces(value)
         else:
             text = json.dumps(value, ensure_ascii=False)
         fields.append(json.dumps(key, ensure_ascii=False) + ": " + text)
@@ -50,11 +46,19 @@ def _exportJSON(session: Session) -> bytes:
 
 def _messagesJSON(messages: Sequence[Message]) -> bytes:
     """
-    C{messages} as a JSON list (safe on a thread, as L{_exportJSON}): the
-    same bytes as one C{json.dumps}, a message at a time.
+    C{messages} as a JSON list (safe on a thread, as L{_exportJSON}).
+    """
+    return _listInPieces(m.asDict() for m in messages).encode("utf-8")
+
+
+def _listInPieces(values: Iterable[Any]) -> str:
+    """
+    C{values} as a JSON list, the same text as one C{json.dumps}, made a
+    value at a time with a L{pause} between: on a thread, the reactor's
+    gets the GIL in between.
     """
     parts = []
-    for message in messages:
+    for value in values:
         pause()
-        parts.append(json.dumps(message.asDict(), ensure_ascii=False))
-    return ("[" + ", ".join(parts) + "]").encode("utf-8")
+        parts.append(json.dumps(value, ensure_ascii=False))
+    return "[" + ", ".join(parts) + "]"
