@@ -7,9 +7,13 @@ and SQLite group commit (WAL, synchronous=FULL, one writer thread, one
 transaction for all that waits, executemany); each 204 once its group has
 committed.  MODE=store writes the queue row; MODE=deliver (the default)
 also what a delivery to an idle session writes: the session's message row,
-three event rows and the queue row's state.
+three event rows and the queue row's state.  PARSER=twisted.web puts
+twisted.web's own HTTP server (a bare Resource, as bench/baseline_bare.py
+has) in place of the hand-written parser: the floor of a durable POST that
+Twisted's HTTP server answers.
 
     MODE=deliver python bench/floor.py PORT
+    MODE=deliver PARSER=twisted.web python bench/floor.py PORT
 
 then, as bench/table.py runs its servers (taskset -c 0 for this one):
 
@@ -27,11 +31,14 @@ import tempfile
 from twisted.internet import protocol, reactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from chatweb.web._validation import BadRequest, parseMessage
 
 KEY = b"bench"
 MODE = os.environ.get("MODE", "deliver")
+PARSER = os.environ.get("PARSER", "hand-written")
 OK = b"HTTP/1.1 204 No Content\r\nServer: floor\r\nX-Message-Id: %d\r\n\r\n"
 REFUSED = b"HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n"
 
@@ -82,8 +89,8 @@ def flush() -> None:
     def committed(ids: list) -> None:
         global writing
         writing = False
-        for (transport, _, _, _), i in zip(batch, ids):
-            transport.write(OK % i)
+        for (answer, _, _, _), i in zip(batch, ids):
+            answer(i)
         flush()
 
     deferToThreadPool(reactor, writer, write, [entry[1:] for entry in batch]).addCallback(
@@ -106,11 +113,43 @@ class Floor(protocol.Protocol):
         except BadRequest:
             self.transport.write(REFUSED % 400)
             return
-        waiting.append((self.transport, session, content, reactor.seconds()))
+        waiting.append((self.answer, session, content, reactor.seconds()))
         flush()
 
+    def answer(self, i: int) -> None:
+        self.transport.write(OK % i)
 
-factory = protocol.Factory.forProtocol(Floor)
+
+class BareFloor(Resource):
+    """The same, behind twisted.web: its parser, Request and Site."""
+
+    isLeaf = True
+
+    def render_POST(self, request):
+        if not hmac.compare_digest(request.getHeader(b"x-api-key") or b"", KEY):
+            request.setResponseCode(401)
+            return b""
+        try:
+            session, content = parseMessage(request.content.read())
+        except BadRequest:
+            request.setResponseCode(400)
+            return b""
+
+        def answer(i: int) -> None:
+            request.setResponseCode(204)
+            request.setHeader(b"X-Message-Id", b"%d" % i)
+            request.finish()
+
+        waiting.append((answer, session, content, reactor.seconds()))
+        flush()
+        return NOT_DONE_YET
+
+
+if PARSER == "twisted.web":
+    factory = Site(BareFloor(), parsePOSTFormSubmission=False)
+    factory.log = lambda request: None
+else:
+    factory = protocol.Factory.forProtocol(Floor)
 port = reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1", backlog=1024)
 writer.start()
 reactor.addSystemEventTrigger("during", "shutdown", writer.stop)
