@@ -14,7 +14,7 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web._newclient import ResponseNeverReceived
@@ -387,6 +387,21 @@ reactor.run()
 """
 
 
+class _ClockedReactor:
+    """
+    Real processes, with the time of a L{Clock}.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.spawned = 0
+        self.callLater = clock.callLater
+        self.seconds = clock.seconds
+
+    def spawnProcess(self, *args: object, **kwargs: object) -> object:
+        self.spawned += 1
+        return reactor.spawnProcess(*args, **kwargs)  # type: ignore[arg-type]
+
+
 class PageWorkersUnitTests(TestCase):
     def setUp(self) -> None:
         from chatweb.store._sqlite import SQLiteDatabase
@@ -600,6 +615,48 @@ class PageWorkersUnitTests(TestCase):
             with self.assertRaises(WorkerFailed):
                 await workers.run("ids", [])
         self.assertEqual(len(tried), 1)
+
+    async def test_workerThatKeepsExitingWaits(self) -> None:
+        """
+        A worker that exits unasked once it is ready (killed for its memory
+        on every view of one page, say) is replaced at once the first time;
+        if its replacement does too, requests fail at once until a delay has
+        passed, twice as long each time, rather than paying for a new
+        process at every request.  Failures far apart start again from the
+        first.
+        """
+        clock = Clock()
+        clocked = _ClockedReactor(clock)
+        workers = PageWorkers(clocked, self.path)
+        self.addCleanup(workers.stop)
+        await workers.start()
+
+        async def crash() -> None:
+            (worker,) = workers._workers
+            await worker.readied
+            worker.transport.signalProcess("KILL")
+            await worker.ended
+
+        await crash()
+        self.assertEqual(await workers.run("ids", ["replaced at once"]), b'["replaced at once"]')
+        await crash()
+        for delay in (1.0, 2.0):
+            spawned = clocked.spawned
+            with self.assertRaises(WorkerFailed) as raised:
+                await workers.run("ids", [])
+            self.assertIn("could start or stay up", str(raised.exception))
+            clock.advance(delay - 0.01)
+            with self.assertRaises(WorkerFailed):
+                await workers.run("ids", [])
+            self.assertEqual(clocked.spawned, spawned)
+            clock.advance(0.01)
+            self.assertEqual(await workers.run("ids", ["after"]), b'["after"]')
+            await crash()
+        self.assertEqual(clocked.spawned, 4)
+        clock.advance(_workers.FAILURES_APART + 5)
+        self.assertEqual(await workers.run("ids", ["again"]), b'["again"]')
+        await crash()
+        self.assertEqual(await workers.run("ids", ["at once"]), b'["at once"]')
 
     async def test_neverReadyIsKilled(self) -> None:
         """

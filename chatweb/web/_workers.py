@@ -82,7 +82,13 @@ STOP_TIMEOUT = 5.0
 READY_TIMEOUT = 60.0
 #: Seconds before a worker that exited before it was ready is started
 #: again: the first time, then twice as long each time, up to the last.
+#: A worker that exits unasked once it was ready counts too, except that
+#: the first of a row is replaced at once.
 RESTART_DELAYS = (0.5, 30.0)
+#: Failures further apart than this are not in a row: the next is the
+#: first again (more than the longest delay, so a worker that keeps
+#: exiting stays at it).
+FAILURES_APART = 2 * RESTART_DELAYS[1]
 
 
 class WorkerFailed(Exception):
@@ -196,9 +202,10 @@ class PageWorkers:
         self.shareSecret = shareSecret
         self._workers: list[_Worker] = []
         self._stopped = False
-        #: Workers in a row that exited before they were ready, and when
-        #: the next may start.
-        self._failedStarts = 0
+        #: Workers in a row that could not start or exited unasked, when
+        #: the last did, and when the next may start.
+        self._failures = 0
+        self._lastFailure = float("-inf")
         self._nextStart = 0.0
         #: C{path} made absolute when the first worker starts.
         self._path: str | None = None
@@ -226,7 +233,7 @@ class PageWorkers:
         if len(self._workers) < self.processes and self._clock.seconds() >= self._nextStart:
             self._startOne()
         if not self._workers:
-            return fail(WorkerFailed("no page worker could start; see the log"))
+            return fail(WorkerFailed("no page worker could start or stay up; see the log"))
         candidates = [w for w in self._workers if w.ready] or self._workers
         return min(candidates, key=lambda w: len(w.waiting)).send((kind, args))
 
@@ -239,7 +246,7 @@ class PageWorkers:
             return self._start()
         except OSError as e:
             _log.warn("chatweb cannot start a page worker: {error}", error=str(e))
-            self._failedStart()
+            self._failed(wasReady=False)
             return None
 
     def _start(self) -> _Worker:
@@ -270,22 +277,34 @@ class PageWorkers:
         tooLong = self._clock.callLater(READY_TIMEOUT, _kill, worker)
         worker.readied.addCallback(_cancel, tooLong)
         worker.readied.addCallback(self._started, worker)
+        worker.ended.addCallback(self._ended, worker)
         self._workers.append(worker)
         return worker
 
     def _started(self, _: None, worker: _Worker) -> None:
-        if worker.ready:
-            self._failedStarts = 0
-        else:
-            self._failedStart()
+        if not worker.ready:
+            self._failed(wasReady=False)
 
-    def _failedStart(self) -> None:
-        # It could not start (a broken install, a missing database): not
-        # again at every request.
+    def _ended(self, _: None, worker: _Worker) -> None:
+        if worker.ready and not self._stopped:
+            self._failed(wasReady=True)
+
+    def _failed(self, wasReady: bool) -> None:
+        # A worker that could not start (a broken install, a missing
+        # database) or that keeps exiting (killed for its memory on every
+        # view of one page, say) is not started again at every request:
+        # starting one costs about half a second of CPU.
+        now = self._clock.seconds()
+        if now - self._lastFailure > FAILURES_APART:
+            self._failures = 0
+        self._lastFailure = now
         first, longest = RESTART_DELAYS
-        delay = min(longest, first * 2**self._failedStarts)
-        self._failedStarts += 1
-        self._nextStart = self._clock.seconds() + delay
+        if wasReady and self._failures == 0:
+            delay = 0.0
+        else:
+            delay = min(longest, first * 2**self._failures)
+        self._failures += 1
+        self._nextStart = now + delay
 
     def stop(self) -> Deferred[None]:
         """
