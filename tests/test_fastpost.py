@@ -474,15 +474,19 @@ class FallbackTests(ServiceTestCase):
 
     async def test_tooManyHeaders(self) -> None:
         """
-        More headers than twisted.web takes (its C{maxHeaders}): its 400,
-        not a 204 from the fast path.
+        More headers than twisted.web takes (its C{maxHeaders}): a 431 that
+        says so, not a 204 from the fast path.
         """
         from twisted.web.http import HTTPChannel
 
         port = await self.start()
         many = b"".join(b"X-H-%d: v\r\n" % (n,) for n in range(HTTPChannel.maxHeaders))
         answer = await self.assertSlowPath(port, post(message("ci", "many"), many))
-        self.assertEqual(answer.code, 400)
+        self.assertEqual(answer.code, 431)
+        self.assertEqual(
+            json.loads(answer.body),
+            {"error": f"the request has more than {HTTPChannel.maxHeaders} header fields"},
+        )
         self.assertEqual(await self.service.journal.pending(), [])
         # As many as it takes (with Host, X-API-Key and Content-Length):
         # the fast path's.

@@ -134,6 +134,58 @@ class HostileHTTPTests(TestCase):
             self.assertIn("exceed", jsonError(answer))
         await self.stillAnswers()
 
+    async def test_tooManyHeaderFields(self) -> None:
+        """
+        More header fields than twisted.web takes get a 431 that says so
+        (Twisted's own answer is a bare 400), on any route.
+        """
+        port = await self.startServer()
+        many = b"".join(b"X-H-%d: v\r\n" % (n,) for n in range(501))
+        for request in (b"GET /sessions HTTP/1.1\r\n" + many + b"\r\n",
+                        post(b'{"session": "ci", "content": "x"}', many)):
+            answer, _ = await deferToThread(exchange, port, request)
+            self.assertEqual(status(answer), 431, answer[:200])
+            self.assertEqual(jsonError(answer), "the request has more than 500 header fields")
+        # Continuation lines belong to their field.
+        folded = b"X-Folded: a\r\n" + b" b\r\n" * 600
+        answer, _ = await deferToThread(
+            exchange, port, b"GET /sessions HTTP/1.1\r\nConnection: close\r\nX-API-Key: "
+            + KEY + b"\r\n" + folded + b"\r\n")
+        self.assertEqual(status(answer), 200, answer[:200])
+        await self.stillAnswers()
+
+    async def test_compressedBodyRefused(self) -> None:
+        """
+        A body with a Content-Encoding chatweb does not decode (gzip, say)
+        gets a 415 before it is read, not "not valid UTF-8", and nothing is
+        stored; "identity" is no encoding.
+        """
+        import gzip
+
+        port = await self.startServer()
+        body = json.dumps({"session": "ci", "content": "compressed"}).encode()
+        for extra, path in (
+            (b"Content-Encoding: gzip\r\n", b"/"),
+            (b"Content-Encoding: identity, gzip\r\n", b"/"),
+            (b"Content-Encoding: GZIP\r\n", b"/sessions/ci/messages"),
+        ):
+            # Whatever the body is: one that says gzip and is not is
+            # refused as well.
+            for sent in (gzip.compress(body), body):
+                request = post(sent, extra).replace(b"POST / ", b"POST %s " % path)
+                answer, _ = await deferToThread(exchange, port, request)
+                self.assertEqual(status(answer), 415, answer[:300])
+                self.assertIn(b"\r\nAccept-Encoding: identity\r\n", answer)
+                self.assertIn("send the body uncompressed", jsonError(answer))
+                self.assertIn("gzip", jsonError(answer).lower())
+        sessions = await self.chatweb.get("/sessions")
+        self.assertEqual(await sessions.json(), [])
+        answer, _ = await deferToThread(
+            exchange, port, post(body, b"Content-Encoding: IDENTITY\r\nConnection: close\r\n"))
+        self.assertEqual(status(answer), 204, answer)
+        sessions = await self.chatweb.get("/sessions")
+        self.assertEqual(await sessions.json(), ["ci"])
+
     async def test_chunkedAndPipelinedRequestsWork(self) -> None:
         port = await self.startServer()
         body = json.dumps({"session": "ci", "content": "chunked"}).encode()

@@ -241,7 +241,10 @@ class ReadTests(SessionAPITestCase):
             url = "/sessions?detail=1&limit=2&cursor=" + cursor[0]
         self.assertEqual(seen, [f"s/{n}" for n in range(5)])
         self.assertError("GET", "/sessions?detail=1&limit=0", 400, "limit")
-        self.assertError("GET", "/sessions?detail=1&limit=x", 400, "limit")
+        self.assertError("GET", "/sessions?detail=1&limit=x", 400,
+                         "query parameter 'limit' must be a whole number")
+        self.assertError("GET", "/sessions?detail=1&limit=" + "1" * 40, 400,
+                         "query parameter 'limit' must be 1 to")
         self.assertError("GET", "/sessions?detail=1&cursor=%21%21", 400, "cursor")
 
     def test_messagesSince(self) -> None:
@@ -254,6 +257,13 @@ class ReadTests(SessionAPITestCase):
         self.assertEqual(self.json("GET", "/messages?session=a%2Fb&since=9"), [])
         self.assertError("GET", "/messages", 400, "session")
         self.assertError("GET", "/messages?session=a%2Fb&since=-1", 400, "since")
+        # A number too large is said to be one, however long it is.
+        for large in ("9" * 19, "9" * 5000):
+            self.assertError(
+                "GET", f"/messages?session=a%2Fb&since={large}", 400,
+                "query parameter 'since' must be 0 to 4611686018427387904")
+        self.assertEqual(self.json("GET", "/messages?session=a%2Fb&since=" + "0" * 30 + "3"),
+                         self.json("GET", "/messages?session=a%2Fb&since=3"))
         self.assertError("GET", "/messages?session=nope", 404)
 
     def test_providers(self) -> None:

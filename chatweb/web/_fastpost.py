@@ -72,8 +72,9 @@ def _plainHost(host: bytes) -> bool:
     return True
 
 
-#: Headers that need twisted.web (chunked bodies, 100 Continue).
-_ELSEWHERE = frozenset([b"transfer-encoding", b"expect"])
+#: Headers that need twisted.web (chunked bodies, 100 Continue, a
+#: compressed body's 415).
+_ELSEWHERE = frozenset([b"transfer-encoding", b"expect", b"content-encoding"])
 
 
 class _Answered:

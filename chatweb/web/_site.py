@@ -200,6 +200,24 @@ class LimitedRequest(Request):
             refusal = site.refuseBeforeBody(self)
             if refusal is not None:
                 self._refuse(*refusal)
+            else:
+                self._refuseEncoded()
+
+    def _refuseEncoded(self) -> None:
+        """
+        Refuse a compressed body (C{Content-Encoding: gzip}, say) before it
+        is read: chatweb reads bodies as they are sent.
+        """
+        codings = b",".join(self.requestHeaders.getRawHeaders(b"content-encoding", []))
+        named = [c.strip().lower() for c in codings.split(b",") if c.strip()]
+        if any(coding != b"identity" for coding in named):
+            shown = codings.decode("latin-1")[:100]
+            self._refuse(
+                415,
+                b"Unsupported Media Type",
+                f"Content-Encoding {shown!r} is not supported: send the body uncompressed",
+                [(b"Accept-Encoding", b"identity")],
+            )
 
     def handleContentChunk(self, data: bytes) -> None:
         if not self._guarded:
@@ -306,8 +324,10 @@ class ChatWebChannel(HTTPChannelHooks):
     site: ChatWebSite
     #: Whether a request is whole and being answered.
     _processing = False
-    #: Bytes of the request line and headers received so far.
+    #: Bytes of the request line and headers received so far, and lines
+    #: (not counting a header's continuation lines).
     _headerBytes = 0
+    _headerLines = 0
     currentTarget = b"/"
     #: A request taken by the site's L{FastPost} waits for its message to
     #: be stored; what the client sends meanwhile waits in C{_backlog}.
@@ -426,6 +446,17 @@ class ChatWebChannel(HTTPChannelHooks):
                 f"the request line and headers exceed {self.totalHeadersSize} bytes",
             )
             return
+        if line[:1] not in (b"", b" ", b"\t"):
+            # The request line, then a header field each (Twisted would
+            # answer more than maxHeaders with a bare 400).
+            self._headerLines += 1
+            if self._headerLines > self.maxHeaders + 1:
+                self._refuse(
+                    431,
+                    b"Request Header Fields Too Large",
+                    f"the request has more than {self.maxHeaders} header fields",
+                )
+                return
         requests = len(self.requests)
         super().lineReceived(line)
         if len(self.requests) > requests:
@@ -433,7 +464,7 @@ class ChatWebChannel(HTTPChannelHooks):
             parts = line.split(b" ")
             self.currentTarget = parts[1] if len(parts) == 3 else b""
         if not line:
-            self._headerBytes = 0
+            self._headerBytes = self._headerLines = 0
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(
@@ -445,7 +476,7 @@ class ChatWebChannel(HTTPChannelHooks):
     def allContentReceived(self) -> None:
         self._cancelDeadline()
         self._processing = True
-        self._headerBytes = 0
+        self._headerBytes = self._headerLines = 0
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
