@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from chatweb.cli import addClientCommands
+    from chatweb.cli import addClientCommands, addClientOptions, clientOptionsGiven
 
     parser = argparse.ArgumentParser(
         prog="chatweb",
@@ -46,6 +46,7 @@ def _main(argv: list[str] | None) -> int:
         " $CHATWEB_API_KEY.",
     )
     parser.add_argument("--version", action="version", version=_version())
+    addClientOptions(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     ensure = commands.add_parser(
         "ensure-key",
@@ -86,6 +87,9 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is not None:
         return int(args.run(args))
+    given = clientOptionsGiven(args)
+    if given:
+        parser.error(f"{', '.join(given)}: options of the client commands, not of {args.command}")
     if args.command == "migrate":
         return _migrate(args.data_dir or defaultDataDir(), args.to,
                         args.database_password_file)

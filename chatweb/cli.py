@@ -45,28 +45,59 @@ class UsageError(Exception):
     """
 
 
+def _clientOptions() -> list[tuple[str, dict[str, Any]]]:
+    """
+    The client commands' own options: C{(flag, argparse keywords)}.
+    """
+    return [
+        ("--url", dict(
+            default=None,
+            help=f"chatweb's base URL (default: $CHATWEB_URL, else {DEFAULT_URL})",
+        )),
+        ("--key-file", dict(
+            default=None,
+            help="a file holding the API key (default: $CHATWEB_API_KEY, else the"
+            f" data directory's {KEY_FILE_NAME} file, as `ensure-key` makes it)",
+        )),
+        ("--json", dict(action="store_true", default=False, help="print JSON, for scripts")),
+        ("--timeout", dict(
+            type=_seconds, default=30.0,
+            help="seconds to wait for each answer to start (default 30)",
+        )),
+    ]
+
+
+def addClientOptions(parser: argparse.ArgumentParser) -> None:
+    """
+    Let the client commands' options come before the command too
+    (C{chatweb --url URL send ...}), as well as after it.
+    """
+    group = parser.add_argument_group("options of the client commands, before or after them")
+    for flag, options in _clientOptions():
+        group.add_argument(flag, **options)
+
+
+def clientOptionsGiven(args: argparse.Namespace) -> list[str]:
+    """
+    The client options in C{args} that differ from their defaults.
+    """
+    return [
+        flag for flag, options in _clientOptions()
+        if getattr(args, flag[2:].replace("-", "_"), options["default"]) != options["default"]
+    ]
+
+
 def addClientCommands(commands: Any) -> None:
     """
     Add the client commands to an argparse sub-parser set; each sets
-    C{run} (see L{runCommand}).
+    C{run} (see L{runCommand}).  Their options, given after the command,
+    win over the same given before it (L{addClientOptions}).
     """
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--url",
-        default=None,
-        help=f"chatweb's base URL (default: $CHATWEB_URL, else {DEFAULT_URL})",
-    )
-    common.add_argument(
-        "--key-file",
-        default=None,
-        help="a file holding the API key (default: $CHATWEB_API_KEY, else the"
-        f" data directory's {KEY_FILE_NAME} file, as `ensure-key` makes it)",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON, for scripts")
-    common.add_argument(
-        "--timeout", type=_seconds, default=30.0,
-        help="seconds to wait for each answer to start (default 30)",
-    )
+    for flag, options in _clientOptions():
+        # Not a default of its own: it would replace the value given
+        # before the command.
+        common.add_argument(flag, **dict(options, default=argparse.SUPPRESS))
 
     def add(
         name: str,
@@ -181,6 +212,11 @@ def runCommand(
     C{prepare} does what must not run on the reactor (reading stdin).
     """
     stderr = sys.stderr if stderr is None else stderr
+    for flag, options in _clientOptions():
+        # Not given, and no addClientOptions before the command.
+        name = flag[2:].replace("-", "_")
+        if not hasattr(args, name):
+            setattr(args, name, options["default"])
     try:
         if prepare is not None:
             prepare(args)

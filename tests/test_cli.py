@@ -156,6 +156,37 @@ class CommandTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertIn("first", await response.text())
 
+    async def test_optionsBeforeTheCommand(self) -> None:
+        """
+        The client options work before the command too (C{chatweb --url URL
+        send ...}); given on both sides, the one after the command wins.
+        Before a command that is not a client's, they are a usage error.
+        """
+        keyFile = os.path.abspath(self.mktemp())
+        with open(keyFile, "w") as f:
+            f.write(KEY + "\n")
+        code, out, err = await chatwebCommand(
+            "--url", self.url, "--key-file", keyFile, "--timeout", "5", "send", "ci", "before",
+            url="http://127.0.0.1:1", key=None,
+        )
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = await self.command("--json", "sessions")
+        self.assertEqual((code, json.loads(out), err), (0, ["ci"], ""))
+        self.assertOneLineError(
+            await self.command("--url", self.url, "sessions", "--url", "http://127.0.0.1:1"),
+            "cannot reach chatweb at http://127.0.0.1:1",
+        )
+        code, out, err = await self.command("--url", "http://127.0.0.1:1", "sessions",
+                                            "--url", self.url)
+        self.assertEqual((code, out), (0, "ci\n"))
+        code, out, err = await self.command("--timeout", "-1", "sessions")
+        self.assertEqual(code, 2)
+        self.assertIn("not a number of seconds above 0", err)
+        code, out, err = await self.command(
+            "--json", "ensure-key", "--data-dir", os.path.abspath(self.mktemp()))
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--json: options of the client commands, not of ensure-key", err)
+
     async def test_followUntilCtrlC(self) -> None:
         protocol = _ProcessOutput()
         command = [sys.executable, "-m", "chatweb", "follow", "ci"]

@@ -6,7 +6,6 @@ managing them, stopping a delivery, ids with reserved characters in paths.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 from urllib.parse import quote
 
