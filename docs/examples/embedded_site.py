@@ -38,7 +38,7 @@ class Upload(Resource):
     isLeaf = True
 
     def render_POST(self, request: Request) -> bytes:
-        size = len(request.content.read())
+        size = len(request.content.read()) if request.content is not None else 0
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"%d bytes\n" % (size,)
 

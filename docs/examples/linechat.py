@@ -92,7 +92,7 @@ class ChatUser(LineReceiver):
         self.leave()
 
 
-class ChatFactory(Factory):
+class ChatFactory(Factory[ChatUser]):
     protocol = ChatUser
 
     def __init__(self) -> None:

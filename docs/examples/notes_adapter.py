@@ -7,7 +7,10 @@ Run it:  python docs/examples/notes_adapter.py   (then post to 127.0.0.1:7780)
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
@@ -16,17 +19,17 @@ from chatweb import Delivery, ISessionAdapter, Message, Session
 
 @implementer(ISessionAdapter)
 class NotesAdapter:
-    def __init__(self, clock) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._sessions: dict[str, list[Message]] = {}
         self._seen: set[int] = set()
         self._busy: set[str] = set()
-        self._idle: dict[str, list[Deferred]] = {}
+        self._idle: dict[str, list[Deferred[None]]] = {}
 
-    def listSessions(self) -> Deferred:
+    def listSessions(self) -> Deferred[list[str]]:
         return succeed(sorted(self._sessions))
 
-    def getSession(self, sessionId: str) -> Deferred:
+    def getSession(self, sessionId: str) -> Deferred[Session | None]:
         if sessionId not in self._sessions:
             return succeed(None)
         return succeed(Session(id=sessionId, messages=tuple(self._sessions[sessionId])))
@@ -34,14 +37,14 @@ class NotesAdapter:
     def isBusy(self, sessionId: str) -> bool:
         return sessionId in self._busy
 
-    def whenIdle(self, sessionId: str) -> Deferred:
+    def whenIdle(self, sessionId: str) -> Deferred[None]:
         if sessionId not in self._busy:
             return succeed(None)
-        waiter: Deferred = Deferred(lambda d: self._idle[sessionId].remove(d))
+        waiter: Deferred[None] = Deferred(lambda d: self._idle[sessionId].remove(d))
         self._idle.setdefault(sessionId, []).append(waiter)
         return waiter
 
-    def deliver(self, delivery: Delivery) -> Deferred:
+    def deliver(self, delivery: Delivery) -> Deferred[None]:
         messages = self._sessions.setdefault(delivery.session, [])
         if delivery.id in self._seen:  # delivered again after a crash
             return succeed(None)
@@ -51,7 +54,7 @@ class NotesAdapter:
         # The work: here, a pause.  Cancelling the Deferred cancels it.
         work = deferLater(self._clock, 0.5, lambda: None)
 
-        def idle(result):
+        def idle(result: Any) -> Any:
             self._busy.discard(delivery.session)
             for waiter in self._idle.pop(delivery.session, []):
                 waiter.callback(None)

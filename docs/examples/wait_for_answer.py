@@ -41,6 +41,8 @@ def ask(baseURL: str, key: str, session: str, content: str, timeout: float = 60)
     session by its delivery.
     """
     url = urlsplit(baseURL)
+    if url.hostname is None:
+        raise ValueError(f"not a URL with a host: {baseURL!r}")
     headers = {"X-API-Key": key}
     # 1. Follow the session first, so that no event is missed.
     stream = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
