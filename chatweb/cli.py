@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from typing import Any, Callable, Coroutine, TextIO
 
@@ -394,7 +395,9 @@ def _describe(event: StreamEvent) -> str:
         what = f"message {data['message']}"
         if data.get("error"):
             what += f": {data['error']}"
-    line = f"{event.id} {event.session} {event.kind} {what}".rstrip()
+    # Quoted as a shell would (only when it must be): an id with a space
+    # is still one field of the line.
+    line = f"{event.id} {shlex.quote(event.session)} {event.kind} {what}".rstrip()
     return _shown(" ".join(line.split("\n")))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -186,6 +187,22 @@ class CommandTests(TestCase):
             "--json", "ensure-key", "--data-dir", os.path.abspath(self.mktemp()))
         self.assertEqual((code, out), (2, ""))
         self.assertIn("--json: options of the client commands, not of ensure-key", err)
+
+    def test_followLinesSplitAsAShellWould(self) -> None:
+        """
+        Each line of C{follow} splits into its event id, session id and
+        kind as a shell splits words, whatever the session's id.
+        """
+        from chatweb.cli import _describe
+        from chatweb.client import StreamEvent
+
+        for session in ["ci", "ci/nightly", "2024-01-15-10-30-00", "ci nightly", "it's",
+                        "caf\u00e9", ""]:
+            event = StreamEvent(7, "message.queued", session, 0.0, {"message": 3})
+            line = _describe(event)
+            self.assertEqual(shlex.split(line), ["7", session, "message.queued", "message", "3"])
+            if session in ("ci", "ci/nightly"):
+                self.assertEqual(line, f"7 {session} message.queued message 3")
 
     async def test_followUntilCtrlC(self) -> None:
         protocol = _ProcessOutput()
