@@ -154,6 +154,39 @@ class HostileHTTPTests(TestCase):
         self.assertEqual(status(answer), 200, answer[:200])
         await self.stillAnswers()
 
+    async def test_bareLineFeedsRefusedAtOnce(self) -> None:
+        """
+        A request whose lines end with a bare LF (C{printf ... | nc}) gets a
+        400 that says so at once, not a 408 once the deadline passes; a
+        body may hold bare LFs, and a CRLF split over two reads is one.
+        """
+        port = await self.startServer(limits=Limits(requestTimeout=60))
+        key = b"X-API-Key: " + KEY
+        body = b'{\n  "session": "ci",\n  "content": "pretty"\n}\n'
+        for request in (
+            b"GET /sessions HTTP/1.1\n" + key + b"\n\n",
+            b"GET /sessions HTTP/1.1\r\nHost: x\n" + key + b"\r\n\r\n",
+            b"POST / HTTP/1.1\n" + key + b"\nContent-Length: %d\n\n" % len(body) + body,
+        ):
+            answer, _ = await deferToThread(exchange, port, request, 5.0)
+            self.assertEqual(status(answer), 400, (request, answer))
+            self.assertIn("not a bare LF", jsonError(answer))
+        for path in (b"/", b"/sessions/ci/messages"):
+            request = post(body, b"Connection: close\r\n").replace(b"/ ", path + b" ", 1)
+            answer, _ = await deferToThread(exchange, port, request, 5.0)
+            self.assertEqual(status(answer), 204, answer)
+
+        def split() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /sessions HTTP/1.1\r")
+                time.sleep(0.2)
+                s.sendall(b"\n" + key + b"\r\nConnection: close\r\n\r\n")
+                return b"".join(iter(lambda: s.recv(65536), b""))
+
+        answer = await deferToThread(split)
+        self.assertEqual(status(answer), 200, answer)
+        self.assertIn(b'["ci"]', answer)
+
     async def test_compressedBodyRefused(self) -> None:
         """
         A body with a Content-Encoding chatweb does not decode (gzip, say)

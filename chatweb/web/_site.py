@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import deque
 
 from typing import Any, Callable, Sequence, Union
@@ -60,6 +61,19 @@ def _segments(path: bytes) -> list[bytes]:
     percent-decoded).
     """
     return [unquote_to_bytes(segment) for segment in path.split(b"?", 1)[0][1:].split(b"/")]
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _bareLineFeed(buffered: bytes, data: bytes) -> bool:
+    """
+    Whether the request line and headers that C{data} adds to what is
+    C{buffered} of them end a line with a bare LF (its body may hold any).
+    """
+    head = buffered[-1:] + data
+    end = head.find(b"\r\n\r\n")
+    return _BARE_LF.search(head, 0, len(head) if end < 0 else end + 4) is not None
 
 
 def underMount(target: bytes, mount: Sequence[bytes]) -> bool:
@@ -385,6 +399,20 @@ class ChatWebChannel(HTTPChannelHooks):
                 self._fastPending = False
         if self._deadline is None and not self._processing:
             self._deadline = self.callLater(self.site.limits.requestTimeout, self._tooSlow)
+        if (
+            self.line_mode
+            and not self._processing
+            and b"\n" in data
+            and _bareLineFeed(self._buffer, data)
+        ):
+            # Twisted would wait for a CRLF until the deadline's 408.
+            self._refuse(
+                400,
+                b"Bad Request",
+                "malformed HTTP request: the request line and headers must end"
+                " with CRLF (\\r\\n), not a bare LF (\\n)",
+            )
+            return
         super().dataReceived(data)
 
     def pauseProducing(self) -> None:
