@@ -347,6 +347,7 @@ class StreamTests(TestCase):
         self.server.then(
             Script([b'{"error": {"message": "boom"}}'], status=500),
             Script([b"{}"], status=429, headers={"Retry-After": "7"}),
+            Script([b"{}"], status=500, headers={"Retry-After": "9"}),
             Script(status=401, echo=lambda h: json.dumps(
                 {"error": {"message": "Incorrect API key provided: " + h["authorization"],
                            "code": "invalid_api_key"}}).encode()),
@@ -356,6 +357,8 @@ class StreamTests(TestCase):
         self.assertEqual((error.transient, str(error)), (True, "API Error (500): boom"))
         error = await self.failure(self.ask(responder))
         self.assertEqual((error.transient, error.retryAfter), (True, 7.0))
+        error = await self.failure(self.ask(responder))
+        self.assertEqual((error.transient, error.retryAfter), (True, 9.0))
         error = await self.failure(self.ask(responder))
         self.assertFalse(error.transient)
         self.assertIn("API Error (invalid_api_key): Incorrect API key provided: Bearer ***", str(error))
@@ -409,8 +412,32 @@ class StreamTests(TestCase):
         self.server.then(Script(pieces(openaiStream()[:5], 4), drop=True))
         error = await self.failure(self.ask(self.responder()))
         self.assertFalse(error.transient)
-        self.assertIn("ended before the answer", str(error))
+        self.assertEqual(
+            str(error),
+            "the model's stream ended before the answer did (the connection was closed)",
+        )
         self.assertEqual([m.content for m in error.partial], ["Héllo"])
+
+    async def test_redirectNotFollowed(self) -> None:
+        """
+        A redirect, to another server or the same one, is not followed:
+        the key never reaches another server (Twisted would keep an
+        x-api-key header there), and the error says what to do.
+        """
+        elsewhere = ModelServer()
+        elsewhere.start(self)
+        for protocol, status in (("anthropic", 303), ("openai", 307), ("anthropic", 308)):
+            self.server.then(Script(status=status, headers={
+                "Location": elsewhere.url + "/messages"}))
+            error = await self.failure(self.ask(self.responder(protocol)))
+            self.assertFalse(error.transient)
+            self.assertEqual(
+                str(error),
+                f"API Error ({status}): the model server redirects to {elsewhere.url}/messages;"
+                " chatweb follows no redirect (a key goes only to its own server): set the"
+                " provider's base URL to where it should go",
+            )
+        self.assertEqual(elsewhere.requests, [])
 
     async def test_malformed(self) -> None:
         self.server.then(Script([b"data: {not json\n\n"], hold=True))

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
@@ -400,8 +400,11 @@ class _Call:
 
     def start(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> None:
         self._arm()
+        # No redirect is followed: a key goes only to the server it was
+        # configured for (Twisted would keep an x-api-key header on the way
+        # to another origin).
         d = self._responder.client.post(
-            url, data=json.dumps(body).encode("utf-8"), headers=headers
+            url, data=json.dumps(body).encode("utf-8"), headers=headers, allow_redirects=False
         )
         self._request = d
         d.addCallbacks(self._gotResponse, self._requestFailed)
@@ -488,12 +491,13 @@ class _Call:
         ):
             self._succeed()
             return
+        if reason.check(ResponseDone, PotentialDataLoss, ResponseFailed):
+            # (ResponseFailed's own text is a list of Failures' reprs.)
+            why = "the connection was closed"
+        else:
+            why = reason.getErrorMessage() or "the connection was closed"
         self._fail(
-            ModelError(
-                "the model's stream ended before the answer did"
-                f" ({reason.getErrorMessage() or 'connection closed'})",
-                transient=False,
-            )
+            ModelError(f"the model's stream ended before the answer did ({why})", False)
         )
 
     def _whole(self, body: bytes) -> None:
@@ -531,6 +535,15 @@ class _Call:
         except ValueError:
             data = None
         error = data.get("error") if isinstance(data, dict) else None
+        if 300 <= code < 400:
+            location = (self._response.headers.getRawHeaders(b"location") or [b""])[0]
+            target = location.decode("utf-8", "replace")[:300] or "nowhere"
+            return ModelError(
+                f"API Error ({code}): the model server redirects to {target}; chatweb"
+                " follows no redirect (a key goes only to its own server): set the"
+                " provider's base URL to where it should go",
+                False,
+            )
         if error is None:
             text = body.decode("utf-8", "replace").strip()[:500]
             message = f"API Error ({code}): {text or 'HTTP ' + str(code)}"
@@ -539,7 +552,7 @@ class _Call:
         # (Anthropic's 529, overloaded, is one of the 5xx.)
         transient = code in TRANSIENT_STATUSES or code >= 500
         after = None
-        if code in (429, 503, 529):
+        if transient:
             values = self._response.headers.getRawHeaders(b"retry-after") or [None]
             after = parseRetryAfter(values[0], self._clock.seconds())
         return ModelError(message, transient, retryAfter=after)
