@@ -262,10 +262,3 @@ class ISessionManager(Interface):
         @return: a L{Deferred} firing with True, or False if there is no
             such session.
         """
-
-    def lastUserMessage(sessionId):
-        """
-        @return: a L{Deferred} firing with the content of the session's
-            last message if it is a user message (what C{/retry} delivers
-            again), else None.
-        """

@@ -131,6 +131,40 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual(system, "Sys")
         self.assertEqual([m["role"] for m in messages], ["user", "assistant", "user"])
 
+    def test_answersCutShortNotSent(self) -> None:
+        """
+        The parts of answers cut short (stopped, timed out, cut: each
+        followed by chat.nvim's error record), kept for the user, are not
+        sent to the model, nor is an answer that is only reasoning: a
+        retried message is asked as the first time, and Anthropic is not
+        sent an empty assistant turn or a last turn to continue.
+        """
+        session = _session(
+            Message(role="user", content="q1"),
+            Message(role="assistant", content="full answer"),
+            Message(on_complete=True, created=2),
+            Message(role="user", content="q2"),
+            Message(role="assistant", content="kept "),
+            Message(error="Operation timeout. The server took too long to respond.", created=3),
+            Message(role="assistant", content="kept again "),
+            Message(error="Request cancelled: chatweb stopped. It is asked again when"
+                    " chatweb starts.", created=4),
+            Message(role="assistant", reasoning_content="Thinking about it..."),
+            Message(error="Request cancelled by user. Press r to retry.", created=5),
+            Message(role="user", content="q3"),
+            Message(role="assistant", reasoning_content="only thoughts"),
+            Message(on_complete=True, created=6),
+            Message(role="user", content="q4"),
+        )
+        self.assertEqual(
+            openaiMessages(session, None),
+            [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "full answer"},
+             {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"},
+             {"role": "user", "content": "q4"}],
+        )
+        _, anthropic = anthropicMessages(session, None)
+        self.assertEqual([m["content"] for m in anthropic], ["q1", "full answer", "q2", "q3", "q4"])
+
     def test_toolsPaired(self) -> None:
         """
         A tool call is sent only with its result, a result only with its

@@ -82,13 +82,6 @@ class ManagedMemoryAdapter(MemoryAdapter):
         self.sessions[sessionId] = attrs.evolve(session, **{field: value})
         return succeed(True)
 
-    def lastUserMessage(self, sessionId: str) -> Deferred[str | None]:
-        session = self.sessions.get(sessionId)
-        if session is None or not session.messages:
-            return succeed(None)
-        last = session.messages[-1]
-        return succeed(last.content if last.role == "user" else None)
-
 
 def path(sessionId: str) -> str:
     return quote(sessionId, safe="")
@@ -368,6 +361,36 @@ class ManageTests(SessionAPITestCase):
         )
         self.assertError("POST", "/session/a%2Fb/retry", 400, "nothing to retry")
         self.assertError("POST", "/session/nope/retry", 404)
+
+    def test_retryAfterAStopOrAnError(self) -> None:
+        """
+        As chat.nvim's "Press r to retry": after a stop (its answer cut
+        short) or an error record, the last user message is delivered
+        again; what followed it leaves the session with it.  After a
+        complete answer, there is nothing to retry.
+        """
+        stopped = [
+            Message(role="user", content="q", created=1),
+            Message(role="assistant", content="the part that arrived", created=2),
+            Message(error="Request cancelled by user. Press r to retry.", created=3),
+        ]
+        failed = [
+            Message(role="user", content="q", created=1),
+            Message(error="API Error (401): Incorrect API key provided", created=2),
+        ]
+        for messages in (stopped, failed):
+            self.adapter.sessions["s"] = Session(id="s", messages=tuple(messages))
+            response, _ = self.request("POST", "/session/s/retry")
+            self.assertEqual(response.code, 204)
+            self.assertEqual(self.adapter.contents("s"), ["q"])
+            self.assertEqual(self.adapter.delivered[-1].content, "q")
+        self.adapter.sessions["s"] = Session(id="s", messages=(
+            Message(role="user", content="q", created=1),
+            Message(role="assistant", content="a whole answer", created=2),
+            Message(on_complete=True, created=3),
+            Message(error="a later error", created=4),
+        ))
+        self.assertError("POST", "/session/s/retry", 400, "nothing to retry")
 
 
 class StopTests(SessionAPITestCase):

@@ -2,6 +2,13 @@
 A session's history in the form a model's protocol wants: the system
 prompt, then the messages, with tool calls paired with their results and
 chat.nvim's role-less records left out, trimmed to a budget.
+
+An answer cut short (a stop, a timeout, a stream that ended early: chatweb
+keeps the part that arrived, followed by chat.nvim's error record) is shown,
+never sent: chat.nvim keeps no such part, and a model given one would take
+it for its own last turn (Anthropic continues it; a retry would be sent
+every earlier attempt's part).  Nor is an answer with neither text nor
+tool calls (only reasoning), which Anthropic refuses.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chatweb.model._values import Message, Session
+from chatweb.model._values import Message, Session, cutShort
 
 #: Characters of history sent at most (roughly four per token).
 DEFAULT_BUDGET = 200_000
@@ -31,12 +38,20 @@ def _cost(message: Message) -> int:
 def conversation(session: Session, budget: int = DEFAULT_BUDGET) -> list[Message]:
     """
     The messages of C{session} a model is given, oldest first: only user,
-    assistant and tool messages; the newest ones that fit in C{budget}
-    characters (the last one always), starting at a user message; an
-    assistant's tool calls kept only with their results, results only with
-    their calls (chatweb runs no tools: a call it recorded has no result).
+    assistant and tool messages, not answers cut short or without text or
+    tool calls; the newest ones that fit in C{budget} characters (the last
+    one always), starting at a user message; an assistant's tool calls
+    kept only with their results, results only with their calls (chatweb
+    runs no tools: a call it recorded has no result).
     """
-    messages = list(session.conversation())
+    every = session.messages
+    messages = [
+        m
+        for i, m in enumerate(every)
+        if m.forModel
+        and not cutShort(every, i)
+        and not (m.role == "assistant" and not m.content and not m.tool_calls)
+    ]
     kept: list[Message] = []
     spent = 0
     for message in reversed(messages):

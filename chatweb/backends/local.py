@@ -356,21 +356,6 @@ def _updateSession(
     )
 
 
-def _lastUserMessage(cursor: sqlite3.Cursor, sessionId: str) -> str | None:
-    cursor.execute(
-        "SELECT data FROM messages WHERE session = ? ORDER BY seq DESC LIMIT 1",
-        (sessionId,),
-    )
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    data = json.loads(row[0])
-    content = data.get("content")
-    if data.get("role") != "user" or not isinstance(content, str):
-        return None
-    return content
-
-
 #: The error record stored after a cancelled answer, by why it was
 #: cancelled.  A stop and a timeout are in chat.nvim's words (a stopped
 #: request; curl's timeout); a delivery cut by chatweb stopping is
@@ -746,6 +731,3 @@ class LocalBackend:
 
     def updateSession(self, sessionId: str, field: str, value: Any) -> Deferred[bool]:
         return self._change(_updateSession, sessionId, field, value)
-
-    def lastUserMessage(self, sessionId: str) -> Deferred[str | None]:
-        return self._db.read(_lastUserMessage, sessionId)

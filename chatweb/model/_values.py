@@ -10,7 +10,7 @@ without loss: keys this version does not know are kept in C{extra}.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import attrs
 
@@ -191,6 +191,22 @@ class Message:
         others.
         """
         return _join(self, _MESSAGE_KEYS)
+
+
+def cutShort(messages: Sequence[Message], index: int) -> bool:
+    """
+    Whether C{messages[index]} is an answer cut short (stopped, timed out,
+    its stream ended early): an assistant's message followed at once by
+    chat.nvim's error record.  chatweb keeps the part that arrived, to
+    show; chat.nvim keeps none, so such a part is never sent to a model.
+    """
+    following = messages[index + 1] if index + 1 < len(messages) else None
+    return (
+        messages[index].role == "assistant"
+        and following is not None
+        and following.role is None
+        and following.error is not None
+    )
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 from bisect import bisect_right
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -27,6 +27,7 @@ from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
 from chatweb.interfaces import ISessionManager
+from chatweb.model._values import Message, cutShort
 from chatweb.render._preview import messageSize
 from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
@@ -535,18 +536,40 @@ class SessionAPI:
     async def _retry(self, request: IRequest, manager: Any, sessionId: str) -> bytes:
         view = await self._view(request, sessionId)
         self._idle(request, sessionId, "retried")
-        content = await manager.lastUserMessage(sessionId)
-        if content is None:
+        messages = view.session.messages
+        index = retriable(messages)
+        if index is None:
             raise BadRequest(
                 f"session {sessionId!r} has nothing to retry (no messages, or the"
-                " last one is not a user message)"
+                " last one sent to a model is not a user message)"
             )
-        # The message is delivered again: it leaves the session and comes
-        # back through the queue, so the session ends with it once.
-        await manager.deleteMessage(sessionId, len(view.session.messages) - 1)
+        content = messages[index].content
+        assert content is not None
+        # The message is delivered again: it leaves the session, with what
+        # followed it (an answer cut short, error records), and comes back
+        # through the queue, so the session ends with it once.
+        for position in reversed(range(index, len(messages))):
+            await manager.deleteMessage(sessionId, position)
         message = await self._queue.post(sessionId, content)
         request.setHeader(b"X-Message-Id", str(message.id).encode("ascii"))
         return _noContent(request)
+
+
+def retriable(messages: Sequence[Message]) -> int | None:
+    """
+    The index of the message C{POST /session/{id}/retry} delivers again:
+    as chat.nvim's retry, the last message a model would be sent, if it is
+    a user's (after a stop or an error too: an answer cut short and the
+    role-less records after it are not sent); else None.
+    """
+    for index in reversed(range(len(messages))):
+        message = messages[index]
+        if not message.forModel or cutShort(messages, index):
+            continue
+        if message.role == "user" and isinstance(message.content, str):
+            return index
+        return None
+    return None
 
 
 def _checkProvider(manager: Any, name: str) -> None:
