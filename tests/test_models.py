@@ -707,6 +707,12 @@ class ServiceTests(TestCase):
         self.assertEqual(len(self.server.requests), 1)
         page = await (await chatweb.get("/session?id=s")).text()
         self.assertIn("bad key Bearer ***", page)
+        # Said in the log as well, for an operator who reads no session.
+        self.assertTrue(
+            any("The model's answer to message 1 of session 's' is an error: API Error"
+                " (invalid_api_key): bad key Bearer ***" in line for line in logged),
+            logged,
+        )
         everything = json.dumps(await self.messages("s")) + page + "".join(logged)
         everything += repr(chatweb.service.adapter.responder)
         self.assertNotIn(KEY, everything)

@@ -1,6 +1,7 @@
 """
-chatweb.web._twisted_compat holds every private Twisted name chatweb uses:
-these tests fail, naming it, when a Twisted release changes one.
+chatweb.web._twisted_compat and chatweb._httpclient hold every private
+Twisted name chatweb uses: these tests fail, naming it, when a Twisted
+release changes one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 
@@ -147,3 +148,56 @@ class ChannelHostTests(SynchronousTestCase):
         self.assertEqual(resource.seen, [IPv4Address("TCP", "127.0.0.1", 7777)] * 3)
         self.assertEqual(transport.value().count(b"200 OK"), 3)
         self.assertEqual(len(asked), 1)
+
+
+class QuietPoolTests(TestCase):
+    """
+    chatweb/_httpclient.py: the pool of chatweb's requests to model servers.
+    """
+
+    def test_nameExists(self) -> None:
+        from twisted.web.client import HTTPConnectionPool
+
+        from chatweb._httpclient import PRIVATE_NAMES
+
+        for name in PRIVATE_NAMES[HTTPConnectionPool]:
+            self.assertTrue(
+                hasattr(HTTPConnectionPool, name),
+                f"Twisted's HTTPConnectionPool has no {name} any more:"
+                " update chatweb/_httpclient.py",
+            )
+
+    async def test_requestsLogNothing(self) -> None:
+        """
+        A request through it logs no "Starting factory" / "Stopping
+        factory" lines (Twisted's pool logs two for each connection).
+        """
+        import treq.client
+        from twisted.internet import reactor
+        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.web.client import Agent
+        from twisted.web.server import Site
+
+        from chatweb._httpclient import quietPool
+
+        class Hello(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: object) -> bytes:
+                return b"hello"
+
+        site = Site(Hello())
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        logged: list[str] = []
+
+        def observer(event: dict[str, object]) -> None:
+            logged.append(formatEvent(event) or "")
+
+        globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, observer)  # type: ignore[arg-type]
+        client = treq.client.HTTPClient(Agent(reactor, pool=quietPool(reactor, persistent=False)))
+        response = await client.get(f"http://127.0.0.1:{port.getHost().port}/")
+        self.assertEqual(await response.content(), b"hello")
+        self.assertEqual([line for line in logged if "factory" in line.lower()], [])

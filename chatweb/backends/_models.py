@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
@@ -31,6 +31,7 @@ from chatweb.backends._history import DEFAULT_BUDGET, anthropicMessages, openaiM
 from chatweb.backends._providers import Provider
 from chatweb._sse import SSEDecoder, SSEError, SSEvent
 from chatweb.interfaces import IResponder
+from chatweb._httpclient import quietPool
 from chatweb.limits import parseRetryAfter
 from chatweb.model._values import Message, Session
 
@@ -632,7 +633,7 @@ class ModelResponder:
             import treq.client
 
             client = treq.client.HTTPClient(
-                Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+                Agent(reactor, pool=quietPool(reactor, persistent=False))
             )
         self.client = client
         self._secrets = [p.key.reveal() for p in providers if p.key is not None]

@@ -15,6 +15,7 @@ import attrs
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatweb.errors import NoSuchMessage
@@ -46,6 +47,8 @@ from chatweb.model._values import (
 )
 from chatweb.backends.responders import NoResponder
 from chatweb.backends._models import ModelError, Stopped
+
+_log = Logger()
 
 SCHEMA: list[str | Upgrades] = [
     """
@@ -625,7 +628,16 @@ class LocalBackend:
         except ModelError as e:
             if e.transient:
                 raise
-            # Permanent: the error is the answer; the queue moves on.
+            # Permanent: the error is the answer; the queue moves on.  Said
+            # in the log too: a wrong key would otherwise show only in
+            # each session.
+            _log.warn(
+                "The model's answer to message {id} of session {session!r}"
+                " is an error: {error}",
+                id=delivery.id,
+                session=delivery.session,
+                error=str(e),
+            )
             replies = e.partial + [self._errorRecord(str(e))]
         if replies:
             await self._store(delivery, list(replies))

@@ -1,5 +1,6 @@
 """
-Every use chatweb makes of a private Twisted name, in one place.
+Every use chatweb's server makes of a private Twisted name, in one place
+(its requests to model servers make one more: L{chatweb._httpclient}).
 
 Twisted offers no public way to do these few things; each is wrapped here
 behind a name of our own, and tests/test_twisted_compat.py checks that
