@@ -24,6 +24,7 @@ from treq.client import HTTPClient
 from chatweb.client import (
     BadRequest,
     ChatWebClient,
+    ChatWebError,
     Throttled,
     Unauthorized,
     UnknownMessage,
@@ -267,6 +268,37 @@ class RealServerTests(TestCase):
                     break
         self.assertEqual(kinds[0], "message.queued")
         self.assertIn("message.added", kinds)
+
+
+    async def test_eventsOfMegabytes(self) -> None:
+        """
+        An event holds a whole message, and a model's answer may run to
+        megabytes: one of 5 MB is read; one longer than the client reads
+        is a one-line L{ChatWebError}, not an error of its parser.
+        """
+        from chatweb.client import _client
+        from chatweb.limits import Limits
+
+        big = 5_000_000
+        chatweb = await startChatWeb(
+            self, responder="echo", limits=Limits(maxBodySize=big + 100, maxContentLength=big))
+        async with chatweb.api.events("ci") as stream:
+            await stream.connect()
+            await chatweb.api.send("ci", "é" * (big // 2))
+            async for event in stream:
+                if event.kind == "message.added":
+                    self.assertEqual(len(event.data["message"]["content"]), big // 2)
+                    break
+        self.patch(_client, "EVENT_LINE_LIMIT", 1000)
+        async with chatweb.api.events("ci", lastEventId=0) as stream:
+            with self.assertRaises(ChatWebError) as raised:
+                async for event in stream:
+                    pass
+        self.assertEqual(
+            str(raised.exception),
+            "chatweb's event stream cannot be read: a line of the stream is longer than"
+            " 1000 characters",
+        )
 
 
 class _Resuming(Resource):

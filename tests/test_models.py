@@ -333,12 +333,30 @@ class StreamTests(TestCase):
         self.assertEqual(answer["role"], "assistant")
         self.assertEqual(done["on_complete"], True)
         self.assertEqual(done["usage"]["prompt_tokens_details"], {"cached_tokens": 4})
-        self.assertEqual(self.emitted, ["Héllo", ", wörld ", "✓"])
+        self.assertEqual("".join(self.emitted), "Héllo, wörld ✓")
         seen = self.server.requests[0]
         self.assertEqual(seen.headers["authorization"], "Bearer " + KEY)
         self.assertEqual(seen.body["stream"], True)
         self.assertEqual(seen.body["stream_options"], {"include_usage": True})
         self.assertEqual(seen.body["messages"], [{"role": "user", "content": "hi"}])
+
+    async def test_textOfOneReadEmittedOnce(self) -> None:
+        """
+        The text of the events that arrive together is emitted as one
+        piece (each piece is an event in chatweb's log); pieces that arrive
+        apart are emitted apart, as they arrive.
+        """
+        events = openaiStream(content=[f"t{n} " for n in range(200)], reasoning=[])
+        script = Script([b"".join(events[:150]), b"".join(events[150:])], pauseAfter=1)
+        self.server.then(script)
+        d = self.ask(self.responder())
+        while not self.emitted:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.emitted, ["".join(f"t{n} " for n in range(148))])
+        script.resume.callback(None)
+        messages = await d
+        self.assertEqual(self.emitted[1:], ["".join(f"t{n} " for n in range(148, 200))])
+        self.assertEqual(messages[0].content, "".join(f"t{n} " for n in range(200)))
 
     async def test_reasoningField(self) -> None:
         """
@@ -437,6 +455,11 @@ class StreamTests(TestCase):
         self.assertEqual(str(error), "API Error (x): overheated")
         self.assertEqual(error.partial[0].content, "Héllo")
         await self.server.requests[0].closed
+        # The text that came in the same read as the error is shown live.
+        self.emitted.clear()
+        self.server.then(Script([b"".join(events)], hold=True))
+        error = await self.failure(self.ask(self.responder()))
+        self.assertEqual((str(error), self.emitted), ("API Error (x): overheated", ["Héllo"]))
 
     async def test_dropped(self) -> None:
         """

@@ -466,15 +466,27 @@ class _Call:
                 body.received.append(data[: MAX_ERROR_BODY - body.size])
             body.size += len(data)
             return
+        # The text of one read is emitted at once: a server sends a token
+        # an event, and each emitted piece is an event of chatweb's log.
+        texts: list[str] = []
         try:
             for event in self._decoder.feed(data):
                 text = self._protocol.event(self.answer, event)
-                if text and self._emit is not None:
-                    self._emit(text)
+                if text:
+                    texts.append(text)
         except SSEError as e:
+            self._emitAll(texts)
             self._fail(ModelError(f"the model sent a malformed stream: {e}", False))
+            return
         except ModelError as e:
+            self._emitAll(texts)
             self._fail(e)
+            return
+        self._emitAll(texts)
+
+    def _emitAll(self, texts: list[str]) -> None:
+        if texts and self._emit is not None:
+            self._emit("".join(texts))
 
     def _bodyEnded(self, body: _Body, reason: Failure) -> None:
         if self._finished:

@@ -32,7 +32,7 @@ from chatweb.client._errors import (
     UnknownSession,
     Unreachable,
 )
-from chatweb._sse import SSEDecoder
+from chatweb._sse import SSEDecoder, SSEError
 from chatweb.client._values import (
     Answer,
     MessageStatus,
@@ -404,6 +404,10 @@ class _Chunks(Protocol):
         self._queue.put(_End(reason))
 
 
+#: The longest line of an event stream the client reads: an event holds a
+#: whole message, and a model's answer may run to megabytes.
+EVENT_LINE_LIMIT = 64 * 1024 * 1024
+
 class EventStream:
     """
     A live event stream; see L{ChatWebClient.events}.
@@ -426,7 +430,7 @@ class EventStream:
         self.reconnects = 0
         self._queue: DeferredQueue[bytes | _End] | None = None
         self._body: _Chunks | None = None
-        self._parser = SSEDecoder(errors="replace")
+        self._parser = SSEDecoder(EVENT_LINE_LIMIT, errors="replace")
         self._ready: list[StreamEvent] = []
         self._closed = False
 
@@ -444,7 +448,7 @@ class EventStream:
             "GET", self._path, headers=self._client._headers(headers), unbuffered=True
         )
         await self._client._check(response, self._session)
-        self._parser = SSEDecoder(errors="replace")
+        self._parser = SSEDecoder(EVENT_LINE_LIMIT, errors="replace")
         queue: DeferredQueue[bytes | _End] = DeferredQueue()
         self._body = _Chunks(queue)
         self._queue = queue
@@ -464,15 +468,19 @@ class EventStream:
             if isinstance(chunk, _End):
                 self._queue = None
                 continue
-            for raw in self._parser.feed(chunk):
-                if raw.event == "overflow":
-                    # The server closes this stream: resume where it says.
-                    resume = json.loads(raw.data).get("last_event_id")
-                    if isinstance(resume, int):
-                        self.lastEventId = resume
-                    continue
-                event = StreamEvent.fromText(raw.data)
-                self._ready.append(event)
+            try:
+                for raw in self._parser.feed(chunk):
+                    if raw.event == "overflow":
+                        # The server closes this stream: resume where it says.
+                        resume = json.loads(raw.data).get("last_event_id")
+                        if isinstance(resume, int):
+                            self.lastEventId = resume
+                        continue
+                    event = StreamEvent.fromText(raw.data)
+                    self._ready.append(event)
+            except SSEError as e:
+                self.close()
+                raise ChatWebError(f"chatweb's event stream cannot be read: {e}") from None
         event = self._ready.pop(0)
         self.lastEventId = event.id
         return event
