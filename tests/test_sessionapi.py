@@ -413,6 +413,25 @@ class StopTests(SessionAPITestCase):
         self.assertEqual(len(self.adapter.delivered), 1)
         self.assertEqual(self.successResultOf(self.journal.messages("a/b")), [])
 
+    def test_stopEndsTheRetriesOfAFailedMessage(self) -> None:
+        """
+        A stop while the session's message waits to be retried after a
+        failure (nothing in flight) ends its retries, as chat.nvim's stop
+        cancels its pending retry: it is discarded, and the session's next
+        message is delivered at once.
+        """
+        self.adapter.failures = 1
+        first = self.post("s", "fails once").headers.getRawHeaders("x-message-id")[0]
+        self.post("s", "next")
+        self.assertEqual(self.json("GET", f"/queue/{first}")["state"], "pending")
+        self.assertEqual([d.content for d in self.adapter.delivered], ["fails once"])
+        response, body = self.request("POST", "/session/s/stop")
+        self.assertEqual(response.code, 204, body)
+        self.assertEqual(self.json("GET", f"/queue/{first}")["state"], "discarded")
+        self.assertEqual([d.content for d in self.adapter.delivered], ["fails once", "next"])
+        self.clock.advance(3600)
+        self.assertEqual([d.content for d in self.adapter.delivered], ["fails once", "next"])
+
     def test_stopIdleAndUnknown(self) -> None:
         self.post("s", "done")
         response, _ = self.request("POST", "/session/s/stop")

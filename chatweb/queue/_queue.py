@@ -1026,18 +1026,47 @@ class MessageQueue:
         """
         Stop the delivery in flight in C{session} (cancel its Deferred).  A
         stopped delivery is not a failure: it is recorded as delivered and
-        not retried.
+        not retried.  A message that waits to be retried after a failure is
+        discarded instead, as chat.nvim's stop cancels its pending retry.
 
         @return: a Deferred firing with True once the stopped delivery is
-            settled, or at once with False if nothing was in flight.
+            settled (or the waiting message discarded), or with False if
+            there was neither.
         """
         queue = self._queues.get(session)
-        if queue is None or queue.inFlight is None:
+        if queue is None:
             return succeed(False)
+        if queue.inFlight is None:
+            if queue.retryCall is None or queue.delivering is not None:
+                return succeed(False)
+            return self._stopRetrying(session, queue)
         settled: Deferred[None] = Deferred()
         queue.stopWaiters.append(settled)
         self._cancel(queue, "stop")
         return settled.addCallback(lambda _: True)
+
+    def _stopRetrying(self, session: str, queue: _SessionQueue) -> Deferred[bool]:
+        """
+        Discard the message of C{session} that waits for its retry.  Its
+        retry timer keeps any delivery from starting while it is found.
+        """
+
+        def found(message: QueuedMessage | None) -> Deferred[bool] | bool:
+            if message is None or queue.retryCall is None or not queue.retryCall.active():
+                # Retried meanwhile: stop that delivery, if it is in flight.
+                return self.stopSession(session) if queue.inFlight is not None else False
+            _log.info(
+                "Retries of message {id} to session {session!r} stopped: discarded",
+                id=message.id,
+                session=session,
+            )
+            # Nothing runs between these two: no delivery of it starts.
+            queue.cancelRetry()
+            return self._discard(message.id).addCallback(lambda _: True)
+
+        return maybeDeferred(self._journal.nextPending, session, queue.skipThrough).addCallback(
+            found
+        )
 
     def _retryNow(self, session: str) -> None:
         queue = self._queues.get(session)
