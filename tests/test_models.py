@@ -475,6 +475,18 @@ class StreamTests(TestCase):
         )
         self.assertEqual([m.content for m in error.partial], ["Héllo"])
 
+    async def test_droppedAfterTheFinishReason(self) -> None:
+        """
+        A connection dropped after the finish reason (before the usage and
+        [DONE]) loses nothing of the answer: it is whole, not an error.
+        """
+        events = openaiStream()
+        finish = next(i for i, e in enumerate(events) if b'"finish_reason": "stop"' in e)
+        self.server.then(Script(pieces(events[: finish + 1], 4), drop=True))
+        messages = await self.ask(self.responder())
+        self.assertEqual(messages[0].content, "Héllo, wörld ✓")
+        self.assertTrue(messages[-1].on_complete)
+
     async def test_redirectNotFollowed(self) -> None:
         """
         A redirect, to another server or the same one, is not followed:

@@ -497,10 +497,11 @@ class _Call:
             else:
                 self._fail(self._statusError(b"".join(body.received)))
             return
+        # An answer whose finish reason came is whole, even if the
+        # connection then broke before the end of the stream ([DONE], or
+        # the usage that follows the finish reason).
         if self.answer.done or (
-            self.answer.finishReason is not None
-            and reason.check(ResponseDone, PotentialDataLoss)
-            and not self._decoder.pending
+            self.answer.finishReason is not None and not self._decoder.pending
         ):
             self._succeed()
             return
