@@ -342,7 +342,7 @@ async def _send(client: ChatWebClient, args: argparse.Namespace) -> int:
         else:
             _print(sent.messageId)
         return 0
-    answer = await client.ask(args.session, text)
+    answer = await client.ask(args.session, text, args.idempotency_key)
     if args.json:
         _printJSON(
             {"session": answer.sent.session, "message_id": answer.sent.messageId,
@@ -350,7 +350,7 @@ async def _send(client: ChatWebClient, args: argparse.Namespace) -> int:
         )
     else:
         for reply in answer.texts:
-            _print(reply)
+            _print(_shown(reply))
     return 0
 
 

@@ -114,6 +114,16 @@ class CommandTests(TestCase):
         self.assertEqual((code, out, err), (0, "echo me\n", ""))
         code, out, err = await self.command("send", "--wait", "--json", "ci", "again")
         self.assertEqual(json.loads(out)["answers"], ["again"])
+        # With a key, a second run (a CI job run again) queues nothing.
+        for run in range(2):
+            code, out, err = await self.command(
+                "send", "--wait", "--json", "--idempotency-key", "job-7", "keyed", "once")
+            self.assertEqual((code, json.loads(out)["answers"]), (0, ["once"]))
+            self.assertEqual(json.loads(out)["message_id"], 3)
+        self.assertEqual(await self.messages("keyed"), [("user", "once"), ("assistant", "once")])
+        # The answer is text to show: no control character reaches the terminal.
+        code, out, err = await self.command("send", "--wait", "esc", "x\x1b]0;title\x07y")
+        self.assertEqual(out, "x\\x1b]0;title\\x07y\n")
 
     async def test_keyFile(self) -> None:
         path = os.path.abspath(self.mktemp())

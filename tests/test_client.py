@@ -254,6 +254,29 @@ class RealServerTests(TestCase):
         status = await chatweb.api.status(answer.sent.messageId)
         self.assertEqual(status.state, "delivered")
 
+    async def test_askWithAnIdempotencyKeyQueuesOnce(self) -> None:
+        """
+        Asked again with the same idempotency key (a CI job run again), the
+        message is not queued again: the first answer comes back.  Once its
+        events are no longer kept, that is said, rather than waited for.
+        """
+        import time
+
+        chatweb = await startChatWeb(self, responder="echo")
+        first = await chatweb.api.ask("ci", "hello", idempotencyKey="job-41")
+        again = await chatweb.api.ask("ci", "hello", idempotencyKey="job-41")
+        self.assertEqual((again.sent.messageId, again.texts), (first.sent.messageId, ("hello",)))
+        self.assertEqual(
+            [m.content for m in await chatweb.api.messages("ci")], ["hello", "hello"])
+        await chatweb.service.journal.pruneEvents(time.time() + 1)
+        with self.assertRaises(ChatWebError) as raised:
+            await chatweb.api.ask("ci", "hello", idempotencyKey="job-41")
+        self.assertEqual(
+            str(raised.exception),
+            f"message {first.sent.messageId} was sent before with this idempotency key and is"
+            " delivered; its events are no longer kept (the session's messages still are)",
+        )
+
     async def test_eventsOfASession(self) -> None:
         chatweb = await startChatWeb(self)
         async with chatweb.api.events("ci") as stream:

@@ -230,18 +230,35 @@ class ChatWebClient:
         path = "/events" if session is None else f"/sessions/{_segment(session)}/events"
         return EventStream(self, path, session, lastEventId)
 
-    async def ask(self, session: str, content: str) -> Answer:
+    async def ask(
+        self, session: str, content: str, idempotencyKey: str | None = None
+    ) -> Answer:
         """
         Send C{content} and wait until it is delivered: the answer holds the
         text of each assistant message its delivery added (C{--responder
         echo} answers with the same text; a session without a responder adds
         none).
 
-        @raise ChatWebError: if the delivery fails for good.
+        With an C{idempotencyKey} (see L{send}), a message already sent with
+        it is not queued again: its answer is read from the events the
+        server still keeps (its event log: a day by default).
+
+        @raise ChatWebError: if the delivery fails for good, or the message
+            was sent before and its events are no longer kept.
         """
-        async with self.events(session) as stream:
+        # With a key, the message may be one sent before: its events are
+        # read from the start of what the server keeps.
+        async with self.events(session, 0 if idempotencyKey is not None else None) as stream:
             await stream.connect()
-            sent = await self.send(session, content)
+            sent = await self.send(session, content, idempotencyKey)
+            if idempotencyKey is not None:
+                status = await self.status(sent.messageId)
+                if status.state != "pending" and "queued" not in status.times:
+                    raise ChatWebError(
+                        f"message {sent.messageId} was sent before with this idempotency"
+                        f" key and is {status.state}; its events are no longer kept"
+                        " (the session's messages still are)"
+                    )
             texts: list[str] = []
             async for event in stream:
                 if event.kind == "message.added" and event.data.get("delivery") == sent.messageId:
