@@ -249,6 +249,9 @@ def runCommand(
             # (Cancelled, its request may have failed rather than stopped.)
             if interrupted:
                 status[0] = _fail(stderr, _interrupted(args), INTERRUPTED)
+            elif isinstance(e, BrokenPipeError):
+                # The reader stopped reading (| head): nothing more to say.
+                status[0] = 0
             elif isinstance(e, (ChatWebError, UsageError)):
                 status[0] = _fail(stderr, str(e))
             else:
@@ -403,17 +406,30 @@ def _describe(event: StreamEvent) -> str:
 
 async def _follow(client: ChatWebClient, args: argparse.Namespace) -> int:
     stream = client.events(args.session, args.last_event_id)
-    # Ctrl-C stops the reactor: end the stream first, and exit cleanly.
-    args.reactor.addSystemEventTrigger("before", "shutdown", stream.close)
-    async with stream:
-        async for event in stream:
-            if args.json:
-                _printJSON(
-                    {"id": event.id, "kind": event.kind, "session": event.session,
-                     "time": event.time, "data": event.data}
-                )
-            else:
-                _print(_describe(event))
+    # It follows until Ctrl-C, whatever a restart of the server takes.
+    stream.maxFailedReconnects = None
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        # Ctrl-C stops the reactor: end the stream first, and exit cleanly.
+        interrupted.append(True)
+        stream.close()
+
+    args.reactor.addSystemEventTrigger("before", "shutdown", interrupt)
+    try:
+        async with stream:
+            async for event in stream:
+                if args.json:
+                    _printJSON(
+                        {"id": event.id, "kind": event.kind, "session": event.session,
+                         "time": event.time, "data": event.data}
+                    )
+                else:
+                    _print(_describe(event))
+    except ChatWebError:
+        if interrupted:
+            return 0  # Ctrl-C while it connected
+        raise
     return 0
 
 

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from chatweb.testing import startChatWeb
@@ -214,6 +215,27 @@ class CommandTests(TestCase):
             if session in ("ci", "ci/nightly"):
                 self.assertEqual(line, f"7 {session} message.queued message 3")
 
+    async def test_readerThatStopsReading(self) -> None:
+        """
+        Output piped to a reader that stops early (C{| head -1}) ends the
+        command quietly, with status 0: no traceback.
+        """
+        import subprocess
+
+        await self.command("send", "--wait", "ci", "first")
+        command = [sys.executable, "-m", "chatweb", "follow", "--last-event-id", "0"]
+        process = subprocess.Popen(command, env=_env(self.url, KEY), cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is not None or process.kill())
+        assert process.stdout is not None and process.stderr is not None
+        line = await deferToThread(process.stdout.readline)
+        self.assertIn(b"message.queued", line)
+        process.stdout.close()
+        # The next event is written to a pipe nobody reads.
+        await self.command("send", "ci", "second")
+        code = await deferToThread(process.wait, 30)
+        self.assertEqual((code, process.stderr.read()), (0, b""))
+
     async def test_followUntilCtrlC(self) -> None:
         protocol = _ProcessOutput()
         command = [sys.executable, "-m", "chatweb", "follow", "ci"]
@@ -331,6 +353,21 @@ class SilentServerTests(TestCase):
             "chatweb: interrupted: the message may or may not have been queued (give"
             " --idempotency-key to make sending it again safe)\n",
         )
+
+    async def test_ctrlCWhileFollowOpens(self) -> None:
+        """
+        Ctrl-C ends C{follow} with status 0 and nothing on stderr, also
+        before its stream has opened.
+        """
+        protocol = _Run(None)
+        command = [sys.executable, "-m", "chatweb", "follow"]
+        process = reactor.spawnProcess(
+            protocol, command[0], command, env=_env(self.url, KEY), path=ROOT
+        )
+        self.addCleanup(lambda: None if protocol.ended.called else process.signalProcess("KILL"))
+        await self.received
+        process.signalProcess("INT")
+        self.assertEqual((await protocol.ended, protocol.out, protocol.err), (0, b"", b""))
 
 
 class StdinTests(TestCase):

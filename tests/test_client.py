@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -364,3 +364,34 @@ class ResumeTests(TestCase):
         self.assertEqual(ids, [5, 6, 7])
         self.assertEqual(resource.lastEventIds, [b"4", b"5", b"6"])
         self.assertEqual(stream.reconnects, 2)
+
+    async def test_neverGivesUpWhenAskedNotTo(self) -> None:
+        """
+        With C{maxFailedReconnects = None} (as C{chatweb follow} has it), a
+        stream waits out a server that is down for longer than any number
+        of reconnections, and resumes where it was.
+        """
+        resource = _Resuming()
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        number = port.getHost().port
+        http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        clock = Clock()
+        client = ChatWebClient(f"http://127.0.0.1:{number}", "k", http=http, clock=clock)
+        stream = client.events("s", lastEventId=4)
+        stream.maxFailedReconnects = None
+        self.addCleanup(stream.close)
+        self.assertEqual((await stream.__anext__()).id, 5)
+        await port.stopListening()
+        following = Deferred.fromCoroutine(stream.__anext__())
+        # Five minutes of failed reconnections: each is refused, or has no
+        # answer within the client's 30 s (on its clock).
+        for _ in range(600):
+            clock.advance(0.5)
+            await deferLater(reactor, 0.002, lambda: None)
+        self.assertFalse(following.called)
+        port = reactor.listenTCP(number, Site(resource), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        while not following.called:
+            clock.advance(0.25)
+            await deferLater(reactor, 0.002, lambda: None)
+        self.assertEqual((await following).id, 6)

@@ -432,10 +432,11 @@ class EventStream:
     @ivar lastEventId: the id of the last event it gave (where a
         reconnection resumes).
     @ivar reconnects: how many times it reconnected.
+    @ivar maxFailedReconnects: reconnection attempts in a row that find no
+        server before it gives up (L{Unreachable}); None: it never does.
     """
 
-    #: Reconnection attempts in a row that find no server before giving up.
-    MAX_FAILED_RECONNECTS = 5
+    maxFailedReconnects: int | None = 5
 
     def __init__(
         self, client: ChatWebClient, path: str, session: str | None, lastEventId: int | None
@@ -516,7 +517,7 @@ class EventStream:
                 return
             except Unreachable:
                 failed += 1
-                if failed >= self.MAX_FAILED_RECONNECTS:
+                if self.maxFailedReconnects is not None and failed >= self.maxFailedReconnects:
                     raise
 
     def close(self) -> None:
