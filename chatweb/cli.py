@@ -173,11 +173,18 @@ def _checkURL(url: str) -> str:
     refused = UsageError(f"not an http:// or https:// URL: {url!r}")
     try:
         parts = urlsplit(url)
-        parts.port  # (raises for one that is not a number)
-    except ValueError:
-        raise refused from None
+        parts.port  # (raises for one that is not a number, or too large)
+    except ValueError as e:
+        raise UsageError(f"not an http:// or https:// URL: {url!r} ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise refused
+    if "@" in parts.netloc:
+        raise UsageError(
+            f"a URL with a user name or password: {parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}"
+            " (the API key goes in --key-file or $CHATWEB_API_KEY)"
+        )
+    if re.search(r"[\s\x00-\x1f\x7f]", parts.netloc):
+        raise UsageError(f"not a host name or address in {url!r}: {parts.hostname!r}")
     return url
 
 

@@ -288,6 +288,18 @@ class CommandTests(TestCase):
             self.assertOneLineError(
                 await self.command("sessions", "--url", url), "not an http:// or https:// URL"
             )
+        # What used to reach the HTTP client and end in a traceback.
+        for url, said in [
+            ("http://127.0.0.1:99999", "(Port out of range 0-65535)"),
+            ("http://admin:hunter2@127.0.0.1:7777",
+             "a URL with a user name or password: http://127.0.0.1:7777 (the API key goes in"
+             " --key-file or $CHATWEB_API_KEY)"),
+            ("http://127.0.0.1 :7777", "not a host name or address in"),
+            ("http://a..b/", "cannot use the URL http://a..b: Empty Label"),
+        ]:
+            result = await self.command("sessions", "--url", url)
+            self.assertOneLineError(result, said)
+            self.assertNotIn("hunter2", result[2])
         code, out, err = await self.command("sessions", "--timeout", "-1")
         self.assertEqual(code, 2)
         self.assertIn("not a number of seconds above 0", err)

@@ -7,6 +7,7 @@ Last-Event-ID.
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import NOT_DONE_YET, Site
@@ -395,3 +396,60 @@ class ResumeTests(TestCase):
             clock.advance(0.25)
             await deferLater(reactor, 0.002, lambda: None)
         self.assertEqual((await following).id, 6)
+
+
+class IPv6Tests(TestCase):
+    async def test_serverAtAnIPv6Address(self) -> None:
+        """
+        A server named by an IPv6 address (C{http://[::1]:PORT}, as
+        C{--host ::1} serves) is reached: treq alone cannot take such a URL.
+        The server sees the Host the URL names; share links keep it.
+        """
+        from chatweb.service import ChatWebService
+
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            raise SkipTest("no IPv6 loopback here")
+        service = ChatWebService(
+            ["k" * 16], os.path.abspath(self.mktemp()), endpoint=r"tcp6:0:interface=\:\:1",
+            responder="echo",
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (await service.listening).getHost().port
+        await service.ready
+        client = ChatWebClient(f"http://[::1]:{port}", "k" * 16)
+        self.addCleanup(client.close)
+        answer = await client.ask("v6", "hello")
+        self.assertEqual(answer.texts, ("hello",))
+        self.assertEqual(await client.sessions(), ["v6"])
+        link = await client.share("v6")
+        self.assertTrue(link.url.startswith(f"http://[::1]:{port}/session?id=v6&token="), link.url)
+
+    async def test_hostHeaderIsTheURLs(self) -> None:
+        """
+        A request to an IPv6 address carries the Host its URL names (a
+        proxy there may route by it), not the client's stand-in name.
+        """
+        hosts: list[bytes | None] = []
+
+        class Sessions(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):  # type: ignore[no-untyped-def]
+                hosts.append(request.getHeader(b"host"))
+                request.setHeader(b"content-type", b"application/json")
+                return b"[]"
+
+        try:
+            port = reactor.listenTCP(0, Site(Sessions()), interface="::1")
+        except Exception:
+            raise SkipTest("no IPv6 loopback here")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        client = ChatWebClient(f"http://[::1]:{number}/", "k")
+        self.addCleanup(client.close)
+        self.assertEqual(await client.sessions(), [])
+        self.assertEqual(hosts, [f"[::1]:{number}".encode()])

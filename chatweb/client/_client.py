@@ -33,6 +33,7 @@ from chatweb.client._errors import (
     Unreachable,
 )
 from chatweb._sse import SSEDecoder, SSEError
+from chatweb.client import _literal
 from chatweb.client._values import (
     Answer,
     MessageStatus,
@@ -115,11 +116,24 @@ class ChatWebClient:
         self.url = url.rstrip("/")
         self._apiKey = apiKey
         self._pool: webClient.HTTPConnectionPool | None = None
+        #: Where requests go, and their Host header: the URL itself, except
+        #: for an IPv6 address, which treq cannot take (L{_literal}).
+        self._requestURL = self.url
+        self._host: str | None = None
         if http is None:
             import treq
 
             self._pool = webClient.HTTPConnectionPool(reactor)
-            http = treq.client.HTTPClient(webClient.Agent(reactor, pool=self._pool))
+            address = _literal.ipv6Host(self.url)
+            if address is None:
+                agent = webClient.Agent(reactor, pool=self._pool)
+            else:
+                agent = webClient.Agent.usingEndpointFactory(
+                    reactor, _literal.LiteralEndpoints(reactor, address), pool=self._pool
+                )
+                self._requestURL = _literal.placeholderURL(self.url)
+                self._host = _literal.hostHeader(self.url)
+            http = treq.client.HTTPClient(agent)
         self._http = http
         self._clock = cast(IReactorTime, reactor) if clock is None else clock
         self.retries = retries
@@ -282,14 +296,21 @@ class ChatWebClient:
     # -- HTTP
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return {"X-API-Key": self._apiKey, **(extra or {})}
+        headers = {"X-API-Key": self._apiKey, **(extra or {})}
+        if self._host is not None:
+            headers["Host"] = self._host
+        return headers
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         """
         One request; L{Unreachable} when no answer comes (within
         L{timeout} seconds, for the answer's start).
         """
-        asked = self._http.request(method, self.url + path, **kwargs)
+        try:
+            asked = self._http.request(method, self._requestURL + path, **kwargs)
+        except (ValueError, UnicodeError) as e:
+            # A host hyperlink cannot encode (an empty label, say).
+            raise ChatWebError(f"cannot use the URL {self.url}: {e}") from None
         if self.timeout is not None:
 
             def noAnswer(result: object, timeout: float) -> None:
