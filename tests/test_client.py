@@ -453,3 +453,25 @@ class IPv6Tests(TestCase):
         self.addCleanup(client.close)
         self.assertEqual(await client.sessions(), [])
         self.assertEqual(hosts, [f"[::1]:{number}".encode()])
+
+
+class NotChatwebTests(TestCase):
+    async def test_answerOfAnotherServer(self) -> None:
+        """
+        An error page that is not chatweb's (its mount path left out of the
+        URL, say) is said in a line: its title and what to check, not the
+        HTML.
+        """
+        from twisted.web.pages import notFound
+
+        port = reactor.listenTCP(0, Site(notFound()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = ChatWebClient(f"http://127.0.0.1:{port.getHost().port}", "k")
+        self.addCleanup(client.close)
+        with self.assertRaises(ChatWebError) as raised:
+            await client.sessions()
+        self.assertEqual(
+            str(raised.exception),
+            "404: 404 - No Such Resource (not chatweb's answer: is the URL chatweb's, with"
+            " the path it is mounted at?)",
+        )

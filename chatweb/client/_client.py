@@ -5,6 +5,7 @@ L{ChatWebClient}: chatweb's HTTP API as asynchronous calls over treq.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, AsyncIterator, Callable, Mapping, cast
 from urllib.parse import quote, urlsplit
 import uuid
@@ -376,8 +377,21 @@ class ChatWebClient:
         try:
             message = str(json.loads(body)["error"])
         except (ValueError, KeyError, TypeError):
-            message = body[:200].decode("utf-8", "replace") or "no explanation"
+            message = _notChatweb(body)
         raise _errorFor(code, message, session, messageId)
+
+
+def _notChatweb(body: bytes) -> str:
+    """
+    What to say of an error answer without chatweb's JSON error (another
+    server, a proxy, a path below which chatweb is not mounted): an HTML
+    page's title, or the first line of text.
+    """
+    text = body[:4000].decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.IGNORECASE)
+    lines = (title.group(1) if title else text).strip().splitlines()
+    said = " ".join(lines[0].split())[:120] if lines else "no explanation"
+    return f"{said} (not chatweb's answer: is the URL chatweb's, with the path it is mounted at?)"
 
 
 def _errorFor(code: int, message: str, session: str | None, messageId: int | None) -> HTTPError:
