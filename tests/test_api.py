@@ -52,7 +52,18 @@ def _isValidMessage(document: str) -> bool:
         return False
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in session):
         return False
+    if any(any(low <= ord(c) <= high for low, high in _INVISIBLE) for c in session):
+        return False
     return not any(0xD800 <= ord(c) <= 0xDFFF for c in session + content)
+
+
+#: The invisible and bidi control characters docs/api.md names, as ranges.
+_INVISIBLE = [
+    (0x202A, 0x202E), (0x2066, 0x2069), (0x200E, 0x200F), (0x061C, 0x061C),
+    (0x200B, 0x200D), (0x2060, 0x2060), (0xFEFF, 0xFEFF), (0x00AD, 0x00AD),
+    (0x180E, 0x180E), (0x2028, 0x2029), (0xFFF9, 0xFFFB), (0xFFFE, 0xFFFF),
+    (0xE0000, 0xE007F),
+]
 
 
 class APITestCase(SynchronousTestCase):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chatweb.model._values import Message, Session, cutShort
+from chatweb.model._values import Message, Session
 
 #: Characters of history sent at most (roughly four per token).
 DEFAULT_BUDGET = 200_000
@@ -44,13 +44,10 @@ def conversation(session: Session, budget: int = DEFAULT_BUDGET) -> list[Message
     kept only with their results, results only with their calls (chatweb
     runs no tools: a call it recorded has no result).
     """
-    every = session.messages
     messages = [
         m
-        for i, m in enumerate(every)
-        if m.forModel
-        and not cutShort(every, i)
-        and not (m.role == "assistant" and not m.content and not m.tool_calls)
+        for m in session.conversation()
+        if not (m.role == "assistant" and not m.content and not m.tool_calls)
     ]
     kept: list[Message] = []
     spent = 0

@@ -460,6 +460,7 @@ class _Chunks(Protocol):
 #: whole message, and a model's answer may run to megabytes.
 EVENT_LINE_LIMIT = 64 * 1024 * 1024
 
+
 class EventStream:
     """
     A live event stream; see L{ChatWebClient.events}.

@@ -243,9 +243,11 @@ class Session:
         """
         The messages a model may be given: those with a role of L{ROLES},
         without chat.nvim's role-less completion and error records (as
-        chat.nvim's own C{get_request_messages} does).
+        chat.nvim's own C{get_request_messages} does), nor the answers cut
+        short that chatweb keeps to show (L{cutShort}; chat.nvim keeps none).
         """
-        return tuple(m for m in self.messages if m.forModel)
+        every = self.messages
+        return tuple(m for i, m in enumerate(every) if m.forModel and not cutShort(every, i))
 
     def metadata(self) -> dict[str, Any]:
         """
