@@ -220,6 +220,11 @@ def runCommand(
     C{prepare} does what must not run on the reactor (reading stdin).
     """
     stderr = sys.stderr if stderr is None else stderr
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        # A character the terminal's encoding lacks is written as an
+        # escape (\xe9), not a UnicodeEncodeError.
+        reconfigure(errors="backslashreplace")
     for flag, options in _clientOptions():
         # Not given, and no addClientOptions before the command.
         name = flag[2:].replace("-", "_")
@@ -335,7 +340,13 @@ def _readText(args: argparse.Namespace) -> None:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"the message on stdin is not valid UTF-8 (byte {e.start})")
-        args.text = text[:-1] if text.endswith("\n") else text
+        # One final line end dropped, as a shell's $(...) would: "\n", or
+        # "\r\n" from a Windows program.
+        for end in ("\r\n", "\n"):
+            if text.endswith(end):
+                text = text[: -len(end)]
+                break
+        args.text = text
     if not args.text:
         raise UsageError("nothing to send: give TEXT, or pipe it to stdin")
 

@@ -108,6 +108,12 @@ class CommandTests(TestCase):
         code, out, err = await self.command("send", "ci", stdin="line 1\nline 2\n".encode())
         self.assertEqual((code, err), (0, ""))
         self.assertEqual((await self.messages("ci"))[0], ("user", "line 1\nline 2"))
+        # A Windows program's final line end is one too; only one goes.
+        code, out, err = await self.command("send", "win", stdin=b"crlf\r\n")
+        code, out, err = await self.command("send", "win", stdin=b"two\n\n")
+        code, out, err = await self.command("send", "win", stdin=b"three\n\r\n")
+        sent = [content for role, content in await self.messages("win") if role == "user"]
+        self.assertEqual(sent, ["crlf", "two\n", "three\n"])
         self.assertOneLineError(await self.command("send", "ci", stdin=b""), "nothing to send")
 
     async def test_sendWaitPrintsTheAnswer(self) -> None:
@@ -214,6 +220,23 @@ class CommandTests(TestCase):
             self.assertEqual(shlex.split(line), ["7", session, "message.queued", "message", "3"])
             if session in ("ci", "ci/nightly"):
                 self.assertEqual(line, f"7 {session} message.queued message 3")
+
+    async def test_outputWhoseEncodingLacksACharacter(self) -> None:
+        """
+        Output to an encoding without a message's characters (ASCII) writes
+        them as escapes rather than failing.
+        """
+        import subprocess
+
+        await self.command("send", "café", "crème brûlée")
+        env = dict(_env(self.url, KEY), PYTHONIOENCODING="ascii")
+        for args in (["sessions"], ["show", "café"]):
+            done = await deferToThread(
+                subprocess.run, [sys.executable, "-m", "chatweb", *args], env=env, cwd=ROOT,
+                capture_output=True, timeout=60,
+            )
+            self.assertEqual((done.returncode, done.stderr), (0, b""), args)
+        self.assertTrue(done.stdout.startswith(b"[user]\ncr\\xe8me br\\xfbl\\xe9e\n"), done.stdout)
 
     async def test_readerThatStopsReading(self) -> None:
         """
