@@ -432,6 +432,26 @@ class StopTests(SessionAPITestCase):
         self.clock.advance(3600)
         self.assertEqual([d.content for d in self.adapter.delivered], ["fails once", "next"])
 
+    def test_retryWhileAMessageWaitsIsRefused(self) -> None:
+        """
+        A retry while the session's message waits for its own retry (after
+        a failure) would ask it twice: a 409, as chat.nvim's retry during
+        its auto-retry; once the wait is stopped, a retry asks it again.
+        """
+        # (As the local backend has it: the message in the session.)
+        self.adapter.sessions["s"] = Session(
+            id="s", messages=(Message(role="user", content="fails once"),))
+        self.adapter.failures = 1
+        first = self.post("s", "fails once").headers.getRawHeaders("x-message-id")[0]
+        self.assertError("POST", "/session/s/retry", 409, f"message {first} first")
+        self.assertEqual(self.json("GET", f"/queue/{first}")["state"], "pending")
+        self.request("POST", "/session/s/stop")
+        response, body = self.request("POST", "/session/s/retry")
+        self.assertEqual(response.code, 204, body)
+        self.assertEqual([d.content for d in self.adapter.delivered], ["fails once", "fails once"])
+        self.clock.advance(3600)
+        self.assertEqual(len(self.adapter.delivered), 2)
+
     def test_stopIdleAndUnknown(self) -> None:
         self.post("s", "done")
         response, _ = self.request("POST", "/session/s/stop")

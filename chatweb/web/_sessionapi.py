@@ -536,6 +536,18 @@ class SessionAPI:
     async def _retry(self, request: IRequest, manager: Any, sessionId: str) -> bytes:
         view = await self._view(request, sessionId)
         self._idle(request, sessionId, "retried")
+        if view.queued:
+            # As chat.nvim's retry during its auto-retry: the message would
+            # be asked twice (a failed one waits for its own retry).
+            raise _Answer(
+                _error(
+                    request,
+                    409,
+                    f"session {sessionId!r} has {len(view.queued)} message(s) waiting to be"
+                    f" delivered (message {view.queued[0].id} first); retry once they are,"
+                    " or POST /session/{id}/stop to end a waiting retry",
+                )
+            )
         messages = view.session.messages
         index = retriable(messages)
         if index is None:
