@@ -716,6 +716,26 @@ class ServiceTests(TestCase):
         self.assertEqual([m.get("role") for m in messages], ["user", "assistant", None])
         self.assertEqual(len(self.server.requests), 2)
 
+    async def test_askedAnswerIsAnError(self) -> None:
+        """
+        A client that asks (C{chatweb send --wait}) and gets chat.nvim's
+        error record as the answer hears it as an error, not an empty
+        answer; an attempt cut by a timeout and asked again does not count.
+        """
+        from chatweb.client import ChatWebError
+
+        chatweb = await self.start()
+        self.server.then(Script(status=401, echo=lambda h: json.dumps(
+            {"error": {"message": "bad key", "code": "invalid_api_key"}}).encode()))
+        with self.assertRaises(ChatWebError) as raised:
+            await chatweb.api.ask("s", "hi")
+        self.assertEqual(
+            str(raised.exception),
+            "message 1 was answered with an error: API Error (invalid_api_key): bad key",
+        )
+        answer = await chatweb.api.ask("s", "again")
+        self.assertEqual(answer.texts, ("Héllo, wörld ✓",))
+
     async def test_permanentErrorStored(self) -> None:
         """
         A 401 is stored as chat.nvim's error record, not retried; the key
@@ -784,7 +804,9 @@ class ServiceTests(TestCase):
         chatweb = await self.start(deliveryTimeout=0.5)
         self.server.then(Script(pieces(openaiStream()[:5], 50), hold=True),
                          Script(pieces(openaiStream(), 7)))
-        await chatweb.post("s", "hi")
+        # A client that asks gets the answer of the attempt that was whole.
+        answer = await chatweb.api.ask("s", "hi")
+        self.assertEqual(answer.texts, ("Héllo, wörld ✓",))
         messages = await self.waitFor("s", lambda ms: any(m.get("on_complete") for m in ms))
         self.assertEqual(
             [(m.get("role"), m.get("content"), m.get("error")) for m in messages[:4]],

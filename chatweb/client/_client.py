@@ -275,6 +275,7 @@ class ChatWebClient:
                         " (the session's messages still are)"
                     )
             texts: list[str] = []
+            error: str | None = None
             async for event in stream:
                 if event.kind == "message.added" and event.data.get("delivery") == sent.messageId:
                     message = event.data.get("message") or {}
@@ -282,9 +283,20 @@ class ChatWebClient:
                         message.get("content"), str
                     ):
                         texts.append(message["content"])
+                    elif message.get("role") is None and message.get("error") is not None:
+                        # chat.nvim's error record: the answer is an error.
+                        error = str(message["error"])
                 elif event.data.get("message") != sent.messageId:
                     continue
+                elif event.kind == "delivery.started":
+                    # Another attempt: what an earlier one added is not
+                    # this answer.
+                    texts, error = [], None
                 elif event.kind == "delivery.done":
+                    if error is not None:
+                        raise ChatWebError(
+                            f"message {sent.messageId} was answered with an error: {error}"
+                        )
                     return Answer(sent, tuple(texts))
                 elif event.kind == "delivery.failed" and event.data.get("final"):
                     raise ChatWebError(
