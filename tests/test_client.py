@@ -397,6 +397,29 @@ class ResumeTests(TestCase):
             await deferLater(reactor, 0.002, lambda: None)
         self.assertEqual((await following).id, 6)
 
+    async def test_closeEndsTheWaitForAReconnection(self) -> None:
+        """
+        Closing a stream that waits to reconnect (Ctrl-C in C{chatweb
+        follow} while the server is down) ends its iteration at once.
+        """
+        resource = _Resuming()
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        clock = Clock()
+        client = ChatWebClient(f"http://127.0.0.1:{port.getHost().port}", "k", http=http,
+                               clock=clock)
+        stream = client.events("s", lastEventId=4)
+        stream.maxFailedReconnects = None
+        self.assertEqual((await stream.__anext__()).id, 5)
+        await port.stopListening()
+        following = Deferred.fromCoroutine(stream.__anext__())
+        for _ in range(20):
+            await deferLater(reactor, 0.002, lambda: None)
+        self.assertFalse(following.called)
+        stream.close()
+        with self.assertRaises(StopAsyncIteration):
+            await following
+
 
 class IPv6Tests(TestCase):
     async def test_serverAtAnIPv6Address(self) -> None:

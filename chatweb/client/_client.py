@@ -11,7 +11,7 @@ from urllib.parse import quote, urlsplit
 import uuid
 
 from twisted.internet import error as netError
-from twisted.internet.defer import DeferredQueue
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -499,6 +499,8 @@ class EventStream:
         self._parser = SSEDecoder(EVENT_LINE_LIMIT, errors="replace")
         self._ready: list[StreamEvent] = []
         self._closed = False
+        #: The wait before the next reconnection, while there is one.
+        self._waiting: Deferred[None] | None = None
 
     async def connect(self) -> None:
         """
@@ -558,7 +560,13 @@ class EventStream:
         failed = 0
         while not self._closed:
             delay = (self._parser.retry or 2000) / 1000
-            await deferLater(self._client._clock, delay)
+            self._waiting = deferLater(self._client._clock, delay)
+            try:
+                await self._waiting
+            except CancelledError:
+                return  # closed meanwhile
+            finally:
+                self._waiting = None
             try:
                 await self.connect()
                 self.reconnects += 1
@@ -573,6 +581,8 @@ class EventStream:
         Close the stream: iteration ends.
         """
         self._closed = True
+        if self._waiting is not None:
+            self._waiting.cancel()
         body, self._body = self._body, None
         transport = getattr(body, "transport", None)
         if transport is not None:
