@@ -91,8 +91,9 @@ def clientOptionsGiven(args: argparse.Namespace) -> list[str]:
 def addClientCommands(commands: Any) -> None:
     """
     Add the client commands to an argparse sub-parser set; each sets
-    C{run} (see L{runCommand}).  Their options, given after the command,
-    win over the same given before it (L{addClientOptions}).
+    C{run} (see L{runCommand}).  Their options' defaults come from the
+    parent parser (L{addClientOptions}); given after the command, they win
+    over the same given before it.
     """
     common = argparse.ArgumentParser(add_help=False)
     for flag, options in _clientOptions():
@@ -225,11 +226,6 @@ def runCommand(
         # A character the terminal's encoding lacks is written as an
         # escape (\xe9), not a UnicodeEncodeError.
         reconfigure(errors="backslashreplace")
-    for flag, options in _clientOptions():
-        # Not given, and no addClientOptions before the command.
-        name = flag[2:].replace("-", "_")
-        if not hasattr(args, name):
-            setattr(args, name, options["default"])
     try:
         if prepare is not None:
             prepare(args)

@@ -246,8 +246,14 @@ class Session:
         chat.nvim's own C{get_request_messages} does), nor the answers cut
         short that chatweb keeps to show (L{cutShort}; chat.nvim keeps none).
         """
+        return tuple(self.messages[i] for i in self.conversationIndexes())
+
+    def conversationIndexes(self) -> list[int]:
+        """
+        Where in C{messages} the messages of L{conversation} are.
+        """
         every = self.messages
-        return tuple(m for i, m in enumerate(every) if m.forModel and not cutShort(every, i))
+        return [i for i, m in enumerate(every) if m.forModel and not cutShort(every, i)]
 
     def metadata(self) -> dict[str, Any]:
         """

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 from bisect import bisect_right
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from chatweb.importer import exportSession
 from chatweb.interfaces import ISessionManager
-from chatweb.model._values import Message, cutShort
+from chatweb.model._values import Session
 from chatweb.render._preview import messageSize
 from chatweb.sessions import Sessions, SessionView, sessionDetail
 from chatweb.web._errors import _error
@@ -549,7 +549,7 @@ class SessionAPI:
                 )
             )
         messages = view.session.messages
-        index = retriable(messages)
+        index = retriable(view.session)
         if index is None:
             raise BadRequest(
                 f"session {sessionId!r} has nothing to retry (no messages, or the"
@@ -567,21 +567,18 @@ class SessionAPI:
         return _noContent(request)
 
 
-def retriable(messages: Sequence[Message]) -> int | None:
+def retriable(session: Session) -> int | None:
     """
     The index of the message C{POST /session/{id}/retry} delivers again:
     as chat.nvim's retry, the last message a model would be sent, if it is
     a user's (after a stop or an error too: an answer cut short and the
     role-less records after it are not sent); else None.
     """
-    for index in reversed(range(len(messages))):
-        message = messages[index]
-        if not message.forModel or cutShort(messages, index):
-            continue
-        if message.role == "user" and isinstance(message.content, str):
-            return index
+    indexes = session.conversationIndexes()
+    if not indexes:
         return None
-    return None
+    last = session.messages[indexes[-1]]
+    return indexes[-1] if last.role == "user" and isinstance(last.content, str) else None
 
 
 def _checkProvider(manager: Any, name: str) -> None:
